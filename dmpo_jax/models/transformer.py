@@ -1,0 +1,243 @@
+"""The bidirectional masked-diffusion transformer (LLaDA / Dream) in Flax NNX.
+
+Forward pass (`llada.md` §2): x = wte[ids]; per block
+  h = RMSNorm(x); q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv); RoPE(q, k) in fp32;
+  x = x + Wo · softmax(q kᵀ / √hd + key_mask) v          (non-causal)
+  x = x + Wdown (silu(RMSNorm(x) Wgate) ⊙ RMSNorm(x) Wup)
+then logits = RMSNorm_f(x) Whead (untied).
+
+Layer parameters are stacked along a leading ``layers`` axis and the blocks run in one
+`lax.scan` (one compiled block for any depth; optional `jax.checkpoint` per block). Every
+parameter carries ``logical_axes`` metadata that `dmpo_jax.sharding` maps to a `PartitionSpec`.
+
+`token_log_probs` is the one likelihood primitive of the project: per-position log p(target)
+in fp32, chunked over the sequence so fp32 ``[batch, length, vocab]`` logits never exist.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmpo_jax.models import layers as L
+from dmpo_jax.models.config import ModelConfig
+
+
+class KVCache(NamedTuple):
+  """Post-RoPE keys/values of a prefix for every layer: [layers, B, P, Hkv, hd]; mask [B, P]."""
+  k: jax.Array
+  v: jax.Array
+  mask: Optional[jax.Array]
+
+
+def _param(value: jax.Array, *axes: Optional[str]) -> nnx.Param:
+  return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Blocks(nnx.Module):
+  """All transformer blocks, parameters stacked on a leading ``layers`` axis."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    n, d, h, kvh, hd, f = c.n_layers, c.d_model, c.n_heads, c.n_kv_heads, c.head_dim, c.mlp_hidden_size
+    pd = c.weight_dtype
+    init = jax.nn.initializers.normal(c.initializer_range)
+    self.attn_norm = _param(jnp.ones((n, d), pd), "layers", "norm")
+    self.q_proj = _param(init(rngs.params(), (n, d, h, hd), pd), "layers", "embed", "heads", "head_dim")
+    self.k_proj = _param(init(rngs.params(), (n, d, kvh, hd), pd), "layers", "embed", "kv_heads", "head_dim")
+    self.v_proj = _param(init(rngs.params(), (n, d, kvh, hd), pd), "layers", "embed", "kv_heads", "head_dim")
+    if c.qkv_bias:
+      self.q_bias = _param(jnp.zeros((n, h, hd), pd), "layers", "heads", "head_dim")
+      self.k_bias = _param(jnp.zeros((n, kvh, hd), pd), "layers", "kv_heads", "head_dim")
+      self.v_bias = _param(jnp.zeros((n, kvh, hd), pd), "layers", "kv_heads", "head_dim")
+    self.o_proj = _param(init(rngs.params(), (n, h, hd, d), pd), "layers", "heads", "head_dim", "embed")
+    self.ffn_norm = _param(jnp.ones((n, d), pd), "layers", "norm")
+    self.gate_proj = _param(init(rngs.params(), (n, d, f), pd), "layers", "embed", "mlp")
+    self.up_proj = _param(init(rngs.params(), (n, d, f), pd), "layers", "embed", "mlp")
+    self.down_proj = _param(init(rngs.params(), (n, f, d), pd), "layers", "mlp", "embed")
+
+  def stacked(self) -> dict[str, jax.Array]:
+    names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm", "gate_proj",
+             "up_proj", "down_proj"]
+    if hasattr(self, "q_bias"):
+      names += ["q_bias", "k_bias", "v_bias"]
+    return {name: getattr(self, name)[...] for name in names}
+
+
+def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array,
+           sin: jax.Array, key_mask: Optional[jax.Array],
+           prefix: Optional[tuple[jax.Array, jax.Array]]):
+  """One pre-norm block. Returns (new x, (k, v) of the input positions after RoPE)."""
+  dt = config.compute_dtype
+  p = {k: v.astype(dt) for k, v in p.items()}
+  h = L.rms_norm(x, p["attn_norm"], config.norm_eps)
+  q = jnp.einsum("btd,dhk->bthk", h, p["q_proj"])
+  k = jnp.einsum("btd,dhk->bthk", h, p["k_proj"])
+  v = jnp.einsum("btd,dhk->bthk", h, p["v_proj"])
+  if "q_bias" in p:
+    q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+  q = L.apply_rope(q, cos, sin)
+  k = L.apply_rope(k, cos, sin)
+  k_all, v_all = k, v
+  if prefix is not None:
+    k_all = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
+    v_all = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
+  att = L.attention(q, k_all, v_all, key_mask, implementation=config.attention_impl)
+  x = x + jnp.einsum("bthk,hkd->btd", att, p["o_proj"])
+  h = L.rms_norm(x, p["ffn_norm"], config.norm_eps)
+  x = x + L.swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"])
+  return x, (k, v)
+
+
+class Transformer(nnx.Module):
+  """Bidirectional transformer covering LLaDA-8B and Dream-7B (see module docstring)."""
+
+  def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    c = config
+    self.config = c
+    init = jax.nn.initializers.normal(c.initializer_range)
+    self.embed = _param(init(rngs.params(), (c.vocab_size, c.d_model), c.weight_dtype), "vocab", "embed")
+    self.blocks = Blocks(c, rngs=rngs)
+    self.final_norm = _param(jnp.ones((c.d_model,), c.weight_dtype), "norm")
+    self.lm_head = _param(init(rngs.params(), (c.d_model, c.vocab_size), c.weight_dtype), "embed", "vocab")
+
+  # -- positions and masks -------------------------------------------------------------------
+  def default_positions(self, batch: int, length: int,
+                        attention_mask: Optional[jax.Array]) -> jax.Array:
+    """LLaDA: 0..T-1 regardless of padding. Dream: cumsum(mask) - 1 (clipped at 0)."""
+    if self.config.positions_from_padding and attention_mask is not None:
+      return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+    return jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+
+  # -- forward -------------------------------------------------------------------------------
+  def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None, *,
+                    positions: Optional[jax.Array] = None, prefix_kv: Optional[KVCache] = None,
+                    return_kv: bool = False):
+    """Final-normed hidden states [B, T, D] (compute dtype).
+
+    Args:
+      input_ids: [B, T] int token ids.
+      attention_mask: optional [B, T] (1 = real token). Used as a key-padding mask when
+        ``config.use_key_padding_mask`` and for Dream's padding-aware positions.
+      positions: optional [B, T] RoPE positions (needed when running a suffix after a prefix cache).
+      prefix_kv: optional `KVCache` of a prefix the inputs attend to (Fast-dLLM prefix cache).
+      return_kv: also return the `KVCache` of these input positions.
+    """
+    c = self.config
+    chex.assert_rank(input_ids, 2)
+    b, t = input_ids.shape
+    if attention_mask is not None:
+      chex.assert_shape(attention_mask, (b, t))
+    if positions is None:
+      positions = self.default_positions(b, t, attention_mask)
+    chex.assert_shape(positions, (b, t))
+    cos, sin = L.rope_cos_sin(positions, c.head_dim, c.rope_theta)
+
+    key_mask = None
+    if c.use_key_padding_mask and (attention_mask is not None or
+                                   (prefix_kv is not None and prefix_kv.mask is not None)):
+      own = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
+      if prefix_kv is not None:
+        pre = (jnp.ones(prefix_kv.k.shape[1:3], jnp.bool_) if prefix_kv.mask is None
+               else prefix_kv.mask.astype(jnp.bool_))
+        own = jnp.concatenate([pre, own], axis=1)
+      key_mask = own
+
+    x = self.embed[...].astype(c.compute_dtype)[input_ids]
+
+    def body(x, layer):
+      params, prefix = layer
+      return _block(c, x, params, cos, sin, key_mask, prefix)
+
+    if c.remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    prefix = None if prefix_kv is None else (prefix_kv.k, prefix_kv.v)
+    x, (ks, vs) = jax.lax.scan(body, x, (self.blocks.stacked(), prefix))
+    x = L.rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.norm_eps)
+    if return_kv:
+      return x, KVCache(ks, vs, attention_mask)
+    return x
+
+  def align(self, hidden: jax.Array) -> jax.Array:
+    """Moves hidden states so that position i predicts token i for both families.
+
+    Dream (``shifted``) predicts token i from position i-1: aligned = cat(h[:, :1], h[:, :-1]),
+    as Dream's own sampler does with its logits (`llada.md` §9).
+    """
+    if self.config.logit_alignment == "shifted":
+      return jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)
+    return hidden
+
+  def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
+    """[..., D] -> [..., V] fp32 logits (compute-dtype matmul, fp32 accumulation)."""
+    head = self.lm_head[...].astype(self.config.compute_dtype)
+    return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+  def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None, *,
+               aligned: bool = True) -> jax.Array:
+    """Full logits [B, T, V] in fp32. With ``aligned`` (default) position i predicts token i for
+    both families; ``aligned=False`` gives the raw head output (Dream: i predicts i+1).
+    Prefer `token_log_probs` for likelihoods: it never materialises the full logits."""
+    hidden = self.hidden_states(input_ids, attention_mask)
+    if aligned:
+      hidden = self.align(hidden)
+    return self.logits_from_hidden(hidden)
+
+  def token_log_probs(self, input_ids: jax.Array, targets: jax.Array,
+                      attention_mask: Optional[jax.Array] = None, *,
+                      chunk_size: Optional[int] = None) -> jax.Array:
+    """log p(targets[b, i] | input_ids[b]) at every position, fp32 [B, T].
+
+    The prediction for position i is the aligned one (Dream's shift is applied here).
+    """
+    chex.assert_equal_shape([input_ids, targets])
+    hidden = self.align(self.hidden_states(input_ids, attention_mask))
+    return chunked_target_log_probs(
+        hidden, self.lm_head[...].astype(self.config.compute_dtype), targets,
+        chunk_size or self.config.logprob_chunk_size)
+
+
+def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array,
+                             chunk_size: int) -> jax.Array:
+  """log_softmax(hidden @ head)[targets] in fp32 without materialising [B, T, V] fp32 logits.
+
+  A `lax.scan` over sequence chunks of ``chunk_size`` positions; each chunk's body is
+  rematerialised in the backward pass, so live logits are at most [B, chunk_size, V].
+  hidden: [B, T, D]; head: [D, V]; targets: [B, T] -> [B, T] fp32.
+  """
+  b, t, d = hidden.shape
+  chex.assert_shape(targets, (b, t))
+  chunk = max(1, min(chunk_size, t))
+  n_chunks = -(-t // chunk)
+  pad = n_chunks * chunk - t
+  if pad:
+    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+    targets = jnp.pad(targets, ((0, 0), (0, pad)))
+  hidden_chunks = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
+  target_chunks = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
+
+  @jax.checkpoint
+  def one_chunk(h, y):
+    logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+    target_logit = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return target_logit - jax.nn.logsumexp(logits, axis=-1)
+
+  def body(carry, xs):
+    return carry, one_chunk(*xs)
+
+  _, out = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+  return out.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
+
+
+def create_model(config: ModelConfig, seed: int = 0) -> Transformer:
+  """A randomly initialised model (weights ~ N(0, initializer_range²), norms 1, biases 0)."""
+  return Transformer(config, rngs=nnx.Rngs(params=seed))
+
+
+def split_model(model: Transformer) -> tuple[Any, Any]:
+  """(graphdef, params state) for pure functions: `nnx.merge(graphdef, params)` inside jit."""
+  return nnx.split(model)
