@@ -1,0 +1,577 @@
+"""Checkpoints: the project's model format, resumable training checkpoints, preemption handling.
+
+Two formats (`jax_patterns.md` §10):
+
+* **Model checkpoint** (`save_model_checkpoint` / `load_model_checkpoint`): a folder with
+    ``model_config.json``   `dataclasses.asdict(ModelConfig)`, enough to rebuild the architecture;
+    ``params/``             an orbax (`StandardCheckpointHandler`) checkpoint of the NNX params as a
+                            plain nested dict (``{"embed": arr, "blocks": {"q_proj": arr, ...}}``);
+    ``metadata.json``       optional free-form JSON (source checkpoint, step, reward, ...).
+  The loader builds the abstract model with `nnx.eval_shape` (no host memory for weights),
+  restores each array straight into the requested sharding and merges.
+
+* **Training checkpoint** (`TrainCheckpointer`): an `ocp.CheckpointManager` folder with one
+  sub-folder per step holding the items ``state`` (params, opt_state, step, RNG keys, ... any
+  pytree; typed PRNG keys are stored as their raw ``key_data``), ``iterator`` (the data iterator's
+  ``get_state()`` as JSON) and ``metadata`` (consumed-prompt count + the run config as JSON).
+  Orbax writes every step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so
+  a crash mid-save leaves the previous checkpoint as the latest one.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import signal
+import threading
+from typing import Any, Iterable, Mapping, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from dmpo_jax.models.config import ModelConfig
+from dmpo_jax.models.transformer import Transformer
+
+PathLike = Union[str, os.PathLike]
+
+MODEL_CONFIG_FILE = "model_config.json"
+MODEL_METADATA_FILE = "metadata.json"
+MODEL_PARAMS_DIR = "params"
+
+_log = logging.getLogger(__name__)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pytree helpers
+# ------------------------------------------------------------------------------------------------
+
+def _key_path_str(path) -> str:
+  parts = []
+  for entry in path:
+    if isinstance(entry, jax.tree_util.DictKey):
+      parts.append(str(entry.key))
+    elif isinstance(entry, jax.tree_util.GetAttrKey):
+      parts.append(entry.name)
+    elif isinstance(entry, jax.tree_util.SequenceKey):
+      parts.append(str(entry.idx))
+    else:
+      parts.append(str(entry))
+  return ".".join(parts)
+
+
+def _flatten_with_names(tree) -> dict[str, Any]:
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {_key_path_str(path): leaf for path, leaf in leaves}
+
+
+def _params_as_pure_dict(model_or_state) -> dict:
+  """NNX module / `nnx.State` / nested dict of arrays -> nested dict of arrays (no Variables)."""
+  if isinstance(model_or_state, nnx.Module):
+    state = nnx.state(model_or_state, nnx.Param)
+    return state.to_pure_dict()
+  if isinstance(model_or_state, nnx.State):
+    return model_or_state.to_pure_dict()
+  if isinstance(model_or_state, Mapping):
+    return jax.tree.map(lambda x: x[...] if isinstance(x, nnx.Variable) else x, dict(model_or_state),
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))
+  raise TypeError(
+      f"save_model_checkpoint expects an nnx.Module, an nnx.State or a dict of arrays, got "
+      f"{type(model_or_state).__name__}")
+
+
+def _model_config_to_json(config: ModelConfig) -> dict:
+  if not isinstance(config, ModelConfig):
+    raise TypeError(f"config must be a ModelConfig, got {type(config).__name__}")
+  return dataclasses.asdict(config)
+
+
+def _model_config_from_json(data: Mapping[str, Any], source: PathLike) -> ModelConfig:
+  known = {f.name for f in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(data) - known)
+  if unknown:
+    raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
+  return ModelConfig(**data)
+
+
+# ------------------------------------------------------------------------------------------------
+# Model checkpoints (the project's own model format)
+# ------------------------------------------------------------------------------------------------
+
+def save_model_checkpoint(path: PathLike, model_or_state, config: ModelConfig,
+                          extra_metadata: Optional[Mapping[str, Any]] = None, *,
+                          overwrite: bool = False) -> pathlib.Path:
+  """Writes ``path/{model_config.json, params/, metadata.json}``; returns the folder path.
+
+  ``model_or_state`` is a `Transformer`, its `nnx.State` (e.g. ``split_model(model)[1]`` or the
+  params of a train state) or the equivalent nested dict of arrays. Sharded arrays are written by
+  every process cooperatively (call it on all processes). ``overwrite`` replaces an existing
+  checkpoint; without it an existing folder is an error.
+  """
+  path = pathlib.Path(path).absolute()
+  params = _params_as_pure_dict(model_or_state)
+  config_json = _model_config_to_json(config)
+  if extra_metadata is not None:
+    try:
+      metadata_text = json.dumps(dict(extra_metadata), indent=2, sort_keys=True)
+    except TypeError as e:
+      raise TypeError(f"extra_metadata for {path} is not JSON-serialisable: {e}") from e
+  params_dir = path / MODEL_PARAMS_DIR
+  if params_dir.exists() and not overwrite:
+    raise FileExistsError(f"Model checkpoint {path} already exists (pass overwrite=True to replace it)")
+  path.mkdir(parents=True, exist_ok=True)
+  # Checkpointer (synchronous): the files exist when this function returns.
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+    checkpointer.save(params_dir, args=ocp.args.StandardSave(params), force=overwrite)
+  if jax.process_index() == 0:
+    _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True))
+    if extra_metadata is not None:
+      _write_text_atomic(path / MODEL_METADATA_FILE, metadata_text)
+  return path
+
+
+def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, path)
+
+
+def load_model_config(path: PathLike) -> ModelConfig:
+  """The `ModelConfig` stored in a model checkpoint folder."""
+  path = pathlib.Path(path)
+  if not path.is_dir():
+    raise FileNotFoundError(f"Model checkpoint folder {path} does not exist")
+  config_path = path / MODEL_CONFIG_FILE
+  if not config_path.is_file():
+    raise FileNotFoundError(
+        f"{config_path} not found: {path} is not a dmpo_jax model checkpoint (expected "
+        f"{MODEL_CONFIG_FILE} and {MODEL_PARAMS_DIR}/)")
+  try:
+    data = json.loads(config_path.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+  return _model_config_from_json(data, config_path)
+
+
+def load_model_metadata(path: PathLike) -> dict:
+  """The ``extra_metadata`` saved with a model checkpoint ({} when none was saved)."""
+  metadata_path = pathlib.Path(path) / MODEL_METADATA_FILE
+  if not metadata_path.is_file():
+    return {}
+  return json.loads(metadata_path.read_text())
+
+
+def _check_saved_shapes(params_dir: pathlib.Path, abstract: dict) -> None:
+  """Compares the stored array shapes with the model's; raises naming every mismatching tensor."""
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+    stored = checkpointer.metadata(params_dir)
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  stored_flat = _flatten_with_names(stored_tree)
+  expected_flat = _flatten_with_names(abstract)
+  problems = []
+  for name in sorted(set(expected_flat) - set(stored_flat)):
+    problems.append(f"parameter {name!r} is missing from the checkpoint")
+  for name in sorted(set(stored_flat) - set(expected_flat)):
+    problems.append(f"checkpoint has unexpected parameter {name!r}")
+  for name in sorted(set(stored_flat) & set(expected_flat)):
+    got = tuple(stored_flat[name].shape)
+    want = tuple(expected_flat[name].shape)
+    if got != want:
+      problems.append(f"parameter {name!r}: checkpoint shape {got} != model shape {want}")
+  if problems:
+    raise ValueError(f"Model checkpoint {params_dir.parent} does not match its model_config.json: "
+                     + "; ".join(problems))
+
+
+def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None,
+                          shardings=None, dtype: Optional[str] = None) -> Transformer:
+  """Rebuilds the `Transformer` saved by `save_model_checkpoint`.
+
+  ``shardings``: a pytree of `jax.sharding.Sharding` with the params' structure (an `nnx.State`
+  or nested dict, e.g. from `dmpo_jax.sharding`); every array is restored straight into its
+  sharding. ``mesh`` without ``shardings``: every array is replicated over the mesh. Neither:
+  arrays land on the default device. ``dtype`` overrides the stored ``param_dtype`` (cast on
+  restore, e.g. "bfloat16" to load fp32 weights for inference).
+  """
+  path = pathlib.Path(path)
+  config = load_model_config(path)
+  if dtype is not None:
+    config = config.replace(param_dtype=dtype)
+  params_dir = path / MODEL_PARAMS_DIR
+  if not params_dir.is_dir():
+    raise FileNotFoundError(f"{params_dir} not found: the model checkpoint {path} has no parameters")
+
+  abstract_model = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(params=0)))
+  graphdef, abstract_state = nnx.split(abstract_model)
+  abstract = abstract_state.to_pure_dict()
+  _check_saved_shapes(params_dir, abstract)
+
+  if shardings is not None:
+    sharding_tree = shardings.to_pure_dict() if isinstance(shardings, nnx.State) else shardings
+    sharding_flat = _flatten_with_names(sharding_tree)
+    names = _flatten_with_names(abstract)
+    missing = sorted(set(names) - set(sharding_flat))
+    if missing:
+      raise ValueError(f"shardings has no entry for parameter(s) {missing}")
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+    target = jax.tree_util.tree_unflatten(treedef, [
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_flat[_key_path_str(p)])
+        for p, x in leaves])
+  else:
+    if mesh is not None:
+      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    else:
+      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
+
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+  abstract_state.replace_by_pure_dict(restored)
+  return nnx.merge(graphdef, abstract_state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Training checkpoints
+# ------------------------------------------------------------------------------------------------
+
+STATE_ITEM = "state"
+ITERATOR_ITEM = "iterator"
+METADATA_ITEM = "metadata"
+_RESERVED_METADATA_KEYS = ("consumed_prompts", "checkpoint_step", "prng_key_impls")
+
+
+def _is_prng_key(x) -> bool:
+  dtype = getattr(x, "dtype", None)
+  return dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _prng_key_impl_name(key: jax.Array) -> str:
+  impl = jax.random.key_impl(key)
+  return getattr(impl, "name", str(impl))
+
+
+def _keys_to_data(state) -> tuple[Any, dict[str, str]]:
+  """Typed PRNG key leaves -> their uint32 ``key_data``; returns (tree, {leaf path: impl name})."""
+  impls: dict[str, str] = {}
+
+  def convert(path, leaf):
+    if _is_prng_key(leaf):
+      impls[_key_path_str(path)] = _prng_key_impl_name(leaf)
+      return jax.random.key_data(leaf)
+    return leaf
+
+  return jax.tree_util.tree_map_with_path(convert, state), impls
+
+
+def _abstract_leaf(x):
+  """Array / ShapeDtypeStruct / scalar -> ShapeDtypeStruct (keeping a jax.Array's sharding)."""
+  if isinstance(x, jax.ShapeDtypeStruct):
+    return x
+  if isinstance(x, jax.Array):
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+  if isinstance(x, (np.ndarray, np.generic, int, float, bool)):
+    arr = np.asarray(x)
+    return jax.ShapeDtypeStruct(arr.shape, arr.dtype)
+  raise TypeError(f"abstract_state leaf of type {type(x).__name__} is not an array or ShapeDtypeStruct")
+
+
+def _abstract_key_data(leaf) -> jax.ShapeDtypeStruct:
+  data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+  sharding = getattr(leaf, "sharding", None)
+  if sharding is not None and isinstance(sharding, jax.sharding.NamedSharding):
+    # key_data adds trailing (unsharded) key-word axes.
+    spec = tuple(sharding.spec) + (None,) * (data.ndim - len(sharding.spec))
+    sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+  elif sharding is not None and not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    sharding = None
+  return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+
+
+def _encode_iterator_state(iterator_state) -> dict:
+  """grain ``get_state()`` (bytes for DataLoader iterators, dict for dataset iterators) -> JSON."""
+  if iterator_state is None:
+    return {"kind": "none"}
+  if isinstance(iterator_state, (bytes, bytearray)):
+    try:
+      return {"kind": "bytes_utf8", "value": bytes(iterator_state).decode("utf-8")}
+    except UnicodeDecodeError:
+      return {"kind": "bytes_base64", "value": base64.b64encode(bytes(iterator_state)).decode("ascii")}
+  try:
+    json.dumps(iterator_state)
+  except TypeError as e:
+    raise TypeError(f"iterator_state must be bytes or JSON-serialisable, got {type(iterator_state).__name__}: {e}") from e
+  return {"kind": "json", "value": iterator_state}
+
+
+def _decode_iterator_state(encoded: Mapping[str, Any]):
+  kind = encoded.get("kind")
+  if kind == "none":
+    return None
+  if kind == "bytes_utf8":
+    return encoded["value"].encode("utf-8")
+  if kind == "bytes_base64":
+    return base64.b64decode(encoded["value"])
+  if kind == "json":
+    return encoded["value"]
+  raise ValueError(f"Unknown iterator state encoding {kind!r} in checkpoint")
+
+
+class RestoredCheckpoint(NamedTuple):
+  """What `TrainCheckpointer.restore` returns; unpacks as ``state, iterator_state, metadata``.
+
+  ``metadata`` is the user metadata dict plus ``consumed_prompts`` (int) and ``checkpoint_step``.
+  """
+  state: Any
+  iterator_state: Any
+  metadata: dict
+
+
+class TrainCheckpointer:
+  """Periodic, asynchronous, pruned training checkpoints around `ocp.CheckpointManager`.
+
+  Layout: ``directory/<step>/{state,iterator,metadata}``. A save runs in the background after the
+  device-to-host copy (``async_save=True``); call `wait_until_finished` before reading the files
+  and `close` at the end. Only the newest ``max_to_keep`` steps are kept. An interrupted save
+  stays a ``<step>.orbax-checkpoint-tmp*`` folder, which `latest_step`/`all_steps` ignore and the
+  next save deletes.
+
+  Typical loop::
+
+    ckpt = TrainCheckpointer(workdir / "checkpoints", save_interval_steps=50, max_to_keep=3)
+    if ckpt.latest_step() is not None:
+      state, iterator_state, meta = ckpt.restore(abstract_state=state)
+    ...
+    ckpt.save(step, state, iterator_state=it.get_state(), consumed_prompts=n, metadata=cfg_dict)
+  """
+
+  def __init__(self, directory: PathLike, *, save_interval_steps: int = 1,
+               max_to_keep: Optional[int] = 3, async_save: bool = True, create: bool = True):
+    if save_interval_steps < 1:
+      raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
+    if max_to_keep is not None and max_to_keep < 1:
+      raise ValueError(f"max_to_keep must be >= 1 or None (keep all), got {max_to_keep}")
+    self.directory = pathlib.Path(directory).absolute()
+    if not create and not self.directory.is_dir():
+      raise FileNotFoundError(f"Checkpoint directory {self.directory} does not exist")
+    self.save_interval_steps = int(save_interval_steps)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=self.save_interval_steps,
+        max_to_keep=max_to_keep,
+        enable_async_checkpointing=async_save,
+        create=create,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options, item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM))
+
+  # -- queries -----------------------------------------------------------------------------------
+  def all_steps(self) -> list[int]:
+    """Steps of finalized checkpoints on disk, ascending (an in-flight async save appears once
+    it is complete; interrupted ``*.orbax-checkpoint-tmp*`` folders never do)."""
+    if not self.directory.is_dir():
+      return []
+    return sorted(ocp.step.checkpoint_steps(self.directory))
+
+  def latest_step(self) -> Optional[int]:
+    """Newest finalized checkpoint step on disk, or None when there is none."""
+    steps = self.all_steps()
+    return steps[-1] if steps else None
+
+  def should_save(self, step: int) -> bool:
+    """True when ``step`` is a multiple of ``save_interval_steps`` and not saved yet."""
+    return step % self.save_interval_steps == 0 and step not in self._manager.all_steps()
+
+  # -- save / restore ----------------------------------------------------------------------------
+  def save(self, step: int, state, *, iterator_state=None, consumed_prompts: int = 0,
+           metadata: Optional[Mapping[str, Any]] = None, force: bool = False) -> bool:
+    """Saves when `should_save(step)` (or ``force``, e.g. at preemption or the last step).
+
+    ``state``: any pytree of arrays (params, opt_state, step counter, typed or raw PRNG keys).
+    ``iterator_state``: the grain iterator's ``get_state()`` (bytes or JSON-able dict) or None.
+    ``metadata``: JSON-able dict (run config, objective name, ...). Returns whether it saved; a
+    step that already has a checkpoint is never written twice (returns False).
+    """
+    step = int(step)
+    if step in self._manager.all_steps():  # includes this manager's in-flight save
+      return False
+    if not force and not self.should_save(step):
+      return False
+    user_metadata = dict(metadata or {})
+    clash = sorted(set(user_metadata) & set(_RESERVED_METADATA_KEYS))
+    if clash:
+      raise ValueError(f"metadata keys {clash} are reserved by TrainCheckpointer")
+    state_data, key_impls = _keys_to_data(state)
+    meta = {**user_metadata, "consumed_prompts": int(consumed_prompts), "checkpoint_step": step,
+            "prng_key_impls": key_impls}
+    try:
+      json.dumps(meta)
+    except TypeError as e:
+      raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
+    return bool(self._manager.save(
+        step,
+        args=ocp.args.Composite(**{
+            STATE_ITEM: ocp.args.StandardSave(state_data),
+            ITERATOR_ITEM: ocp.args.JsonSave(_encode_iterator_state(iterator_state)),
+            METADATA_ITEM: ocp.args.JsonSave(meta),
+        }),
+        force=True))
+
+  def restore(self, step: Optional[int] = None, *, abstract_state=None) -> RestoredCheckpoint:
+    """Restores ``step`` (default: the latest) -> (state, iterator_state, metadata).
+
+    ``abstract_state``: the state pytree as arrays or `jax.ShapeDtypeStruct`s (e.g. the freshly
+    initialised train state, or its `jax.eval_shape`); it fixes the tree structure (NamedTuples of
+    optax states, `nnx.State`), dtypes and target shardings, and typed PRNG key leaves are
+    re-wrapped with the implementation they were saved with. Without it the raw saved tree is
+    returned (nested dicts/lists, keys as uint32 data).
+    """
+    self._manager.wait_until_finished()
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"No complete checkpoint in {self.directory}")
+      step = steps[-1]
+    elif step not in steps:
+      raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available: {steps}")
+    aux = self._manager.restore(step, args=ocp.args.Composite(**{
+        ITERATOR_ITEM: ocp.args.JsonRestore(), METADATA_ITEM: ocp.args.JsonRestore()}))
+    meta = dict(aux[METADATA_ITEM])
+    key_impls = meta.pop("prng_key_impls", {})
+    iterator_state = _decode_iterator_state(aux[ITERATOR_ITEM])
+
+    if abstract_state is None:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore()}))
+      return RestoredCheckpoint(restored[STATE_ITEM], iterator_state, meta)
+
+    target_keys: dict[str, Any] = {}
+
+    def to_target(path, leaf):
+      name = _key_path_str(path)
+      if _is_prng_key(leaf):
+        if name not in key_impls:
+          raise ValueError(f"Checkpoint step {step} in {self.directory}: state leaf {name!r} is a "
+                           "PRNG key in abstract_state but was not saved as one")
+        target_keys[name] = leaf
+        return _abstract_key_data(leaf)
+      return _abstract_leaf(leaf)
+
+    target = jax.tree_util.tree_map_with_path(to_target, abstract_state)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**{
+          STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"Checkpoint step {step} in {self.directory} does not match abstract_state: {e}") from e
+
+    def from_data(path, leaf):
+      name = _key_path_str(path)
+      if name in target_keys:
+        return jax.random.wrap_key_data(leaf, impl=key_impls[name])
+      return leaf
+
+    state = jax.tree_util.tree_map_with_path(from_data, restored)
+    return RestoredCheckpoint(state, iterator_state, meta)
+
+  # -- lifecycle ---------------------------------------------------------------------------------
+  def wait_until_finished(self) -> None:
+    """Blocks until the pending asynchronous save (if any) is on disk."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for pending saves and releases the manager's threads."""
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+  def __enter__(self) -> "TrainCheckpointer":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
+
+
+# ------------------------------------------------------------------------------------------------
+# Preemption
+# ------------------------------------------------------------------------------------------------
+
+class PreemptionHandler:
+  """Turns SIGTERM (and optionally other signals) into a flag the training loop polls.
+
+  The handler only sets a flag; the loop calls `should_stop()` once per step and, when it is
+  True, saves a checkpoint (``force=True``), waits for it and exits. A second delivery of the same
+  signal hands it to the previous handler (e.g. the default SIGTERM action kills the process), so
+  a stuck job can still be killed. With several JAX processes `should_stop()` is a collective
+  (any process signalled -> all stop at the same step); call it at the same point on every process.
+
+  Use as a context manager (restores the previous handlers on exit) or `install()`/`uninstall()`.
+  Signal handlers can only be installed from the main thread.
+  """
+
+  def __init__(self, signals: Iterable[int] = (signal.SIGTERM,)):
+    self.signals = tuple(signals)
+    self._received: dict[int, int] = {}
+    self._previous: dict[int, Any] = {}
+    self._stop_requested = False
+    self._installed = False
+
+  def _handle(self, signum, frame) -> None:
+    self._received[signum] = self._received.get(signum, 0) + 1
+    if self._stop_requested and self._received[signum] > 1:
+      previous = self._previous.get(signum, signal.SIG_DFL)
+      _log.warning("Signal %d received again: passing it to the previous handler", signum)
+      self.uninstall()
+      if callable(previous):
+        previous(signum, frame)
+      else:
+        os.kill(os.getpid(), signum)
+      return
+    _log.warning("Signal %d received: the training loop will checkpoint and stop", signum)
+    self._stop_requested = True
+
+  def install(self) -> "PreemptionHandler":
+    if self._installed:
+      return self
+    if threading.current_thread() is not threading.main_thread():
+      raise RuntimeError("PreemptionHandler.install() must be called from the main thread "
+                         "(Python only delivers signals there)")
+    for signum in self.signals:
+      self._previous[signum] = signal.signal(signum, self._handle)
+    self._installed = True
+    return self
+
+  def uninstall(self) -> None:
+    """Restores the handlers that were active before `install()`."""
+    if not self._installed:
+      return
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous if previous is not None else signal.SIG_DFL)
+    self._previous.clear()
+    self._installed = False
+
+  def request_stop(self) -> None:
+    """Sets the flag by hand (e.g. a wall-clock budget ran out)."""
+    self._stop_requested = True
+
+  @property
+  def stop_requested(self) -> bool:
+    """This process's flag (no cross-process agreement)."""
+    return self._stop_requested
+
+  def should_stop(self) -> bool:
+    """Whether the loop should checkpoint and exit now (agreed across JAX processes)."""
+    if jax.process_count() == 1:
+      return self._stop_requested
+    from jax.experimental import multihost_utils
+    flags = multihost_utils.process_allgather(np.array(self._stop_requested, dtype=np.int32))
+    return bool(np.any(flags))
+
+  def __enter__(self) -> "PreemptionHandler":
+    return self.install()
+
+  def __exit__(self, *exc) -> None:
+    self.uninstall()

@@ -1,0 +1,2 @@
+"""Masked-diffusion primitives: Monte-Carlo masks (`masking`), ELBO estimates (`elbo`) and the
+LLaDA / Dream samplers (`sampler`, `dream_sampler`)."""

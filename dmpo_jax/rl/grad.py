@@ -1,0 +1,188 @@
+"""Gradient machinery shared by every RL objective (`jax_patterns.md` §4, §6).
+
+* `LossOutput` / `WeightedMetric`: the (numerator, denominator) loss contract (`algorithms.md`
+  §5.4). Accumulating numerators and denominators separately over MC samples and micro-batches
+  and dividing once gives the exact global mean, never a mean of means.
+* `accumulate_gradients`: ``lax.scan`` over micro-batches, and inside it ``lax.scan`` over MC
+  samples, with ``value_and_grad`` in the body and fp32 gradients in the carry. Only one
+  (micro-batch, MC sample) forward/backward graph is alive at a time, so peak memory does not
+  grow with the number of MC samples or of micro-batches.
+* `micro_batch_map`: the gradient-free counterpart (pass 1 of the two-pass method of
+  `algorithms.md` §5.2, old/reference scoring), also a scan over micro-batches.
+* `value_with_surrogate_grad`: value v, gradient of a surrogate s (``v + s − stop_gradient(s)``),
+  used by the two-pass objectives whose exact loss value comes from pass 1.
+
+Micro-batches are *strided*: micro-batch m holds rows m, m + M, m + 2M, ... (M = number of
+micro-batches). With the batch axis sharded over devices each micro-batch then spans every
+device. Every leaf of a micro-batched pytree must have the batch as its leading axis.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+PyTree = Any
+_TINY = 1e-30
+
+
+@struct.dataclass
+class WeightedMetric:
+  """A metric accumulated as (total, weight); its value is total / weight."""
+  total: jax.Array
+  weight: jax.Array
+
+  @classmethod
+  def mean_of(cls, values: jax.Array, where: Optional[jax.Array] = None) -> "WeightedMetric":
+    """Sum and count of ``values`` (optionally only where ``where`` is True), fp32."""
+    values = jnp.asarray(values, jnp.float32)
+    if where is None:
+      return cls(jnp.sum(values), jnp.asarray(values.size, jnp.float32))
+    where = jnp.broadcast_to(where, values.shape)
+    return cls(jnp.sum(jnp.where(where, values, 0.0)), jnp.sum(where.astype(jnp.float32)))
+
+  def value(self) -> jax.Array:
+    return self.total / jnp.maximum(self.weight, _TINY)
+
+  def __add__(self, other: "WeightedMetric") -> "WeightedMetric":
+    return WeightedMetric(self.total + other.total, self.weight + other.weight)
+
+
+@struct.dataclass
+class LossOutput:
+  """Unreduced loss: ``numerator`` (what is differentiated), ``denominator`` (the count it is
+  averaged over) and auxiliary metrics. The reported loss is numerator / denominator."""
+  numerator: jax.Array
+  denominator: jax.Array
+  metrics: dict[str, WeightedMetric]
+
+  @property
+  def loss(self) -> jax.Array:
+    return self.numerator / jnp.maximum(self.denominator, _TINY)
+
+  def metric_values(self) -> dict[str, jax.Array]:
+    """{"loss": loss, name: value} with every metric reduced."""
+    out = {name: metric.value() for name, metric in self.metrics.items()}
+    out["loss"] = self.loss
+    return out
+
+  def __add__(self, other: "LossOutput") -> "LossOutput":
+    if set(self.metrics) != set(other.metrics):
+      raise ValueError(f"cannot add LossOutputs with different metrics: {sorted(self.metrics)} "
+                       f"vs {sorted(other.metrics)}")
+    return LossOutput(self.numerator + other.numerator, self.denominator + other.denominator,
+                      {k: self.metrics[k] + other.metrics[k] for k in self.metrics})
+
+
+def _zeros_like_shape(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
+
+
+def batch_size_of(batch: PyTree) -> int:
+  """The common leading dimension of every leaf (clear error if they disagree)."""
+  sizes = {leaf.shape[0] if leaf.ndim else None for leaf in jax.tree.leaves(batch)}
+  if len(sizes) != 1 or None in sizes:
+    shapes = jax.tree.map(lambda x: tuple(x.shape), batch)
+    raise ValueError(f"every micro-batched leaf needs the same leading batch axis; got {shapes}")
+  return sizes.pop()
+
+
+def num_micro_batches(batch_size: int, micro_batch_size: Optional[int]) -> int:
+  if micro_batch_size is None or micro_batch_size >= batch_size:
+    return 1
+  if micro_batch_size <= 0 or batch_size % micro_batch_size:
+    raise ValueError(f"micro_batch_size={micro_batch_size} must be positive and divide the batch "
+                     f"size {batch_size}")
+  return batch_size // micro_batch_size
+
+
+def split_micro_batches(batch: PyTree, micro_batch_size: Optional[int]) -> PyTree:
+  """[B, ...] leaves -> [M, B/M, ...] with micro-batch m = rows m, m + M, ... (strided)."""
+  b = batch_size_of(batch)
+  m = num_micro_batches(b, micro_batch_size)
+  return jax.tree.map(lambda x: x.reshape(b // m, m, *x.shape[1:]).swapaxes(0, 1), batch)
+
+
+def merge_micro_batches(tree: PyTree) -> PyTree:
+  """Inverse of `split_micro_batches`: [M, B/M, ...] -> [B, ...]."""
+  return jax.tree.map(lambda x: x.swapaxes(0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:]),
+                      tree)
+
+
+def micro_batch_map(fn: Callable[[PyTree], PyTree], batch: PyTree,
+                    micro_batch_size: Optional[int]) -> PyTree:
+  """Applies ``fn`` (no gradient) to each micro-batch with a `lax.scan` and reassembles the
+  batch-leading outputs in the original row order. ``fn(micro_batch) -> pytree of [b, ...]``."""
+  if num_micro_batches(batch_size_of(batch), micro_batch_size) == 1:
+    return jax.tree.map(jax.lax.stop_gradient, fn(batch))
+  micro = split_micro_batches(batch, micro_batch_size)
+
+  def body(carry, micro_batch):
+    return carry, jax.tree.map(jax.lax.stop_gradient, fn(micro_batch))
+
+  _, out = jax.lax.scan(body, None, micro)
+  return merge_micro_batches(out)
+
+
+SampleLossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Mapping[str, WeightedMetric]]]
+
+
+def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *,
+                         num_samples: int, micro_batch_size: Optional[int],
+                         denominator_fn: Callable[[PyTree], jax.Array],
+                         normalize: bool = True) -> tuple[PyTree, LossOutput]:
+  """Σ over micro-batches b and MC samples j of ∇ loss_fn(params, b, j), in fp32.
+
+  ``loss_fn(params, micro_batch, j) -> (numerator_j, metrics_j)`` is the contribution of MC
+  sample j (int32 scalar, 0..num_samples-1) of one micro-batch; its gradient is taken inside the
+  scan body and added to an fp32 carry. ``denominator_fn(micro_batch)`` is counted once per
+  micro-batch. Returns (grads, LossOutput) with grads = ∇(Σ numerator) / Σ denominator when
+  ``normalize`` (the gradient of the reported loss), otherwise ∇ Σ numerator.
+  """
+  if num_samples < 1:
+    raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+  micro = split_micro_batches(batch, micro_batch_size)
+  first = jax.tree.map(lambda x: x[0], micro)
+  # Denominators do not depend on the parameters: summing them first lets every per-sample
+  # gradient be scaled by 1/Σden inside the loop, so the accumulator is the returned gradient
+  # (no extra normalised copy of a parameter-sized buffer after the loop).
+  denominator = jnp.sum(jax.vmap(lambda mb: jnp.asarray(denominator_fn(mb), jnp.float32))(micro))
+  grad_scale = 1.0 / jnp.maximum(denominator, _TINY) if normalize else jnp.float32(1.0)
+
+  def value(p, micro_batch, j):
+    numerator, metrics = loss_fn(p, micro_batch, j)
+    chex.assert_shape(numerator, ())
+    numerator = numerator.astype(jnp.float32)
+    return numerator * jax.lax.stop_gradient(grad_scale), (numerator, dict(metrics))
+
+  value_and_grad = jax.value_and_grad(value, has_aux=True)
+  metrics_shape = jax.eval_shape(lambda: value(params, first, jnp.int32(0))[1][1])
+  grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  carry0 = (grads0, jnp.zeros((), jnp.float32), _zeros_like_shape(metrics_shape))
+
+  def micro_body(carry, micro_batch):
+    def sample_body(inner, j):
+      grads, numerator, metrics = inner
+      (_, (num_j, metrics_j)), grads_j = value_and_grad(params, micro_batch, j)
+      grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, grads_j)
+      metrics = jax.tree.map(jnp.add, metrics, metrics_j)
+      return (grads, numerator + num_j, metrics), None
+
+    carry, _ = jax.lax.scan(sample_body, carry, jnp.arange(num_samples, dtype=jnp.int32))
+    return carry, None
+
+  if jax.tree.leaves(micro)[0].shape[0] == 1:  # one micro-batch: no outer loop
+    (grads, numerator, metrics), _ = micro_body(carry0, first)
+  else:
+    (grads, numerator, metrics), _ = jax.lax.scan(micro_body, carry0, micro)
+  return grads, LossOutput(numerator, denominator, metrics)
+
+
+def value_with_surrogate_grad(value: jax.Array, surrogate: jax.Array) -> jax.Array:
+  """Returns ``value`` in the forward pass with the gradient of ``surrogate``:
+  value + surrogate − stop_gradient(surrogate) (exact two-pass objectives, §5.2)."""
+  return jax.lax.stop_gradient(value) + surrogate - jax.lax.stop_gradient(surrogate)

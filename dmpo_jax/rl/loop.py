@@ -1,0 +1,421 @@
+"""The RL training loop (`jax_patterns.md` §2, §8, §10, §11).
+
+One RL step:
+  prompts (grain, G per prompt) → rollout with the jitted sampler on the same mesh and the same
+  parameters (no weight copy) → decode → rewards in worker processes → ``objective.prepare``
+  (advantages / weights, old and reference ELBO terms on shared masks; no grad) →
+  ``updates_per_rollout`` jitted train steps (``objective.grads`` + AdamW) → metrics →
+  checkpoint.
+
+Everything jitted is a pure function of explicit pytrees: `TrainState` (params, optimizer
+state, step, RNG), the batch and the prepared per-example arrays. The train step is compiled
+ahead of time at start-up and its `memory_analysis` is logged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from dmpo_jax import checkpointing, metrics as metrics_lib, sharding
+from dmpo_jax.diffusion import sampler as sampler_lib
+from dmpo_jax.models import config as model_config_lib, hf_io, tokenizer as tokenizer_lib
+from dmpo_jax.models.transformer import create_model
+from dmpo_jax.rl import registry, rollout, scoring, sft, train_state as ts
+from dmpo_jax.tasks import base as task_base, pipeline
+from dmpo_jax.tasks import digit_sort
+
+_log = logging.getLogger("dmpo_jax.train")
+
+
+class ConfigError(ValueError):
+  """A training config that cannot run (the message names the key and the problem)."""
+
+
+# ------------------------------------------------------------------------------------------------
+# Config validation and model loading
+# ------------------------------------------------------------------------------------------------
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Checks everything that can be checked before any work; raises `ConfigError`."""
+  errors = []
+  if config.objective not in registry.objective_names():
+    errors.append(f"objective: unknown {config.objective!r}; known {list(registry.objective_names())}")
+  else:
+    objective = registry.get_objective(config.objective)
+    try:
+      ocfg = objective.make_config(config.get(config.objective, {}))
+      limit = objective.max_updates_per_rollout(ocfg)
+      if limit is not None and config.updates_per_rollout > limit:
+        errors.append(f"updates_per_rollout={config.updates_per_rollout} exceeds {limit}, the most "
+                      f"{config.objective!r} supports with this config")
+    except ValueError as e:
+      errors.append(f"{config.objective}: {e}")
+  if config.task.name not in task_base.task_names():
+    errors.append(f"task.name: unknown {config.task.name!r}; known {task_base.task_names()}")
+  for block, prefix in ((config.rollout, "rollout"), (config.eval, "eval")):
+    gen, blk, steps = block.gen_length, block.block_length, block.steps
+    if gen <= 0 or blk <= 0 or steps <= 0:
+      errors.append(f"{prefix}: gen_length, block_length and steps must be positive")
+    elif gen % blk:
+      errors.append(f"{prefix}.gen_length={gen} is not a multiple of {prefix}.block_length={blk}")
+    elif steps % (gen // blk):
+      errors.append(f"{prefix}.steps={steps} is not a multiple of the number of blocks {gen // blk}")
+  for name in ("num_steps", "prompts_per_step", "group_size", "updates_per_rollout"):
+    if config[name] <= 0:
+      errors.append(f"{name} must be positive, got {config[name]}")
+  if config.task.prompt_length <= 0:
+    errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
+  if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():
+    errors.append(f"model.checkpoint: {config.model.checkpoint} does not exist")
+  if not config.model.checkpoint and config.model.preset not in model_config_lib.PRESET_NAMES:
+    errors.append(f"model.preset: unknown {config.model.preset!r}; known {model_config_lib.PRESET_NAMES}")
+  if num_devices is not None and not errors:
+    try:
+      mesh_shape = _mesh_shape(config, num_devices)
+      divisor = mesh_shape["data"] * mesh_shape["fsdp"]
+      batch = config.prompts_per_step * config.group_size
+      if batch % divisor:
+        errors.append(f"prompts_per_step*group_size={batch} is not divisible by the batch mesh axes "
+                      f"data*fsdp={divisor}")
+      if config.eval.batch_size % divisor:
+        errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by data*fsdp={divisor}")
+    except ValueError as e:
+      errors.append(f"mesh: {e}")
+  if errors:
+    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _mesh_shape(config, num_devices: int) -> dict[str, int]:
+  sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
+  if list(sizes.values()).count(-1) > 1:
+    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
+  fixed = math.prod(s for s in sizes.values() if s != -1)
+  for a, s in sizes.items():
+    if s == -1:
+      sizes[a] = num_devices // fixed
+  if math.prod(sizes.values()) != num_devices:
+    raise ValueError(f"mesh {sizes} does not use the {num_devices} devices")
+  return sizes
+
+
+def load_model_and_tokenizer(config, mesh):
+  """The model (sharded on ``mesh``) and tokenizer named by ``config.model`` / ``config.tokenizer``."""
+  overrides = {"remat": bool(config.model.remat),
+               "use_key_padding_mask": bool(config.model.use_key_padding_mask)}
+  if config.model.dtype:
+    overrides["dtype"] = config.model.dtype
+  path = config.model.checkpoint
+  if path and (pathlib.Path(path) / "config.json").is_file():
+    model, _ = hf_io.load_pretrained(path, mesh=mesh, param_dtype=config.model.param_dtype or None,
+                                     **overrides)
+  elif path:
+    model = checkpointing.load_model_checkpoint(path, mesh=mesh)
+    model = _with_config(model, model.config.replace(**overrides))
+  else:
+    preset_overrides = dict(overrides)
+    if config.model.param_dtype:
+      preset_overrides["param_dtype"] = config.model.param_dtype
+    model = create_model(model_config_lib.get_preset(config.model.preset, **preset_overrides),
+                         seed=config.seed)
+  tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer or path, family=model.config.family)
+  return model, tokenizer
+
+
+def _with_config(model, new_config):
+  """The same parameters under a config that differs only in compute options."""
+  graphdef, state = nnx.split(model)
+  fresh = nnx.eval_shape(lambda: create_model(new_config))
+  new_graphdef, _ = nnx.split(fresh)
+  return nnx.merge(new_graphdef, state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Trainer
+# ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Trainer:
+  """Holds the compiled functions and the run's state; `run` is the loop."""
+  config: ml_collections.ConfigDict
+  workdir: pathlib.Path
+
+  def __post_init__(self):
+    config = self.config
+    self.workdir = pathlib.Path(self.workdir)
+    self.workdir.mkdir(parents=True, exist_ok=True)
+    validate_config(config, jax.device_count())
+    self.mesh = sharding.create_mesh(_mesh_shape(config, jax.device_count()))
+    self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
+    self.graphdef, params = nnx.split(self.model)
+    self.param_shardings = sharding.state_shardings(params, self.mesh)
+    params = jax.device_put(params, self.param_shardings)
+    self.task = task_base.get_task(config.task.name)
+    self.objective = registry.get_objective(config.objective)
+    self.objective_config = self.objective.make_config(config.get(config.objective, {}))
+    self.optimizer = ts.make_optimizer(
+        config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
+        b1=config.optimizer.b1, b2=config.optimizer.b2,
+        max_grad_norm=config.optimizer.max_grad_norm,
+        warmup_steps=config.optimizer.warmup_steps,
+        total_steps=config.num_steps * config.updates_per_rollout,
+        schedule=config.optimizer.schedule)
+    self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
+                                           seed=config.seed))(params)
+    self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
+    self.rollout_config = sampler_lib.SamplerConfig(
+        gen_length=config.rollout.gen_length, steps=config.rollout.steps,
+        block_length=config.rollout.block_length, temperature=config.rollout.temperature,
+        remasking=config.rollout.remasking, cfg_scale=config.rollout.cfg_scale,
+        threshold=None if config.rollout.threshold < 0 else config.rollout.threshold,
+        use_prefix_cache=config.rollout.use_prefix_cache)
+    self.eval_config = sampler_lib.SamplerConfig(
+        gen_length=config.eval.gen_length, steps=config.eval.steps,
+        block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
+    self.prompt_length = config.task.prompt_length
+    self._train_step = None  # compiled ahead of time in `compile_train_step`
+
+  # -- data -------------------------------------------------------------------------------------
+  def load_data(self):
+    c, task = self.config, self.task
+    if task.name == digit_sort.DigitSortTask.name:
+      train = task.load_train(c.task.train_source or None, seed=c.seed)
+      warmup = task.load_train(None, seed=c.seed + 1,
+                               ascending_fraction=c.sft.ascending_fraction) if c.sft.num_steps else []
+      held_out = task.load_eval(c.task.eval_source or None, num_examples=c.eval.num_examples,
+                                seed=c.seed)
+    else:
+      train = task.load_train(c.task.train_source or None)
+      held_out = task.load_eval(c.task.eval_source or None)[: c.eval.num_examples]
+      warmup = train if c.sft.num_steps else []
+    return train, warmup, held_out
+
+  def make_iterator(self, train):
+    cfg = pipeline.PipelineConfig(prompts_per_batch=self.config.prompts_per_step,
+                                  group_size=self.config.group_size, seed=self.config.seed,
+                                  process_index=jax.process_index(),
+                                  process_count=jax.process_count())
+    return pipeline.make_iterator(train, cfg)
+
+  # -- sampling and evaluation -----------------------------------------------------------------
+  def sample(self, params, prompt_ids, prompt_mask, key, sampler_config):
+    put = self.put_batch({"ids": prompt_ids, "mask": prompt_mask})
+    ids, mask = put["ids"], put["mask"]
+    out = sampler_lib.generate(self.graphdef, params, ids, mask, key, sampler_config)
+    return np.asarray(jax.device_get(out.sequences))
+
+  def evaluate(self, params, examples) -> dict[str, float]:
+    """Greedy held-out accuracy (%) with the eval sampler; pads the last batch."""
+    bs = self.config.eval.batch_size
+    completions = []
+    for start in range(0, len(examples), bs):
+      chunk = examples[start:start + bs]
+      padded = chunk + [chunk[-1]] * (bs - len(chunk))
+      ids, mask, _ = rollout.encode_prompts(self.tokenizer, self.task, padded,
+                                            prompt_length=self.prompt_length, evaluation=True)
+      seqs = self.sample(params, ids, mask, jax.random.key(0), self.eval_config)
+      completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
+    scores = self.task.score_many(completions, examples)
+    summary = self.task.summarize(scores)
+    return {"eval/accuracy": float(summary["accuracy"])}
+
+  # -- warm-up ----------------------------------------------------------------------------------
+  def warmup(self, examples, writer, bar_enabled: bool):
+    """Masked-diffusion SFT on demonstrations (``config.sft``), before RL."""
+    c = self.config
+    optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm)
+    state = ts.init_train_state(self.state.params, optimizer, c.seed + 1)
+    step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0)
+    rng = np.random.default_rng(c.seed)
+    progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
+                                       disable=None if bar_enabled else True)
+    loss = float("nan")
+    for step in range(c.sft.num_steps):
+      chunk = [examples[i] for i in rng.integers(0, len(examples), c.sft.batch_size)]
+      batch = self._sft_batch(chunk)
+      state, m = step_fn(state, batch)
+      if step % 25 == 0 or step == c.sft.num_steps - 1:
+        loss = float(m["sft/loss"])
+        progress.update(step + 1, {"loss": loss})
+    progress.close()
+    self.state = self.state.replace(params=state.params)
+    return {"sft/final_loss": loss}
+
+  def _sft_batch(self, examples):
+    ids, mask, _ = rollout.encode_prompts(self.tokenizer, self.task, examples,
+                                          prompt_length=self.prompt_length)
+    gen = self.config.rollout.gen_length
+    completion = np.full((len(examples), gen), self.tokenizer.eos_token_id, np.int32)
+    for row, example in enumerate(examples):
+      target = self.tokenizer.encode(example.get("demonstration", example.get("answer", "")))[:gen]
+      completion[row, :len(target)] = target
+    seqs = np.concatenate([ids, completion], axis=1)
+    batch = rollout.rl_batch(seqs, mask, np.zeros(len(examples)), np.arange(len(examples)),
+                             np.arange(len(examples)))
+    return self.put_batch({k: batch[k] for k in ("sequences", "attention_mask", "completion_mask")})
+
+  def put_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    """Host arrays -> device arrays split over the batch mesh axes on their leading dim."""
+    return {k: jax.device_put(jnp.asarray(v), sharding.batch_sharding(self.mesh, np.ndim(v)))
+            for k, v in arrays.items()}
+
+  # -- the RL train step --------------------------------------------------------------------------
+  def _update(self, state: ts.TrainState, batch, per_example, rollout_step, iteration):
+    keys = scoring.make_keys(state.key, rollout_step, state.step, iteration)
+    aux = registry.Prepared(per_example, {})
+    grads, out = self.objective.grads(self.graphdef, state.params, batch, aux, keys,
+                                      self.objective_config)
+    state, step_metrics = ts.apply_gradients(state, grads, self.optimizer, out.loss)
+    return state, {**{f"train/{k}": v for k, v in out.metric_values().items()}, **step_metrics}
+
+  def _prepare(self, params, ref_params, batch, base_key, rollout_step):
+    keys = scoring.make_keys(base_key, rollout_step, 0, 0)
+    return self.objective.prepare(self.graphdef, params, ref_params, batch, keys,
+                                  self.objective_config)
+
+  def compile_train_step(self, batch, per_example):
+    """AOT-compiles the update for these shapes and logs its memory analysis."""
+    jitted = jax.jit(self._update, donate_argnums=0,
+                     out_shardings=(self.state_shardings, None))
+    scalar = jax.ShapeDtypeStruct((), jnp.int32)
+    lowered = jitted.lower(self.state, batch, per_example, scalar, scalar)
+    compiled = lowered.compile()
+    info = {}
+    analysis = compiled.memory_analysis()
+    if analysis is not None:
+      info = {f"compile/{k}": int(getattr(analysis, k)) for k in
+              ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
+              if hasattr(analysis, k)}
+    _log.info("train step compiled: %s", json.dumps(info))
+    self._train_step = compiled
+    return info
+
+  # -- the loop ---------------------------------------------------------------------------------
+  def run(self) -> dict[str, Any]:
+    c = self.config
+    train, warmup_examples, held_out = self.load_data()
+    iterator = self.make_iterator(train)
+    ckpt = checkpointing.TrainCheckpointer(self.workdir / "checkpoints",
+                                           save_interval_steps=c.checkpoint.every_steps,
+                                           max_to_keep=c.checkpoint.max_to_keep)
+    start_step = ckpt.latest_step() or 0
+    reference_dir = self.workdir / "reference_model"
+    writer = metrics_lib.MetricWriter(self.workdir, process_index=jax.process_index(),
+                                      resume_step=start_step if start_step else None,
+                                      wandb=bool(c.wandb.enabled), wandb_project=c.wandb.project,
+                                      config=c.to_dict())
+    results: dict[str, Any] = {}
+    bar_enabled = bool(c.progress_bar)
+    if start_step:
+      restored = ckpt.restore(start_step, abstract_state=self.state)
+      self.state = jax.device_put(restored.state, self.state_shardings)
+      iterator.set_state(restored.iterator_state)
+      _log.info("resumed from step %d", start_step)
+    else:
+      if c.sft.num_steps:
+        results.update(self.warmup(warmup_examples, writer, bar_enabled))
+      initial_eval = self.evaluate(self.state.params, held_out)
+      results["eval/accuracy_start"] = initial_eval["eval/accuracy"]
+      writer.write(0, {**initial_eval, **results})
+    # The reference policy is the model RL starts from (after any warm-up); saved once so a
+    # resumed run compares against the same reference.
+    ref_params = None
+    if self.objective.uses_reference(self.objective_config):
+      if start_step:
+        ref_params = nnx.split(checkpointing.load_model_checkpoint(
+            reference_dir, shardings=self.param_shardings))[1]
+      else:
+        ref_params = jax.tree.map(jnp.copy, self.state.params)
+        checkpointing.save_model_checkpoint(reference_dir, self.state.params, self.model.config,
+                                            overwrite=True)
+    elif not start_step and jax.process_index() == 0:
+      reference_dir.mkdir(exist_ok=True)
+
+    reward_pool = rollout.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers)
+    prepare = jax.jit(self._prepare)
+    timer = metrics_lib.PhaseTimer()
+    progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
+                                       disable=None if bar_enabled else True)
+    preemption = checkpointing.PreemptionHandler().install()
+    last_metrics: dict[str, float] = {}
+    step = start_step
+    try:
+      for step in range(start_step, c.num_steps):
+        element = next(iterator)
+        examples = element["examples"]
+        rollout_key = jax.random.fold_in(jax.random.fold_in(self.state.key, step), 0x5A3)
+        with timer.phase("rollout"):
+          ids, mask, truncated = rollout.encode_prompts(self.tokenizer, self.task, examples,
+                                                        prompt_length=self.prompt_length)
+          sequences = self.sample(self.state.params, ids, mask, rollout_key, self.rollout_config)
+        with timer.phase("reward"):
+          completions = rollout.decode_completions(self.tokenizer, sequences, self.prompt_length)
+          rewards = reward_pool(completions, examples)
+        batch_size = len(examples)
+        example_ids = step * batch_size + np.arange(batch_size)
+        batch_np = rollout.rl_batch(sequences, mask, rewards, element["group_ids"], example_ids)
+        batch = self.put_batch(batch_np)
+        with timer.phase("train"):
+          prepared = prepare(self.state.params, ref_params, batch, self.state.key, step)
+          if self._train_step is None:
+            results.update(self.compile_train_step(batch, prepared.per_example))
+          update_metrics = []
+          for iteration in range(c.updates_per_rollout):
+            self.state, m = self._train_step(self.state, batch, prepared.per_example,
+                                             jnp.int32(step), jnp.int32(iteration))
+            update_metrics.append(m)
+          update_metrics = jax.device_get(update_metrics)
+        step_metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
+        step_metrics.update({f"prepare/{k}": float(v) for k, v in jax.device_get(prepared.metrics).items()})
+        step_metrics.update(rollout.group_reward_stats(rewards, element["group_ids"]))
+        step_metrics["reward/accuracy"] = float(np.mean(rewards >= 1.0))
+        step_metrics["rollout/truncated_prompts"] = float(truncated)
+        done = step + 1
+        if c.eval.every_steps and (done % c.eval.every_steps == 0 or done == c.num_steps):
+          with timer.phase("eval"):
+            step_metrics.update(self.evaluate(self.state.params, held_out))
+        times = timer.metrics()
+        step_metrics.update(times)
+        step_metrics["rollout/tokens_per_second"] = metrics_lib.tokens_per_second(
+            sequences.shape[0] * c.rollout.gen_length, times.get("time/rollout", 0.0))
+        writer.write(done, step_metrics)
+        last_metrics = step_metrics
+        progress.update(done, {"reward": step_metrics["reward/mean"],
+                               **({"acc": step_metrics["eval/accuracy"]}
+                                  if "eval/accuracy" in step_metrics else {})})
+        ckpt.save(done, self.state, iterator_state=iterator.get_state(),
+                  consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
+                  force=done == c.num_steps)
+        if preemption.should_stop():
+          _log.warning("stop requested (SIGTERM): saving step %d and exiting", done)
+          ckpt.save(done, self.state, iterator_state=iterator.get_state(),
+                    consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
+                    force=True)
+          results["preempted_at"] = done
+          break
+    finally:
+      preemption.uninstall()
+      progress.close()
+      ckpt.wait_until_finished()
+      ckpt.close()
+      reward_pool.close()
+      writer.close()
+    results.update({k: v for k, v in last_metrics.items() if k.startswith("eval/")})
+    return results
+
+
+def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Runs (or resumes) training in ``workdir``; returns summary numbers."""
+  return Trainer(config, pathlib.Path(workdir)).run()

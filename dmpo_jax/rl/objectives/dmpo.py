@@ -1,0 +1,333 @@
+"""DMPO (weighted denoising cross-entropy, WDCE) and WDDO (`algorithms.md` §2).
+
+Per rollout (``prepare``, no gradient, deterministic): ELBO_v (current = behaviour policy) and
+ELBO_ref on the **same** K weight masks (antithetic Bernoulli by default, weight L/m), then
+
+    ℓ_i = coeff·(r_i/α + ELBO_ref,i − ELBO_v,i),   ℓ⁻_i = coeff·(−r_i/α + ELBO_ref,i − ELBO_v,i)
+    w = softmax_G(ℓ),  A_i = w_i − s·w_base,i                          (Eq. 10, 12-15)
+
+over the full group of each prompt (α = 0: ℓ = coeff·r, the proximal variant; optional per-group
+ESS-targeted coeff). The weights do not depend on θ, so one rollout buffer serves F updates.
+
+Per update (``grads``): R fresh loss masks (keyed by the update step), and
+
+    L_WDCE = (1/P) Σ_i A_i · (1/R) Σ_j (1/m_ij) Σ_{d∈M_ij} −log π_θ(y_i,d | masked y_i)      (Eq. 11)
+
+(1/m = ELBO weight / L: the |o| factor dropped as in the code; P = number of prompts, since
+the weights of a group sum to 1). A scan over micro-batches × R masks with gradients in the
+carry. The model baseline (Eq. 15) needs ELBO_θ of every group member before any gradient: a
+no-grad pass (on the weight masks, CRN with ELBO_v, by default) fixes it first.
+
+WDDO (Eq. 16, §2.4, with the pitfalls of §2.6 item 5 fixed: mean-1 weights, averaged replicates,
+independent real/fake mask sets):
+
+    L = (1/B) Σ_i [ −w_i·log σ(β(E_θ^real,i − E_v^real,i)) − a·log σ(−β(E_θ^fake,i − E_v^fake,i)) ]
+
+with E the K-sample ELBOs on the weight masks (real) and on an independent fake set; exact
+with constant memory by the two-pass method (§5.2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dmpo_jax.diffusion import elbo
+from dmpo_jax.rl import advantages as adv
+from dmpo_jax.rl import grad as G
+from dmpo_jax.rl import scoring
+from dmpo_jax.rl.objectives.base import ObjectiveConfig, Prepared, check_choice, check_positive
+
+MODEL_BASELINE_MASKS = ("weights", "loss")
+_WEIGHT_PURPOSE = "dmpo/weights"
+_LOSS_PURPOSE = "dmpo/loss"
+_FAKE_PURPOSE = "wddo/fake"
+
+
+@dataclasses.dataclass(frozen=True)
+class _ElboWeightConfig(ObjectiveConfig):
+  """Weight settings shared by DMPO and WDDO.
+
+  alpha: KL strength α (0 = proximal variant). coeff: logit coefficient. target_ess: if set, a
+  per-group coefficient in [0.01, 0.99] giving this normalised ESS (``ada_coeff``).
+  weight_num_mc: K weight masks. mask_scheme / lambda_range: ELBO law (antithetic Bernoulli,
+  λ ∈ [0.1, 1.0) as the released code). include_eos_padding: score the full canvas (§1.6).
+  weight_scale: ``sum1`` (code) or ``mean1`` (paper).
+  """
+  alpha: float = 0.04
+  coeff: float = 1.0
+  target_ess: Optional[float] = None
+  weight_num_mc: int = 4
+  mask_scheme: str = "antithetic"
+  lambda_range: tuple[float, float] = (0.1, 1.0)
+  include_eos_padding: bool = True
+  weight_scale: str = "sum1"
+
+  def validation_errors(self) -> list[str]:
+    errors = super().validation_errors()
+    check_positive(errors, "alpha", self.alpha, allow_zero=True)
+    check_positive(errors, "coeff", self.coeff)
+    if self.target_ess is not None and not 0.0 < self.target_ess <= 1.0:
+      errors.append(f"target_ess must be in (0, 1], got {self.target_ess}")
+    if self.weight_num_mc < 1:
+      errors.append(f"weight_num_mc must be >= 1, got {self.weight_num_mc}")
+    check_choice(errors, "mask_scheme", self.mask_scheme, scoring.ELBO_SCHEMES)
+    if self.mask_scheme == "antithetic" and self.weight_num_mc % 2:
+      errors.append(f"antithetic masks come in pairs: weight_num_mc must be even, got "
+                    f"{self.weight_num_mc}")
+    if len(self.lambda_range) != 2 or not 0.0 <= self.lambda_range[0] <= self.lambda_range[1] <= 1.0:
+      errors.append(f"lambda_range must be (lo, hi) with 0 <= lo <= hi <= 1, got {self.lambda_range}")
+    check_choice(errors, "weight_scale", self.weight_scale, adv.WEIGHT_SCALES)
+    return errors
+
+
+@dataclasses.dataclass(frozen=True)
+class DMPOConfig(_ElboWeightConfig):
+  """DMPO (defaults: `algorithms.md` §2.8 reproduction defaults).
+
+  baseline: none / group / individual / model (§2.2); baseline_strength: s. loss_num_mc: R
+  fresh loss masks per update. model_baseline_masks: ``weights`` (ELBO_θ on the weight masks,
+  CRN with ELBO_v; at θ = θ_old it equals the group baseline) or ``loss`` (the reference code's
+  choice: ELBO_θ on the loss masks).
+  """
+  baseline: str = "individual"
+  baseline_strength: float = 1.0
+  loss_num_mc: int = 4
+  model_baseline_masks: str = "weights"
+
+  def validation_errors(self) -> list[str]:
+    errors = super().validation_errors()
+    check_choice(errors, "baseline", self.baseline, adv.BASELINES)
+    check_positive(errors, "baseline_strength", self.baseline_strength, allow_zero=True)
+    if self.loss_num_mc < 1:
+      errors.append(f"loss_num_mc must be >= 1, got {self.loss_num_mc}")
+    if self.mask_scheme == "antithetic" and self.loss_num_mc % 2:
+      errors.append(f"antithetic masks come in pairs: loss_num_mc must be even, got {self.loss_num_mc}")
+    check_choice(errors, "model_baseline_masks", self.model_baseline_masks, MODEL_BASELINE_MASKS)
+    return errors
+
+
+@dataclasses.dataclass(frozen=True)
+class WDDOConfig(_ElboWeightConfig):
+  """WDDO. beta: β inside the log-sigmoids (``ddo_beta``). fake_weight: a (``ddo_alpha``).
+  Mean-1 weights by default (the paper's scale; §2.6 item 5)."""
+  weight_scale: str = "mean1"
+  beta: float = 1.0
+  fake_weight: float = 1.0
+
+  def validation_errors(self) -> list[str]:
+    errors = super().validation_errors()
+    check_positive(errors, "beta", self.beta)
+    check_positive(errors, "fake_weight", self.fake_weight, allow_zero=True)
+    return errors
+
+
+# -- pure math ------------------------------------------------------------------------------------
+
+def wdce_sample_loss(advantages: jax.Array, log_likelihood: jax.Array, loss_weight: jax.Array,
+                     num_samples: int) -> jax.Array:
+  """One loss mask's WDCE contribution per row: A_i·(−loss_weight_i·S_i)/R, fp32 [B]
+  (loss_weight = 1/m_ij, S = Σ_{d∈M} log π_θ)."""
+  return advantages.astype(jnp.float32) * (-loss_weight * log_likelihood) / num_samples
+
+
+def wddo_terms(weights: jax.Array, elbo_theta_real: jax.Array, elbo_old_real: jax.Array,
+               elbo_theta_fake: jax.Array, elbo_old_fake: jax.Array, *, beta: float,
+               fake_weight: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """WDDO per-row loss and its derivatives w.r.t. the two current-policy ELBOs.
+
+  loss_i = −w_i·log σ(β x_i) − a·log σ(−β y_i), x = E_θ^real − E_v^real, y = E_θ^fake − E_v^fake;
+  ∂loss/∂E_θ^real = −w_i·β·σ(−β x_i),  ∂loss/∂E_θ^fake = a·β·σ(β y_i). fp32 [B] each.
+  """
+  x = beta * (elbo_theta_real - elbo_old_real).astype(jnp.float32)
+  y = beta * (elbo_theta_fake - elbo_old_fake).astype(jnp.float32)
+  w = weights.astype(jnp.float32)
+  loss = -w * jax.nn.log_sigmoid(x) - fake_weight * jax.nn.log_sigmoid(-y)
+  return loss, -w * beta * jax.nn.sigmoid(-x), fake_weight * beta * jax.nn.sigmoid(y)
+
+
+# -- shared scoring ---------------------------------------------------------------------------------
+
+def _mask_fn(cfg: _ElboWeightConfig, num_samples: int):
+  return scoring.elbo_mask_fn(cfg.mask_scheme, num_samples=num_samples,
+                              lambda_range=cfg.lambda_range)
+
+
+def _eligible(model: Any, mb: Mapping[str, jax.Array], cfg: _ElboWeightConfig) -> jax.Array:
+  return scoring.eligible_positions(mb, model.config.eos_token_id, cfg.include_eos_padding)
+
+
+def _elbo_mean(model: Any, mb: Mapping[str, jax.Array], keys: jax.Array, cfg: _ElboWeightConfig,
+               num_samples: int) -> jax.Array:
+  est = elbo.elbo_estimate(model, mb["sequences"], keys, _eligible(model, mb, cfg),
+                           _mask_fn(cfg, num_samples), num_samples,
+                           attention_mask=mb["attention_mask"])
+  return jax.lax.stop_gradient(est.mean)
+
+
+def _base_tree(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+  return {k: batch[k] for k in ("sequences", "attention_mask", "completion_mask")}
+
+
+def _weights_and_elbos(graphdef: Any, params: Any, ref_params: Any,
+                       batch: Mapping[str, jax.Array], keys: scoring.RLKeys,
+                       cfg: _ElboWeightConfig, need_old: bool):
+  """ELBO_v and ELBO_ref on shared weight masks and the DMPO weights (no gradient)."""
+  tree = _base_tree(batch) | {
+      "weight_keys": scoring.example_keys(keys, batch["example_ids"], _WEIGHT_PURPOSE)}
+  need_ref = cfg.alpha > 0
+  model_v = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+  model_ref = nnx.merge(graphdef, jax.lax.stop_gradient(ref_params)) if need_ref else None
+
+  def elbos(mb):
+    out = {}
+    if need_ref or need_old:
+      out["elbo_old"] = _elbo_mean(model_v, mb, mb["weight_keys"], cfg, cfg.weight_num_mc)
+    if need_ref:
+      out["elbo_ref"] = _elbo_mean(model_ref, mb, mb["weight_keys"], cfg, cfg.weight_num_mc)
+    return out
+
+  scored = G.micro_batch_map(elbos, tree, cfg.micro_batch_size) if (need_ref or need_old) else {}
+  zeros = jnp.zeros(batch["rewards"].shape, jnp.float32)
+  log_ratio_ref = scored["elbo_ref"] - scored["elbo_old"] if need_ref else zeros
+  weights = adv.dmpo_weights(batch["rewards"], log_ratio_ref, batch["group_ids"], alpha=cfg.alpha,
+                             coeff=cfg.coeff, target_ess=cfg.target_ess,
+                             weight_scale=cfg.weight_scale)
+  metrics = {"dmpo/ess_mean": jnp.mean(weights["ess"]),
+             "dmpo/coeff_mean": jnp.mean(weights["coeff"]),
+             "dmpo/log_ratio_ref_mean": jnp.mean(log_ratio_ref),
+             "dmpo/log_ratio_ref_abs_max": jnp.max(jnp.abs(log_ratio_ref)),
+             "dmpo/weight_max": jnp.max(weights["weights"])}
+  return weights, scored, metrics
+
+
+# -- DMPO ------------------------------------------------------------------------------------------
+
+def dmpo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str, jax.Array],
+                 keys: scoring.RLKeys, cfg: DMPOConfig) -> Prepared:
+  """Weights, baseline-subtracted weights A (except the model baseline, done in ``grads``) and
+  ELBO_v, once per rollout (no gradient)."""
+  scoring.check_batch(batch)
+  group_ids = batch["group_ids"]
+  weights, scored, metrics = _weights_and_elbos(graphdef, params, ref_params, batch, keys, cfg,
+                                                need_old=cfg.baseline == "model")
+  if cfg.baseline == "model":
+    a = weights["weights"]
+  else:
+    base = adv.dmpo_baseline(cfg.baseline, group_ids, negative_weights=weights["negative_weights"],
+                             weight_scale=cfg.weight_scale)
+    a = weights["weights"] - cfg.baseline_strength * base
+  per_example = {"weights": weights["weights"], "advantages": a,
+                 "inv_group_size": 1.0 / adv.group_count(group_ids)}
+  if "elbo_old" in scored:
+    per_example["elbo_old"] = scored["elbo_old"]
+  metrics["dmpo/advantage_abs_mean"] = jnp.mean(jnp.abs(a))
+  return Prepared(per_example, metrics)
+
+
+def dmpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: Prepared,
+               keys: scoring.RLKeys, cfg: DMPOConfig) -> tuple[Any, G.LossOutput]:
+  """∇ L_WDCE: scan over micro-batches × R fresh loss masks (keyed by ``keys.update_step``).
+
+  With the model baseline, ``batch`` must hold whole groups (its softmax is over the group)."""
+  pe = aux.per_example
+  tree = _base_tree(batch) | {
+      "advantages": pe["advantages"], "inv_group_size": pe["inv_group_size"],
+      "loss_keys": scoring.example_keys(keys, batch["example_ids"], _LOSS_PURPOSE, fresh=True)}
+  r = cfg.loss_num_mc
+
+  if cfg.baseline == "model":
+    model0 = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+    if cfg.model_baseline_masks == "weights":
+      theta_keys = scoring.example_keys(keys, batch["example_ids"], _WEIGHT_PURPOSE)
+      n_theta = cfg.weight_num_mc
+    else:
+      theta_keys, n_theta = tree["loss_keys"], r
+    elbo_theta = G.micro_batch_map(
+        lambda mb: _elbo_mean(model0, mb, mb["theta_keys"], cfg, n_theta),
+        _base_tree(batch) | {"theta_keys": theta_keys}, cfg.micro_batch_size)
+    base = adv.dmpo_baseline("model", batch["group_ids"],
+                             model_log_ratio=elbo_theta - pe["elbo_old"],
+                             weight_scale=cfg.weight_scale)
+    tree["advantages"] = pe["weights"] - cfg.baseline_strength * base
+
+  def loss_fn(p, mb, j):
+    model = nnx.merge(graphdef, p)
+    eligible = _eligible(model, mb, cfg)
+    sample = _mask_fn(cfg, r)(mb["loss_keys"], eligible, j)
+    log_lik = elbo.masked_log_likelihood(model, mb["sequences"], sample, mb["attention_mask"])
+    n_eligible = jnp.maximum(jnp.sum(eligible, axis=-1), 1).astype(jnp.float32)
+    contribution = wdce_sample_loss(mb["advantages"], log_lik, sample.weight / n_eligible, r)
+    m = jnp.sum(sample.scored, axis=-1)
+    metrics = {"dmpo/small_mask_frac": G.WeightedMetric.mean_of(m < 4),
+               "dmpo/masked_nll_per_token": G.WeightedMetric(
+                   -jax.lax.stop_gradient(jnp.sum(log_lik)), jnp.sum(m).astype(jnp.float32))}
+    return jnp.sum(contribution), metrics
+
+  return G.accumulate_gradients(loss_fn, params, tree, num_samples=r,
+                                micro_batch_size=cfg.micro_batch_size,
+                                denominator_fn=lambda mb: jnp.sum(mb["inv_group_size"]))
+
+
+# -- WDDO ------------------------------------------------------------------------------------------
+
+def wddo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str, jax.Array],
+                 keys: scoring.RLKeys, cfg: WDDOConfig) -> Prepared:
+  """Weights (mean-1 by default), ELBO_v on the weight ("real") masks and on an independent
+  fake mask set, once per rollout (no gradient)."""
+  scoring.check_batch(batch)
+  weights, scored, metrics = _weights_and_elbos(graphdef, params, ref_params, batch, keys, cfg,
+                                                need_old=True)
+  model_v = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+  fake_keys = scoring.example_keys(keys, batch["example_ids"], _FAKE_PURPOSE)
+  elbo_old_fake = G.micro_batch_map(
+      lambda mb: _elbo_mean(model_v, mb, mb["fake_keys"], cfg, cfg.weight_num_mc),
+      _base_tree(batch) | {"fake_keys": fake_keys}, cfg.micro_batch_size)
+  per_example = {"weights": weights["weights"], "elbo_old": scored["elbo_old"],
+                 "elbo_old_fake": elbo_old_fake}
+  return Prepared(per_example, metrics)
+
+
+def wddo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: Prepared,
+               keys: scoring.RLKeys, cfg: WDDOConfig) -> tuple[Any, G.LossOutput]:
+  """Exact two-pass WDDO: pass 1 (no grad) gives E_θ^real, E_θ^fake and the log-sigmoid
+  derivatives; pass 2 scans over the 2K masks accumulating c·∇ℓ_θ^{(j)}/K."""
+  pe = aux.per_example
+  k = cfg.weight_num_mc
+  real_keys = scoring.example_keys(keys, batch["example_ids"], _WEIGHT_PURPOSE)
+  fake_keys = scoring.example_keys(keys, batch["example_ids"], _FAKE_PURPOSE)
+  model0 = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+  tree = _base_tree(batch) | {"real_keys": real_keys, "fake_keys": fake_keys}
+  theta = G.micro_batch_map(
+      lambda mb: {"real": _elbo_mean(model0, mb, mb["real_keys"], cfg, k),
+                  "fake": _elbo_mean(model0, mb, mb["fake_keys"], cfg, k)},
+      tree, cfg.micro_batch_size)
+  loss, coef_real, coef_fake = wddo_terms(pe["weights"], theta["real"], pe["elbo_old"],
+                                          theta["fake"], pe["elbo_old_fake"], beta=cfg.beta,
+                                          fake_weight=cfg.fake_weight)
+  tree = _base_tree(batch) | {
+      "keys2": jnp.stack([real_keys, fake_keys], axis=1),
+      "coef2": jnp.stack([coef_real, coef_fake], axis=1), "loss": loss,
+      "log_ratio_real": theta["real"] - pe["elbo_old"]}
+
+  def loss_fn(p, mb, j):
+    model = nnx.merge(graphdef, p)
+    which, mc_index = j // k, j % k
+    sample_keys = jax.lax.dynamic_index_in_dim(mb["keys2"], which, axis=1, keepdims=False)
+    coef = jax.lax.dynamic_index_in_dim(mb["coef2"], which, axis=1, keepdims=False)
+    sample = _mask_fn(cfg, k)(sample_keys, _eligible(model, mb, cfg), mc_index)
+    term = elbo.elbo_term(model, mb["sequences"], sample, mb["attention_mask"])
+    value = jnp.sum(mb["loss"]) / (2 * k)
+    numerator = G.value_with_surrogate_grad(value, jnp.sum(coef * term) / k)
+    metrics = {"wddo/log_ratio_real_mean": G.WeightedMetric(
+        jnp.sum(mb["log_ratio_real"]) / (2 * k), jnp.asarray(mb["loss"].shape[0] / (2 * k)))}
+    return numerator, metrics
+
+  return G.accumulate_gradients(loss_fn, params, tree, num_samples=2 * k,
+                                micro_batch_size=cfg.micro_batch_size,
+                                denominator_fn=lambda mb: jnp.asarray(mb["loss"].shape[0],
+                                                                      jnp.float32))

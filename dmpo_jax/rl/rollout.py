@@ -1,0 +1,129 @@
+"""Rollouts: prompt encoding and bucketing, decoding, parallel rewards, the RL batch.
+
+The sampler runs on the same mesh and the same parameters as the train step (collocated, no
+weight copy); this module prepares its inputs and turns its outputs into the RL batch contract
+of `dmpo_jax.rl.scoring`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import multiprocessing
+from typing import Any, Optional, Sequence
+
+import numpy as np
+
+from dmpo_jax.tasks import base as task_base
+
+
+def encode_prompts(tokenizer: Any, task: task_base.Task, examples: Sequence[dict], *,
+                   prompt_length: int, evaluation: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
+  """Renders and tokenises prompts into a left-padded bucket of ``prompt_length``.
+
+  Chat-template tasks use ``tokenizer.encode_chat(messages, prefill)``; tasks with
+  ``use_chat_template = False`` (the demo) encode the user content + prefill directly. Prompts
+  longer than the bucket keep their last ``prompt_length`` tokens (as the reference trainers do);
+  the number truncated is returned so the caller can log it.
+
+  Returns (ids int32 [N, P] padded with the pad id, prompt_mask bool [N, P], num_truncated).
+  """
+  if prompt_length <= 0:
+    raise ValueError(f"prompt_length must be positive, got {prompt_length}")
+  ids = np.full((len(examples), prompt_length), tokenizer.pad_token_id, np.int32)
+  mask = np.zeros((len(examples), prompt_length), bool)
+  truncated = 0
+  for row, example in enumerate(examples):
+    spec = task.eval_prompt(example) if evaluation else task.train_prompt(example)
+    if getattr(task, "use_chat_template", True):
+      tokens = tokenizer.encode_chat(spec.messages, prefill=spec.prefill)
+    else:
+      tokens = tokenizer.encode(spec.messages[-1]["content"] + spec.prefill)
+    if len(tokens) > prompt_length:
+      truncated += 1
+      tokens = tokens[-prompt_length:]
+    ids[row, prompt_length - len(tokens):] = tokens
+    mask[row, prompt_length - len(tokens):] = True
+  return ids, mask, truncated
+
+
+def completion_token_ids(sequences: np.ndarray, prompt_length: int,
+                         stop_ids: Sequence[int]) -> list[list[int]]:
+  """Completion ids per row, cut before the first stop id (EOS / EOT)."""
+  out = []
+  for row in np.asarray(sequences)[:, prompt_length:]:
+    stops = np.flatnonzero(np.isin(row, list(stop_ids)))
+    out.append(row[: stops[0] if stops.size else len(row)].tolist())
+  return out
+
+
+def decode_completions(tokenizer: Any, sequences: np.ndarray, prompt_length: int) -> list[str]:
+  """Completion text of each row: ids up to the first EOS/EOT, special tokens skipped."""
+  stop_ids = [i for i in (tokenizer.eos_token_id, tokenizer.eot_token_id) if i is not None]
+  return [tokenizer.decode(ids, skip_special_tokens=True)
+          for ids in completion_token_ids(sequences, prompt_length, stop_ids)]
+
+
+def _total_reward(args) -> float:
+  task_name, style, completion, example = args
+  return task_base.get_task(task_name).total_reward(completion, example, style)
+
+
+class RewardPool:
+  """Computes rewards in parallel worker processes (``num_workers`` = 0: in this process).
+
+  Workers are started with ``spawn`` (safe next to JAX's threads); a reward function that raises
+  is a bug in the task and propagates with the offending completion in the message.
+  """
+
+  def __init__(self, task_name: str, reward_style: str, num_workers: int = 0):
+    task_base.get_task(task_name)  # fail fast on unknown task names
+    task_base.check_reward_style(reward_style)
+    self.task_name, self.reward_style = task_name, reward_style
+    self._executor = None
+    if num_workers > 0:
+      self._executor = concurrent.futures.ProcessPoolExecutor(
+          num_workers, mp_context=multiprocessing.get_context("spawn"))
+
+  def __call__(self, completions: Sequence[str], examples: Sequence[dict]) -> np.ndarray:
+    if len(completions) != len(examples):
+      raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
+    jobs = [(self.task_name, self.reward_style, c, e) for c, e in zip(completions, examples)]
+    if self._executor is None:
+      rewards = [_total_reward(job) for job in jobs]
+    else:
+      chunk = max(1, len(jobs) // (4 * self._executor._max_workers))  # pylint: disable=protected-access
+      rewards = list(self._executor.map(_total_reward, jobs, chunksize=chunk))
+    return np.asarray(rewards, np.float32)
+
+  def close(self) -> None:
+    if self._executor is not None:
+      self._executor.shutdown(cancel_futures=True)
+      self._executor = None
+
+
+def rl_batch(sequences: np.ndarray, prompt_mask: np.ndarray, rewards: np.ndarray,
+             group_ids: np.ndarray, example_ids: np.ndarray) -> dict[str, np.ndarray]:
+  """The RL batch contract of `dmpo_jax.rl.scoring` from a sampled canvas [B, P + L]."""
+  b, total = sequences.shape
+  p = prompt_mask.shape[1]
+  completion = np.zeros((b, total), bool)
+  completion[:, p:] = True
+  return {
+      "sequences": np.asarray(sequences, np.int32),
+      "attention_mask": np.concatenate([prompt_mask, np.ones((b, total - p), bool)], axis=1),
+      "prompt_mask": ~completion,
+      "completion_mask": completion,
+      "rewards": np.asarray(rewards, np.float32),
+      "group_ids": np.asarray(group_ids, np.int32),
+      "example_ids": np.asarray(example_ids, np.int32),
+  }
+
+
+def group_reward_stats(rewards: np.ndarray, group_ids: np.ndarray) -> dict[str, float]:
+  """Reward mean/std over the batch and the fraction of groups whose rewards are all equal."""
+  groups = {}
+  for r, g in zip(rewards, group_ids):
+    groups.setdefault(int(g), []).append(float(r))
+  zero_std = np.mean([np.std(v) == 0 for v in groups.values()]) if groups else 0.0
+  return {"reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
+          "reward/zero_std_group_fraction": float(zero_std)}

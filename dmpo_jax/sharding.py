@@ -1,0 +1,130 @@
+"""Device mesh and logical-axis sharding rules (`jax_patterns.md` §7).
+
+Parameters carry ``logical_axes`` metadata (e.g. ``('vocab', 'embed')``). A rule set maps each
+logical axis to a mesh axis (or ``None`` = replicated) of a ``('data', 'fsdp', 'tensor')`` mesh:
+
+* training rules (`TRAIN_RULES`): FSDP over ``embed``, tensor parallelism over heads / MLP / vocab;
+* sampling rules (`SAMPLING_RULES`): weights replicated over ``fsdp`` (no all-gather per denoising
+  step), still split over ``tensor``; used by the collocated sampler on the same mesh.
+
+A dimension that the mesh axis size does not divide is replicated instead (tiny models on big
+meshes), and a mesh axis is used at most once per array.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Optional, Sequence, Union
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+MeshAxis = Union[None, str, tuple[str, ...]]
+
+TRAIN_RULES: dict[str, MeshAxis] = {
+    "layers": None,
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "head_dim": None,
+    "mlp": "tensor",
+    "norm": None,
+    # LoRA factors: rank is tiny, never sharded.
+    "lora_rank": None,
+}
+
+SAMPLING_RULES: dict[str, MeshAxis] = {**TRAIN_RULES, "embed": None}
+
+
+def create_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
+                axis_names: Sequence[str] = MESH_AXES,
+                devices: Optional[Sequence[Any]] = None) -> Mesh:
+  """Builds a mesh; one axis may be -1 to take the remaining devices.
+
+  ``shape`` is either a sequence aligned with ``axis_names`` or a mapping ``{axis: size}``
+  (missing axes get size 1).
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  if isinstance(shape, Mapping):
+    unknown = set(shape) - set(axis_names)
+    if unknown:
+      raise ValueError(f"Mesh shape names unknown axes {sorted(unknown)}; axes are {tuple(axis_names)}")
+    sizes = [int(shape.get(name, 1)) for name in axis_names]
+  else:
+    sizes = [int(s) for s in shape]
+    if len(sizes) != len(axis_names):
+      raise ValueError(f"Mesh shape {tuple(sizes)} does not match axis names {tuple(axis_names)}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"At most one mesh axis may be -1, got {tuple(sizes)}")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot fill mesh {tuple(sizes)} (fixed part {known})")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"Mesh {dict(zip(axis_names, sizes))} needs {math.prod(sizes)} devices, "
+                     f"{len(devices)} available")
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(axis_names))
+
+
+def partition_spec(shape: Sequence[int], logical_axes: Optional[Sequence[Optional[str]]],
+                   rules: Mapping[str, MeshAxis], mesh: Mesh) -> PartitionSpec:
+  """PartitionSpec of one array from its logical axes under ``rules`` on ``mesh``."""
+  if logical_axes is None:
+    return PartitionSpec()
+  if len(logical_axes) != len(shape):
+    raise ValueError(f"logical axes {tuple(logical_axes)} do not match shape {tuple(shape)}")
+  used: set[str] = set()
+  spec = []
+  for dim, name in zip(shape, logical_axes):
+    if name is not None and name not in rules:
+      raise KeyError(f"No sharding rule for logical axis {name!r}; rules cover {sorted(rules)}")
+    target = None if name is None else rules[name]
+    axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+    axes = tuple(a for a in axes if a in mesh.shape and a not in used)
+    size = math.prod(mesh.shape[a] for a in axes)
+    if not axes or size == 1 or dim % size:
+      spec.append(None)
+      continue
+    used.update(axes)
+    spec.append(axes[0] if len(axes) == 1 else axes)
+  return PartitionSpec(*spec)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxis] = TRAIN_RULES) -> Any:
+  """NamedShardings with the same tree structure as an `nnx.State` (or abstract state).
+
+  Leaves without ``logical_axes`` metadata are replicated.
+  """
+  def one(variable):
+    if not _is_variable(variable):
+      return NamedSharding(mesh, PartitionSpec())
+    value = variable.get_value()
+    axes = variable.get_metadata().get("logical_axes")
+    return variable.replace(NamedSharding(mesh, partition_spec(value.shape, axes, rules, mesh)))
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Batch arrays are split over ('data', 'fsdp') on their leading dimension."""
+  axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  return NamedSharding(mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_divisor(mesh: Mesh) -> int:
+  """The global batch must be a multiple of this (the product of the batch mesh axes)."""
+  return math.prod(mesh.shape[a] for a in BATCH_AXES if a in mesh.shape)

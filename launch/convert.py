@@ -1,0 +1,97 @@
+"""Converts between a Hugging Face folder (LLaDA / Dream) and the project's model checkpoint.
+
+  python launch/convert.py --direction=hf_to_orbax --input=/models/LLaDA-8B-Instruct --output=/ckpt/llada
+  python launch/convert.py --direction=orbax_to_hf --input=/ckpt/llada --output=/models/llada-rl
+
+``hf_to_orbax`` stores the raw HF config, dtype and shard layout (`HFCheckpointInfo`) in the model
+checkpoint's metadata and copies config.json and the tokenizer / remote-code files into
+``<output>/hf_files`` (`load_tokenizer(<output>)` finds the tokenizer there);
+``orbax_to_hf`` uses them to write the original layout back (bit-exact for unchanged weights).
+For a checkpoint without that metadata (e.g. one written by training), ``--reference_hf`` names
+a HF folder whose config.json, dtype, shard layout and tokenizer files are used instead;
+without either, a config.json is generated from the `ModelConfig`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import shutil
+import sys
+from typing import Optional
+
+from absl import app, flags, logging
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from dmpo_jax import checkpointing  # noqa: E402
+from dmpo_jax.models import hf_io  # noqa: E402
+
+HF_METADATA_KEY = "hf_checkpoint"
+HF_FILES_DIR = hf_io.HF_FILES_DIR
+
+_DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
+_INPUT = flags.DEFINE_string("input", None, "Source folder.")
+_OUTPUT = flags.DEFINE_string("output", None, "Destination folder.")
+_PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
+                                 "hf_to_orbax: dtype of the stored params (default: the HF dtype).")
+_MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", None,
+                                      "orbax_to_hf: e.g. '5GB' (default: the original layout).")
+_REFERENCE_HF = flags.DEFINE_string("reference_hf", None,
+                                    "orbax_to_hf: HF folder giving config.json / tokenizer files.")
+_TOKENIZER_FROM = flags.DEFINE_string("tokenizer_from", None,
+                                      "orbax_to_hf: folder whose tokenizer files are copied.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
+
+
+def hf_to_orbax(input_dir, output_dir, *, param_dtype: Optional[str] = None,
+                overwrite: bool = False) -> pathlib.Path:
+  """HF folder -> model checkpoint (+ HF metadata and ``hf_files/``)."""
+  model, info = hf_io.load_pretrained(input_dir, param_dtype=param_dtype)
+  out = checkpointing.save_model_checkpoint(output_dir, model, model.config,
+                                            {HF_METADATA_KEY: info.to_json_dict()},
+                                            overwrite=overwrite)
+  (out / HF_FILES_DIR).mkdir(exist_ok=True)
+  copied = hf_io.copy_tokenizer_files(input_dir, out / HF_FILES_DIR)
+  # config.json too, so `load_tokenizer(<checkpoint>)` resolves the same special ids.
+  shutil.copyfile(pathlib.Path(input_dir) / hf_io.CONFIG_FILE, out / HF_FILES_DIR / hf_io.CONFIG_FILE)
+  logging.info("Wrote %s (%d parameters, %s); copied %s", out, model.config.num_params(),
+               info.tensor_dtype, copied)
+  return out
+
+
+def orbax_to_hf(input_dir, output_dir, *, reference_hf=None, tokenizer_from=None,
+                max_shard_size=None, overwrite: bool = False) -> pathlib.Path:
+  """Model checkpoint -> HF folder."""
+  input_dir = pathlib.Path(input_dir)
+  model = checkpointing.load_model_checkpoint(input_dir)
+  if reference_hf is not None:
+    info = hf_io.read_checkpoint_info(reference_hf)
+    tokenizer_from = tokenizer_from or reference_hf
+  else:
+    metadata = checkpointing.load_model_metadata(input_dir)
+    info = (hf_io.HFCheckpointInfo.from_json_dict(metadata[HF_METADATA_KEY])
+            if HF_METADATA_KEY in metadata else None)
+    if tokenizer_from is None and (input_dir / HF_FILES_DIR).is_dir():
+      tokenizer_from = input_dir / HF_FILES_DIR
+  if info is not None:
+    info = dataclasses.replace(info, source_path=None, model_config=model.config)
+  out = hf_io.save_pretrained(model, output_dir, info=info, tokenizer_files_from=tokenizer_from,
+                              max_shard_size=max_shard_size, overwrite=overwrite)
+  logging.info("Wrote %s", out)
+  return out
+
+
+def main(argv):
+  del argv
+  if _DIRECTION.value == "hf_to_orbax":
+    hf_to_orbax(_INPUT.value, _OUTPUT.value, param_dtype=_PARAM_DTYPE.value, overwrite=_OVERWRITE.value)
+  else:
+    orbax_to_hf(_INPUT.value, _OUTPUT.value, reference_hf=_REFERENCE_HF.value,
+                tokenizer_from=_TOKENIZER_FROM.value, max_shard_size=_MAX_SHARD_SIZE.value,
+                overwrite=_OVERWRITE.value)
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["direction", "input", "output"])
+  app.run(main)

@@ -1,0 +1,184 @@
+"""Evaluate a checkpoint on a task with the published protocol (`tasks.md` §1, §7).
+
+Greedy (temperature 0), low-confidence remasking, block length 32, generation lengths 128/256/512,
+steps = generation length (DMPO ``--full_steps``; ``--steps=half`` gives d1's gen_length/2).
+Evaluation prompts: ``system + "\\n\\n" + question`` in one user turn, chat template, then the
+``<reasoning>`` prefill; completions decoded with special tokens skipped.
+
+  python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
+      [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
+      [--output_dir=DIR] [--limit=N] [--eval_source=FILE]
+
+``--checkpoint``: an HF folder (``config.json`` + safetensors) or a model checkpoint written by
+`dmpo_jax.checkpointing.save_model_checkpoint` (``model_config.json`` + ``params/``).
+Writes ``DIR/{task}_L{len}.jsonl`` (one row per sample: prompt, completion, reference fields,
+score) and ``DIR/{task}_L{len}_summary.json`` (accuracy; cell accuracy and solve rate for sudoku)
+plus ``DIR/{task}_summary.json`` for all lengths.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402  pylint: disable=wrong-import-position
+import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
+from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
+from tqdm import tqdm  # noqa: E402  pylint: disable=wrong-import-position
+
+from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402  pylint: disable=wrong-import-position
+
+PROMPT_LENGTH_MULTIPLE = 32  # left-pad prompts to a multiple of this to reuse compiled programs
+
+
+def load_model(checkpoint: str, dtype: Optional[str] = None):
+  """(model, model_config) from an HF folder or a trained model checkpoint."""
+  path = pathlib.Path(checkpoint)
+  if (path / "model_config.json").is_file():
+    from dmpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+    model = checkpointing.load_model_checkpoint(path, dtype=dtype)
+    return model, model.config
+  if (path / "config.json").is_file():
+    from dmpo_jax.models import hf_io  # pylint: disable=import-outside-toplevel
+    model, _ = hf_io.load_pretrained(path, param_dtype=dtype)
+    return model, model.config
+  raise FileNotFoundError(f"{path} is neither an HF folder (config.json) nor a model checkpoint "
+                          "(model_config.json)")
+
+
+def resolve_steps(steps: str, gen_length: int) -> int:
+  if steps == "full":
+    return gen_length
+  if steps == "half":
+    return gen_length // 2
+  value = int(steps)
+  if value <= 0:
+    raise ValueError(f"--steps must be full, half or a positive integer, got {steps!r}")
+  return value
+
+
+def make_sampler_config(sampler_module, gen_length: int, block_length: int, steps: int,
+                        mask_token_id: int):
+  """The sampler's config for greedy low-confidence decoding (unknown fields keep defaults)."""
+  wanted = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
+            "temperature": 0.0, "remasking": "low_confidence", "mask_token_id": mask_token_id}
+  names = {f.name for f in dataclasses.fields(sampler_module.SamplerConfig)}
+  missing = {"gen_length", "block_length", "steps"} - names
+  if missing:
+    raise TypeError(f"dmpo_jax.diffusion.sampler.SamplerConfig lacks field(s) {sorted(missing)}")
+  return sampler_module.SamplerConfig(**{k: v for k, v in wanted.items() if k in names})
+
+
+def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_LENGTH_MULTIPLE):
+  length = max(len(ids) for ids in batch_ids)
+  length = -(-length // multiple) * multiple
+  ids = np.full((len(batch_ids), length), pad_id, dtype=np.int32)
+  mask = np.zeros((len(batch_ids), length), dtype=bool)
+  for row, seq in enumerate(batch_ids):
+    ids[row, length - len(seq):] = seq
+    mask[row, length - len(seq):] = True
+  return ids, mask
+
+
+def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example], gen_length: int,
+             block_length: int = 32, steps: str = "full", batch_size: int = 8, seed: int = 0,
+             score_options: Optional[Dict[str, Any]] = None, progress: bool = True
+             ) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """Generates for every example and scores; returns (rows, summary)."""
+  from dmpo_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
+  num_steps = resolve_steps(steps, gen_length)
+  config = make_sampler_config(sampler, gen_length, block_length, num_steps,
+                               tokenizer.mask_token_id)
+  graphdef, params = nnx.split(model)
+  prompts = [task.eval_prompt(e) for e in examples]
+  prompt_texts = [tokenizer.apply_chat_template(p.messages, prefill=p.prefill) for p in prompts]
+  prompt_ids = [tokenizer.encode(t) for t in prompt_texts]
+  completions: List[str] = []
+  key = jax.random.key(seed)
+  bar = tqdm(total=len(examples), desc=f"{task.name} L={gen_length}", disable=not progress)
+  for start in range(0, len(examples), batch_size):
+    chunk = prompt_ids[start:start + batch_size]
+    real = len(chunk)
+    chunk = list(chunk) + [chunk[-1]] * (batch_size - real)  # fixed batch shape
+    ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+    key, subkey = jax.random.split(key)
+    output = sampler.generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), subkey, config)
+    sequences = np.asarray(output.sequences)[:real, ids.shape[1]:]
+    completions.extend(tokenizer.batch_decode(sequences.tolist(), skip_special_tokens=True))
+    bar.update(real)
+  bar.close()
+  scores = task.score_many(completions, examples, **(score_options or {}))
+  rows = []
+  for index, (example, text, completion, score) in enumerate(
+      zip(examples, prompt_texts, completions, scores)):
+    reference = {k: example[k] for k in task.reference_fields if k in example}
+    rows.append({"index": index, **reference, "prompt": text, "completion": completion, **score})
+  summary = task.summarize(scores)
+  summary.update({"gen_length": gen_length, "block_length": block_length, "steps": num_steps,
+                  "temperature": 0.0})
+  return rows, summary
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  parser.add_argument("--checkpoint", required=True)
+  parser.add_argument("--task", required=True, choices=task_names())
+  parser.add_argument("--tokenizer", default=None, help="'byte' or a folder (default: checkpoint)")
+  parser.add_argument("--gen_lengths", default="128,256,512")
+  parser.add_argument("--block_length", type=int, default=32)
+  parser.add_argument("--steps", default="full", help="full (= length), half, or an integer")
+  parser.add_argument("--batch_size", type=int, default=8)
+  parser.add_argument("--eval_source", default=None, help="evaluation file (default: offline copy)")
+  parser.add_argument("--data_dir", default=None)
+  parser.add_argument("--subset_size", type=int, default=-1,
+                      help="-1: the protocol's (256 for countdown/sudoku, seed 42); 0: all")
+  parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
+  parser.add_argument("--output_dir", default="eval_output")
+  parser.add_argument("--dtype", default=None, help="parameter dtype override (e.g. bfloat16)")
+  parser.add_argument("--use_math_verify", action="store_true")
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--no_progress", action="store_true")
+  args = parser.parse_args(argv)
+
+  from dmpo_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
+  task = get_task(args.task)
+  examples = task.load_eval(source=args.eval_source, data_dir=args.data_dir)
+  size = task.default_eval_size if args.subset_size < 0 else (args.subset_size or None)
+  examples = base.select_subset(examples, size, seed=42)
+  if args.limit:
+    examples = examples[:args.limit]
+  model, model_config = load_model(args.checkpoint, dtype=args.dtype)
+  tokenizer = load_tokenizer(args.tokenizer or args.checkpoint, family=model_config.family)
+  output_dir = pathlib.Path(args.output_dir)
+  output_dir.mkdir(parents=True, exist_ok=True)
+  score_options = {"use_math_verify": True} if args.use_math_verify else {}
+  summaries = []
+  for gen_length in [int(x) for x in args.gen_lengths.split(",") if x]:
+    start = time.time()
+    rows, summary = evaluate(model, tokenizer, task, examples, gen_length, args.block_length,
+                             args.steps, args.batch_size, args.seed, score_options,
+                             progress=not args.no_progress)
+    summary.update({"checkpoint": str(args.checkpoint), "seconds": round(time.time() - start, 2)})
+    with open(output_dir / f"{task.name}_L{gen_length}.jsonl", "w", encoding="utf-8") as f:
+      for row in rows:
+        f.write(json.dumps(row, default=str) + "\n")
+    with open(output_dir / f"{task.name}_L{gen_length}_summary.json", "w", encoding="utf-8") as f:
+      json.dump(summary, f, indent=2)
+    summaries.append(summary)
+    print(json.dumps(summary))
+  with open(output_dir / f"{task.name}_summary.json", "w", encoding="utf-8") as f:
+    json.dump(summaries, f, indent=2)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

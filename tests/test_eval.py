@@ -1,0 +1,76 @@
+"""launch/eval.py end to end on a randomly initialised tiny model (byte tokenizer), and
+launch/score.py on hand-written generations."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "launch"))
+
+import score as score_script  # noqa: E402  pylint: disable=wrong-import-position
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+  from dmpo_jax import checkpointing
+  from dmpo_jax.models.config import get_preset
+  from dmpo_jax.models.transformer import create_model
+  config = get_preset("tiny")
+  path = tmp_path_factory.mktemp("tiny") / "ckpt"
+  checkpointing.save_model_checkpoint(path, create_model(config, seed=0), config)
+  return path
+
+
+def test_eval_end_to_end_sudoku(tiny_checkpoint, tmp_path, data_dir):
+  from dmpo_jax.models.tokenizer import load_tokenizer
+  import eval as eval_script  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  code = eval_script.main([f"--checkpoint={tiny_checkpoint}", "--task=sudoku", "--tokenizer=byte",
+                           "--gen_lengths=32", "--block_length=32", "--steps=half",
+                           "--batch_size=2", "--limit=3", f"--output_dir={out}",
+                           f"--data_dir={data_dir}", "--no_progress"])
+  assert code == 0
+  for length in (32,):
+    rows = [json.loads(l) for l in (out / f"sudoku_L{length}.jsonl").read_text().splitlines()]
+    assert len(rows) == 3
+    for row in rows:
+      assert {"puzzle", "solution", "prompt", "completion", "score", "correct_cells",
+              "empty_cells"} <= set(row)
+      assert row["prompt"].endswith("<reasoning>")
+      assert len(load_tokenizer("byte").encode(row["completion"])) <= length
+    summary = json.loads((out / f"sudoku_L{length}_summary.json").read_text())
+    assert summary["num_examples"] == 3 and summary["gen_length"] == length
+    assert summary["steps"] == length // 2 and summary["block_length"] == 32
+    assert 0.0 <= summary["cell_accuracy"] <= 100.0 and "solve_rate" in summary
+  assert len(json.loads((out / "sudoku_summary.json").read_text())) == 1
+
+
+def test_score_script_cli(tmp_path):
+  rows = [{"completion": "<answer>\n\\boxed{3*5+7}\n</answer>", "numbers": [3, 5, 7], "target": 22},
+          {"completion": "<answer>3+5+7</answer>", "numbers": "3,5,7", "target": 22}]
+  path = tmp_path / "gen.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+  result = subprocess.run([sys.executable, str(REPO / "launch" / "score.py"), "--task=countdown",
+                           f"--input={path}", "--rewards", "--reward_style=d1"],
+                          capture_output=True, text=True, check=True, timeout=120)
+  lines = [json.loads(l) for l in result.stdout.splitlines()]
+  assert [l["score"] for l in lines[:2]] == [1.0, 0.0]
+  assert [l["reward"] for l in lines[:2]] == [0.1, 0.1]  # boxed inside <answer> is not an expression
+  assert lines[-1]["accuracy"] == 50.0 and lines[-1]["mean_reward"] == pytest.approx(0.1)
+
+
+def test_score_rows_sudoku_and_mbpp(data_dir):
+  results, summary = score_script.score_rows(
+      "sudoku", [{"completion": "<answer>1234342121434312</answer>", "puzzle": "1034002130004300",
+                  "solution": "1234342121434312"}])
+  assert results[0]["score"] == 1.0 and summary["cell_accuracy"] == 100.0
+  results, summary = score_script.score_rows(
+      "mbpp", [{"completion": "[BEGIN]\n 'def similar_elements(a, b):\n  return tuple(set(a) & set(b))' \n[DONE]",
+                "task_id": 2}], data_dir=str(data_dir))
+  assert results[0]["score"] == 1.0 and summary["accuracy"] == 100.0
+  with pytest.raises(KeyError, match="lacks field"):
+    score_script.score_rows("gsm8k", [{"completion": "x"}])
