@@ -27,7 +27,8 @@ L, K = 8, 4
 @functools.lru_cache(maxsize=None)
 def _model(**overrides):
   config = CONFIG.replace(**overrides)
-  return split_model(create_model(config, seed=0))
+  graphdef, _ = nnx.split(nnx.eval_shape(lambda: create_model(config, 0)))
+  return graphdef, jax.jit(lambda: split_model(create_model(config, 0))[1])()  # jitted init: fast
 
 
 @functools.lru_cache(maxsize=None)

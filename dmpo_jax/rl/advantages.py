@@ -72,7 +72,7 @@ def group_std(values: jax.Array, group_ids: jax.Array, ddof: int = 1) -> jax.Arr
 
 
 def sanitize_logits(logits: jax.Array) -> jax.Array:
-  """fp32, NaN -> 0 would hide bugs, so only ±inf and huge values are clamped to ±LOGIT_LIMIT."""
+  """fp32 logits with ±inf and huge values clamped to ±LOGIT_LIMIT (NaN is left visible)."""
   return jnp.clip(logits.astype(jnp.float32), -LOGIT_LIMIT, LOGIT_LIMIT)
 
 
@@ -175,6 +175,10 @@ def ess_targeted_coeff(logits: jax.Array, group_ids: jax.Array, *, target_ess: f
 
   lo = jnp.full(logits.shape, lo_c, jnp.float32)
   hi = jnp.full(logits.shape, hi_c, jnp.float32)
+  # Decided once, outside the loop: re-evaluating the ESS at the final bracket could round
+  # differently and flip a feasible answer to the lower end of the range.
+  hi_feasible = ess_at(hi) >= target_ess
+  lo_feasible = ess_at(lo) >= target_ess
 
   def body(_, bounds):
     lo, hi = bounds
@@ -182,8 +186,8 @@ def ess_targeted_coeff(logits: jax.Array, group_ids: jax.Array, *, target_ess: f
     ok = ess_at(mid) >= target_ess
     return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-  lo, hi = jax.lax.fori_loop(0, iterations, body, (lo, hi))
-  return jnp.where(ess_at(hi) >= target_ess, hi, jnp.where(ess_at(lo) >= target_ess, lo, lo_c))
+  lo, _ = jax.lax.fori_loop(0, iterations, body, (lo, hi))
+  return jnp.where(hi_feasible, hi_c, jnp.where(lo_feasible, lo, lo_c))
 
 
 def scale_weights(weights: jax.Array, group_ids: jax.Array, weight_scale: str) -> jax.Array:

@@ -33,7 +33,7 @@ from dmpo_jax import checkpointing, metrics as metrics_lib, sharding
 from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.models import config as model_config_lib, hf_io, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
-from dmpo_jax.rl import registry, rollout, scoring, sft, train_state as ts
+from dmpo_jax.rl import registry, rollout, sft, train_state as ts, train_step
 from dmpo_jax.tasks import base as task_base, pipeline
 from dmpo_jax.tasks import digit_sort
 
@@ -185,7 +185,8 @@ class Trainer:
         gen_length=config.eval.gen_length, steps=config.eval.steps,
         block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
     self.prompt_length = config.task.prompt_length
-    self._train_step = None  # compiled ahead of time in `compile_train_step`
+    self._train_step = None  # compiled ahead of time in `compile_steps`
+    self._prepare = None
 
   # -- data -------------------------------------------------------------------------------------
   def load_data(self):
@@ -214,7 +215,7 @@ class Trainer:
     put = self.put_batch({"ids": prompt_ids, "mask": prompt_mask})
     ids, mask = put["ids"], put["mask"]
     out = sampler_lib.generate(self.graphdef, params, ids, mask, key, sampler_config)
-    return np.asarray(jax.device_get(out.sequences))
+    return self.local_rows(out.sequences)
 
   def evaluate(self, params, examples) -> dict[str, float]:
     """Greedy held-out accuracy (%) with the eval sampler; pads the last batch."""
@@ -266,40 +267,55 @@ class Trainer:
                              np.arange(len(examples)))
     return self.put_batch({k: batch[k] for k in ("sequences", "attention_mask", "completion_mask")})
 
-  def put_batch(self, arrays: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    """Host arrays -> device arrays split over the batch mesh axes on their leading dim."""
-    return {k: jax.device_put(jnp.asarray(v), sharding.batch_sharding(self.mesh, np.ndim(v)))
-            for k, v in arrays.items()}
+  def put_batch(self, arrays: dict[str, Any]) -> dict[str, jax.Array]:
+    """This process's rows -> global device arrays split over the batch mesh axes (dim 0)."""
+    out = {}
+    for k, v in arrays.items():
+      target = sharding.batch_sharding(self.mesh, np.ndim(v))
+      if jax.process_count() > 1:
+        out[k] = jax.make_array_from_process_local_data(target, np.asarray(v))
+      else:
+        out[k] = jax.device_put(jnp.asarray(v), target)
+    return out
+
+  @staticmethod
+  def local_rows(array: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded global array that belong to this process, on the host."""
+    if jax.process_count() == 1:
+      return np.asarray(jax.device_get(array))
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    full = np.asarray(multihost_utils.process_allgather(array, tiled=True))
+    rows = full.shape[0] // jax.process_count()
+    return full[jax.process_index() * rows:(jax.process_index() + 1) * rows]
 
   # -- the RL train step --------------------------------------------------------------------------
-  def _update(self, state: ts.TrainState, batch, per_example, rollout_step, iteration):
-    keys = scoring.make_keys(state.key, rollout_step, state.step, iteration)
-    aux = registry.Prepared(per_example, {})
-    grads, out = self.objective.grads(self.graphdef, state.params, batch, aux, keys,
-                                      self.objective_config)
-    state, step_metrics = ts.apply_gradients(state, grads, self.optimizer, out.loss)
-    return state, {**{f"train/{k}": v for k, v in out.metric_values().items()}, **step_metrics}
+  def abstract_rollout_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes/shardings of the RL batch of one step (for ahead-of-time compilation)."""
+    b = self.config.prompts_per_step * self.config.group_size
+    t = self.prompt_length + self.config.rollout.gen_length
+    spec = {"sequences": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.bool_),
+            "prompt_mask": ((b, t), jnp.bool_), "completion_mask": ((b, t), jnp.bool_),
+            "rewards": ((b,), jnp.float32), "group_ids": ((b,), jnp.int32),
+            "example_ids": ((b,), jnp.int32)}
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
+            for k, (shape, dtype) in spec.items()}
 
-  def _prepare(self, params, ref_params, batch, base_key, rollout_step):
-    keys = scoring.make_keys(base_key, rollout_step, 0, 0)
-    return self.objective.prepare(self.graphdef, params, ref_params, batch, keys,
-                                  self.objective_config)
-
-  def compile_train_step(self, batch, per_example):
-    """AOT-compiles the update for these shapes and logs its memory analysis."""
-    jitted = jax.jit(self._update, donate_argnums=0,
-                     out_shardings=(self.state_shardings, None))
-    scalar = jax.ShapeDtypeStruct((), jnp.int32)
-    lowered = jitted.lower(self.state, batch, per_example, scalar, scalar)
-    compiled = lowered.compile()
-    info = {}
-    analysis = compiled.memory_analysis()
-    if analysis is not None:
-      info = {f"compile/{k}": int(getattr(analysis, k)) for k in
-              ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes")
-              if hasattr(analysis, k)}
-    _log.info("train step compiled: %s", json.dumps(info))
-    self._train_step = compiled
+  def compile_steps(self, ref_params) -> dict[str, int]:
+    """Jits `prepare_rollout` and AOT-compiles `rl_update` for the run's shapes; logs memory."""
+    self._prepare = jax.jit(functools.partial(train_step.prepare_rollout, self.graphdef,
+                                              self.objective, self.objective_config))
+    batch = self.abstract_rollout_batch()
+    prepared = jax.eval_shape(self._prepare, self.state.params, ref_params, batch, self.state.key,
+                              train_step.SCALAR_INT32)
+    per_example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+                                           sharding=sharding.batch_sharding(self.mesh, v.ndim))
+                   for k, v in prepared.per_example.items()}
+    jitted = train_step.jit_rl_update(self.graphdef, self.objective, self.objective_config,
+                                      self.optimizer, self.state_shardings)
+    self._train_step, info = train_step.compile_ahead_of_time(
+        jitted, train_step.abstract(self.state), batch, per_example, train_step.SCALAR_INT32,
+        train_step.SCALAR_INT32)
+    _log.info("train step compiled ahead of time: %s", json.dumps(info))
     return info
 
   # -- the loop ---------------------------------------------------------------------------------
@@ -343,8 +359,8 @@ class Trainer:
     elif not start_step and jax.process_index() == 0:
       reference_dir.mkdir(exist_ok=True)
 
+    results.update(self.compile_steps(ref_params))
     reward_pool = rollout.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers)
-    prepare = jax.jit(self._prepare)
     timer = metrics_lib.PhaseTimer()
     progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
                                        disable=None if bar_enabled else True)
@@ -364,16 +380,16 @@ class Trainer:
           completions = rollout.decode_completions(self.tokenizer, sequences, self.prompt_length)
           rewards = reward_pool(completions, examples)
         batch_size = len(examples)
-        example_ids = step * batch_size + np.arange(batch_size)
+        example_ids = (step * jax.process_count() + jax.process_index()) * batch_size + np.arange(batch_size)
         batch_np = rollout.rl_batch(sequences, mask, rewards, element["group_ids"], example_ids)
         batch = self.put_batch(batch_np)
         with timer.phase("train"):
-          prepared = prepare(self.state.params, ref_params, batch, self.state.key, step)
-          if self._train_step is None:
-            results.update(self.compile_train_step(batch, prepared.per_example))
+          prepared = self._prepare(self.state.params, ref_params, batch, self.state.key,
+                                   jnp.int32(step))
+          per_example = self.put_batch(prepared.per_example)
           update_metrics = []
           for iteration in range(c.updates_per_rollout):
-            self.state, m = self._train_step(self.state, batch, prepared.per_example,
+            self.state, m = self._train_step(self.state, batch, per_example,
                                              jnp.int32(step), jnp.int32(iteration))
             update_metrics.append(m)
           update_metrics = jax.device_get(update_metrics)

@@ -1,0 +1,72 @@
+"""The pure RL train step and its ahead-of-time compilation (`jax_patterns.md` §2-§3).
+
+  rl_update(state, batch, per_example, rollout_step, iteration) -> (state, metrics)
+
+computes the objective's gradients (`objective.grads`: `lax.scan` accumulation over MC samples and
+micro-batches) and applies one AdamW update, skipping it when the loss or a gradient is not
+finite. It is jitted with the state's shardings in and out and the state donated.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from dmpo_jax.rl import registry, scoring, train_state as ts
+
+
+def rl_update(graphdef: Any, objective: registry.Objective, objective_config: Any,
+              optimizer: optax.GradientTransformation, state: ts.TrainState,
+              batch: dict[str, jax.Array], per_example: dict[str, jax.Array],
+              rollout_step: jax.Array, iteration: jax.Array) -> tuple[ts.TrainState, dict[str, jax.Array]]:
+  """One optimizer update on a prepared rollout (see module docstring).
+
+  Mask keys: shared-per-rollout masks use ``rollout_step``; fresh per-update masks use the state's
+  step, so a resumed run draws the same masks as an uninterrupted one.
+  """
+  keys = scoring.make_keys(state.key, rollout_step, state.step, iteration)
+  aux = registry.Prepared(per_example, {})
+  grads, out = objective.grads(graphdef, state.params, batch, aux, keys, objective_config)
+  state, step_metrics = ts.apply_gradients(state, grads, optimizer, out.loss)
+  return state, {**{f"train/{k}": v for k, v in out.metric_values().items()}, **step_metrics}
+
+
+def prepare_rollout(graphdef: Any, objective: registry.Objective, objective_config: Any,
+                    params: Any, ref_params: Any, batch: dict[str, jax.Array], base_key: jax.Array,
+                    rollout_step: jax.Array) -> registry.Prepared:
+  """No-grad scoring of a rollout (old / reference ELBO terms, advantages or weights)."""
+  keys = scoring.make_keys(base_key, rollout_step, 0, 0)
+  return objective.prepare(graphdef, params, ref_params, batch, keys, objective_config)
+
+
+def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config: Any,
+                  optimizer: optax.GradientTransformation, state_shardings: Any) -> Callable:
+  """`rl_update` jitted with the state sharded in and out and donated."""
+  fn = functools.partial(rl_update, graphdef, objective, objective_config, optimizer)
+  return jax.jit(fn, donate_argnums=0, out_shardings=(state_shardings, None))
+
+
+def compile_ahead_of_time(jitted: Callable, *args) -> tuple[Any, dict[str, int]]:
+  """Lowers and compiles ``jitted`` for ``args`` (arrays or `jax.ShapeDtypeStruct`s) and returns
+  the compiled executable with its memory analysis (temp / argument / output bytes)."""
+  compiled = jitted.lower(*args).compile()
+  analysis = compiled.memory_analysis()
+  info = {}
+  if analysis is not None:
+    for name in ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes"):
+      if hasattr(analysis, name):
+        info[f"compile/{name}"] = int(getattr(analysis, name))
+  return compiled, info
+
+
+def abstract(tree: Any) -> Any:
+  """`jax.ShapeDtypeStruct`s (with shardings) of a pytree of arrays."""
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
+                      tree)
+
+
+SCALAR_INT32 = jax.ShapeDtypeStruct((), jnp.int32)
