@@ -21,10 +21,30 @@ from dmpo_jax.rl.objectives.base import Prepared
 
 CONFIG = get_preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16,
                     mlp_hidden_size=64, logprob_chunk_size=16)
-GRAPHDEF, PARAMS_OLD = split_model(create_model(CONFIG, 0))
-_, PARAMS_REF = split_model(create_model(CONFIG, 1))
-PARAMS_NEW = jax.tree.map(
-    lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape, p.dtype), PARAMS_OLD)
+# Small programs compile ~2x faster at LLVM level 0; the numerics are unchanged (no fast-math).
+FAST = {"xla_backend_optimization_level": 0}
+
+
+def fast_jit(fn, static_argnums=()):
+  """jit with the fast compile options, compiled once per input signature."""
+  cache = {}
+
+  def call(*args):
+    dynamic = [a for i, a in enumerate(args) if i not in static_argnums]
+    key = (tuple(args[i] for i in static_argnums), jax.tree.structure(dynamic),
+           tuple((np.shape(x), str(getattr(x, 'dtype', type(x)))) for x in jax.tree.leaves(dynamic)))
+    if key not in cache:
+      cache[key] = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile(FAST)
+    return cache[key](*dynamic)
+
+  return call
+
+
+GRAPHDEF = nnx.graphdef(nnx.eval_shape(lambda: create_model(CONFIG, 0)))
+_init = fast_jit(lambda seed: split_model(create_model(CONFIG, seed))[1], static_argnums=(0,))
+PARAMS_OLD, PARAMS_REF = _init(0), _init(1)
+PARAMS_NEW = fast_jit(lambda ps: jax.tree.map(
+    lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape, p.dtype), ps))(PARAMS_OLD)
 B, P, L = 4, 4, 8
 T = P + L
 KEYS = scoring.make_keys(jax.random.key(3), rollout_step=5, update_step=11, iteration=2)
@@ -52,7 +72,7 @@ BATCH = make_batch()
 @functools.lru_cache(maxsize=None)
 def jitted(name: str, which: str):
   obj = registry.get_objective(name)
-  return jax.jit(getattr(obj, which), static_argnums=(0, 5))
+  return fast_jit(getattr(obj, which), static_argnums=(0, 5))
 
 
 def run(name: str, params, batch=BATCH, aux=None, prepare_params=PARAMS_OLD, **overrides):
@@ -82,125 +102,120 @@ def full_canvas(batch=BATCH):
 ADVANTAGES = jnp.asarray([1.0, 0.5, -0.3, 2.0])  # not group-normalised: a non-trivial mean
 
 
+@functools.lru_cache(maxsize=None)
+def bgpo_aux():
+  """BGPO's prepare (old terms on shared masks) with the advantages replaced."""
+  aux = run("bgpo", PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
+  return Prepared(aux.per_example | {"advantages": ADVANTAGES}, aux.metrics)
+
+
 def test_bgpo_on_policy_value_is_mean_advantage_and_gradient_equals_vrpo_ol():
-  aux = Prepared({"advantages": ADVANTAGES}, {})
-  g_bgpo, out_bgpo, _ = run("bgpo", PARAMS_OLD, aux=aux, num_mc=3, mode="on_policy")
-  np.testing.assert_allclose(out_bgpo.loss, -float(jnp.mean(ADVANTAGES)), rtol=1e-6)
-  g_vrpo, out_vrpo, _ = run("vrpo_ol", PARAMS_OLD, aux=aux, num_mc=3, mode="on_policy")
-  np.testing.assert_allclose(out_vrpo.loss, -float(jnp.mean(ADVANTAGES)), rtol=1e-6)
-  assert_trees_close(g_bgpo, g_vrpo)
-  g_two, _, _ = run("vrpo_ol_two_pass", PARAMS_OLD, aux=aux, num_mc=3, mode="on_policy")
-  assert_trees_close(g_bgpo, g_two)
-  # off-policy at θ = θ_old (old terms from prepare) gives the same gradient
-  aux_off = run("bgpo", PARAMS_OLD, num_mc=3)[2]
-  aux_off = Prepared(aux_off.per_example | {"advantages": ADVANTAGES}, {})
-  g_off, out_off, _ = run("bgpo", PARAMS_OLD, aux=aux_off, num_mc=3)
-  assert_trees_close(g_bgpo, g_off, rtol=1e-3, atol=1e-5)
+  g_on, out_on, _ = run("bgpo", PARAMS_OLD, aux=Prepared({"advantages": ADVANTAGES}, {}),
+                        num_mc=3, mode="on_policy")
+  np.testing.assert_allclose(out_on.loss, -float(jnp.mean(ADVANTAGES)), rtol=1e-6)
+  # off-policy at θ = θ_old (old terms from prepare): same value and gradient
+  g_off, out_off, _ = run("bgpo", PARAMS_OLD, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
   np.testing.assert_allclose(out_off.loss, -float(jnp.mean(ADVANTAGES)), atol=1e-5)
+  assert_trees_close(g_on, g_off, rtol=1e-3, atol=1e-5)
+  # VRPO-OL (direct) on the same masks at θ = θ_old: the same gradient (`algorithms.md` §5.1)
+  g_vrpo, out_vrpo, _ = run("vrpo_ol", PARAMS_OLD, aux=bgpo_aux(), num_mc=3)
+  np.testing.assert_allclose(out_vrpo.loss, -float(jnp.mean(ADVANTAGES)), atol=1e-5)
+  assert_trees_close(g_on, g_vrpo, rtol=1e-3, atol=1e-5)
 
 
 def test_two_pass_vrpo_ol_equals_direct_off_policy():
-  g_direct, out_direct, aux = run("vrpo_ol", PARAMS_NEW, num_mc=3)
-  g_two, out_two, _ = run("vrpo_ol_two_pass", PARAMS_NEW, aux=aux, num_mc=3, micro_batch_size=2)
+  g_direct, out_direct, _ = run("vrpo_ol", PARAMS_NEW, aux=bgpo_aux(), num_mc=3)
+  g_two, out_two, _ = run("vrpo_ol_two_pass", PARAMS_NEW, aux=bgpo_aux(), num_mc=3,
+                          micro_batch_size=2)
   np.testing.assert_allclose(out_two.loss, out_direct.loss, rtol=1e-5, atol=1e-6)
   assert_trees_close(g_direct, g_two)
   assert abs(float(out_direct.metric_values()["vrpo/log_ratio_mean"])) > 1e-3  # really off-policy
 
 
-def bgpo_unrolled(params, n):
-  """Independent BGPO: a Python loop over MC samples, masks from `masking`, ELBO terms from
-  `elbo`, one jax.grad per sample, summed; advantages from numpy."""
-  r = np.asarray(BATCH["rewards"])
-  gid = np.asarray(BATCH["group_ids"])
-  adv_np = np.zeros(B, np.float32)
-  for g in np.unique(gid):
-    idx = gid == g
-    adv_np[idx] = (r[idx] - r[idx].mean()) / (r[idx].std(ddof=1) + 1e-6)
+@functools.partial(fast_jit, static_argnums=(4,))
+def bgpo_sample_grad(params, advantages, keys, j, n):
+  """One MC sample's BGPO loss and gradient, written from the formulas with `masking`/`elbo`."""
+  sample = masking.k_stratified_mask(keys, full_canvas(), j, num_samples=n)
+  old = elbo.elbo_term(model(PARAMS_OLD), BATCH["sequences"], sample, BATCH["attention_mask"])
+
+  def loss(p):
+    new = elbo.elbo_term(model(p), BATCH["sequences"], sample, BATCH["attention_mask"])
+    d = new - old
+    a = advantages
+    g = jnp.where(a >= 0, (1 + d) * a, jnp.exp(jnp.minimum(d, 20.0)) * a) / n
+    return -jnp.sum(g) / B
+
+  return jax.value_and_grad(loss)(params)
+
+
+def test_bgpo_micro_batched_scan_equals_unrolled_full_batch():
+  n = 3
   keys = scoring.example_keys(KEYS, BATCH["example_ids"], sequence_ratio._MASK_PURPOSE)
-  eligible = full_canvas()
-  total_grad, total = None, 0.0
-  for j in range(n):
-    sample = masking.k_stratified_mask(keys, eligible, j, num_samples=n)
-    old = elbo.elbo_term(model(PARAMS_OLD), BATCH["sequences"], sample, BATCH["attention_mask"])
-
-    def loss(p):
-      new = elbo.elbo_term(model(p), BATCH["sequences"], sample, BATCH["attention_mask"])
-      d = new - old
-      a = jnp.asarray(adv_np)
-      g = jnp.where(a >= 0, (1 + d) * a, jnp.exp(jnp.minimum(d, 20.0)) * a) / n
-      return -jnp.sum(g) / B
-
-    value, grad = jax.value_and_grad(loss)(params)
-    total += float(value)
-    total_grad = grad if total_grad is None else jax.tree.map(jnp.add, total_grad, grad)
-  return total_grad, total
-
-
-def test_bgpo_scan_accumulation_equals_unrolled_and_micro_batched():
-  ref_grad, ref_loss = bgpo_unrolled(PARAMS_NEW, 3)
-  g, out, aux = run("bgpo", PARAMS_NEW, num_mc=3)
+  ref_loss, ref_grad = 0.0, None
+  for j in range(n):  # Python loop over MC samples, full batch, gradients summed
+    value, grad = bgpo_sample_grad(PARAMS_NEW, ADVANTAGES, keys, j, n)
+    ref_loss += float(value)
+    ref_grad = grad if ref_grad is None else jax.tree.map(jnp.add, ref_grad, grad)
+  g, out, _ = run("bgpo", PARAMS_NEW, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
   np.testing.assert_allclose(out.loss, ref_loss, rtol=1e-4, atol=1e-6)
   assert_trees_close(g, ref_grad, rtol=1e-3, atol=1e-6)
-  g_mb, out_mb, _ = run("bgpo", PARAMS_NEW, aux=aux, num_mc=3, micro_batch_size=2)
-  np.testing.assert_allclose(out_mb.loss, out.loss, rtol=1e-5, atol=1e-7)
-  assert_trees_close(g, g_mb)
+  # group z-score advantages from prepare (numpy reference)
+  r, gid = np.asarray(BATCH["rewards"]), np.asarray(BATCH["group_ids"])
+  expected = np.array([(r[i] - r[gid == gid[i]].mean()) / (r[gid == gid[i]].std(ddof=1) + 1e-6)
+                       for i in range(B)])
+  aux = run("bgpo", PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
+  np.testing.assert_allclose(aux.per_example["advantages"], expected, rtol=1e-5)
 
 
 # -- DMPO ----------------------------------------------------------------------------------------
 
-def dmpo_reference(params_theta, alpha=0.5, weight_num_mc=2, loss_num_mc=2):
-  """Independent DMPO weights (numpy softmax per group) and WDCE loss value."""
+@functools.partial(fast_jit, static_argnums=(1, 2))
+def dmpo_model_terms(params_theta, weight_num_mc, loss_num_mc):
+  """ELBO_v, ELBO_ref on the shared weight masks; S and m on each fresh loss mask."""
   eligible = full_canvas()
   mask_fn = functools.partial(masking.antithetic_mask, lambda_range=(0.1, 1.0))
   wkeys = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/weights")
-  e_v = np.asarray(elbo.elbo_estimate(model(PARAMS_OLD), BATCH["sequences"], wkeys, eligible,
-                                      mask_fn, weight_num_mc, attention_mask=BATCH["attention_mask"]).mean)
-  e_ref = np.asarray(elbo.elbo_estimate(model(PARAMS_REF), BATCH["sequences"], wkeys, eligible,
-                                        mask_fn, weight_num_mc, attention_mask=BATCH["attention_mask"]).mean)
-  r = np.asarray(BATCH["rewards"], np.float64)
-  gid = np.asarray(BATCH["group_ids"])
-  w = np.zeros(B)
-  w_neg = np.zeros(B)
-  for g in np.unique(gid):
-    idx = gid == g
-    lp = r[idx] / alpha + e_ref[idx] - e_v[idx]
-    ln = -r[idx] / alpha + e_ref[idx] - e_v[idx]
-    w[idx] = np.exp(lp - lp.max()) / np.exp(lp - lp.max()).sum()
-    w_neg[idx] = np.exp(ln - ln.max()) / np.exp(ln - ln.max()).sum()
-  a = w - w_neg
+  est = lambda p: elbo.elbo_estimate(model(p), BATCH["sequences"], wkeys, eligible, mask_fn,
+                                     weight_num_mc, attention_mask=BATCH["attention_mask"]).mean
   lkeys = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/loss", fresh=True)
-  loss = 0.0
+  s, m = [], []
   for j in range(loss_num_mc):
     sample = mask_fn(lkeys, eligible, j)
-    s = np.asarray(elbo.masked_log_likelihood(model(params_theta), BATCH["sequences"], sample,
-                                              BATCH["attention_mask"]))
-    m = np.maximum(np.asarray(sample.scored).sum(-1), 1)
-    loss += np.sum(a * (-s / m)) / loss_num_mc
-  return w, a, loss / len(np.unique(gid))
+    s.append(elbo.masked_log_likelihood(model(params_theta), BATCH["sequences"], sample,
+                                        BATCH["attention_mask"]))
+    m.append(jnp.maximum(jnp.sum(sample.scored, -1), 1))
+  return est(PARAMS_OLD), est(PARAMS_REF), jnp.stack(s), jnp.stack(m)
+
+
+def np_group_softmax(x, gid):
+  out = np.zeros_like(x)
+  for g in np.unique(gid):
+    idx = gid == g
+    e = np.exp(x[idx] - x[idx].max())
+    out[idx] = e / e.sum()
+  return out
 
 
 def test_dmpo_weights_and_loss_match_independent_computation():
-  g, out, aux = run("dmpo", PARAMS_NEW, alpha=0.5, weight_num_mc=2, loss_num_mc=2)
-  w, a, loss = dmpo_reference(PARAMS_NEW)
+  alpha = 0.5
+  g, out, aux = run("dmpo", PARAMS_NEW, alpha=alpha, weight_num_mc=2, loss_num_mc=2,
+                    micro_batch_size=1)
+  e_v, e_ref, s, m = [np.asarray(x, np.float64) for x in dmpo_model_terms(PARAMS_NEW, 2, 2)]
+  r, gid = np.asarray(BATCH["rewards"], np.float64), np.asarray(BATCH["group_ids"])
+  w = np_group_softmax(r / alpha + e_ref - e_v, gid)
+  a = w - np_group_softmax(-r / alpha + e_ref - e_v, gid)    # individual baseline
+  loss = np.sum(a * np.mean(-s / m, axis=0)) / 2             # 2 prompts
   np.testing.assert_allclose(aux.per_example["weights"], w, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(aux.per_example["advantages"], a, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(out.loss, loss, rtol=1e-4)
   np.testing.assert_allclose(out.denominator, 2.0)
-  g_mb, out_mb, _ = run("dmpo", PARAMS_NEW, aux=aux, alpha=0.5, weight_num_mc=2, loss_num_mc=2,
-                        micro_batch_size=1)
-  np.testing.assert_allclose(out_mb.loss, out.loss, rtol=1e-5)
-  assert_trees_close(g, g_mb)
 
 
-def test_dmpo_model_baseline_layout_invariant_and_micro_batched():
-  kw = dict(alpha=0.5, weight_num_mc=2, loss_num_mc=2, baseline="model")
+def test_dmpo_model_baseline_invariant_to_group_placement():
+  kw = dict(alpha=0.5, weight_num_mc=2, loss_num_mc=2, baseline="model", micro_batch_size=2)
   g, out, aux = run("dmpo", PARAMS_NEW, **kw)
-  # at θ = θ_old the model baseline (CRN weight masks) is exactly the group baseline 1/N
-  _, out_old, _ = run("dmpo", PARAMS_OLD, aux=aux, **kw)
-  _, out_group, _ = run("dmpo", PARAMS_OLD, alpha=0.5, weight_num_mc=2, loss_num_mc=2,
-                        baseline="group")
-  np.testing.assert_allclose(out_old.loss, out_group.loss, rtol=1e-4, atol=1e-6)
-  # members of each group placed elsewhere in the batch (rows and their example ids move)
+  # members of each group placed elsewhere in the batch (rows and their example ids move), so
+  # each micro-batch now holds a different mix of the two groups
   perm = np.array([3, 0, 1, 2])
   moved = jax.tree.map(lambda x: x[perm], BATCH)
   g_moved, out_moved, aux_moved = run("dmpo", PARAMS_NEW, batch=moved, **kw)
@@ -209,9 +224,12 @@ def test_dmpo_model_baseline_layout_invariant_and_micro_batched():
                                rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out_moved.loss, out.loss, rtol=1e-5)
   assert_trees_close(g, g_moved)
-  g_mb, out_mb, _ = run("dmpo", PARAMS_NEW, aux=aux, micro_batch_size=2, **kw)
-  np.testing.assert_allclose(out_mb.loss, out.loss, rtol=1e-5)
-  assert_trees_close(g, g_mb)
+  # the model baseline at θ = θ_old equals the group baseline (CRN: ELBO_θ = ELBO_v)
+  e_v, e_ref, s, m = [np.asarray(x, np.float64) for x in dmpo_model_terms(PARAMS_OLD, 2, 2)]
+  _, out_old, _ = run("dmpo", PARAMS_OLD, aux=aux, **kw)
+  w = np.asarray(aux.per_example["weights"], np.float64)
+  np.testing.assert_allclose(out_old.loss, np.sum((w - 0.5) * np.mean(-s / m, axis=0)) / 2,
+                             rtol=1e-4)
 
 
 # -- two-pass WDDO and SPG EUBO vs direct autodiff -----------------------------------------------
@@ -231,7 +249,7 @@ def test_wddo_two_pass_equals_direct_autodiff():
     y = 0.7 * (est(fake) - pe["elbo_old_fake"])
     return jnp.mean(-pe["weights"] * jax.nn.log_sigmoid(x) - 0.5 * jax.nn.log_sigmoid(-y))
 
-  value, grad = jax.value_and_grad(direct)(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
   np.testing.assert_allclose(np.asarray(pe["weights"]).reshape(2, 2).sum(0), [2.0, 2.0], rtol=1e-5)
@@ -263,7 +281,7 @@ def test_spg_eubo_two_pass_equals_direct_autodiff():
     score = jnp.where(a > 0, pos, neg)
     return jnp.sum(-a * score * length) / np.sum(length)
 
-  value, grad = jax.value_and_grad(direct)(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
 
@@ -296,7 +314,7 @@ def test_diffu_grpo_matches_independent_token_loss():
     kl = jnp.exp(ref - lp) - (ref - lp) - 1
     return -jnp.sum(jnp.where(scored, surrogate - 0.04 * kl, 0.0)) / jnp.sum(scored)
 
-  value, grad = jax.value_and_grad(direct)(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
   assert int(np.asarray(scored)[1].sum()) == 4  # scored up to and including the first EOS
@@ -313,6 +331,6 @@ def test_wd1_matches_independent_loss():
     lp, _ = one_step_logps(p, 2)
     return jnp.sum((w_neg - w_pos) * jnp.sum(lp, -1)) / 2
 
-  value, grad = jax.value_and_grad(direct)(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
