@@ -3,7 +3,9 @@
 Greedy (temperature 0), low-confidence remasking, block length 32, generation lengths 128/256/512,
 steps = generation length (DMPO ``--full_steps``; ``--steps=half`` gives d1's gen_length/2).
 Evaluation prompts: ``system + "\\n\\n" + question`` in one user turn, chat template, then the
-``<reasoning>`` prefill; completions decoded with special tokens skipped.
+``<reasoning>`` prefill (tasks without a chat template, e.g. the demo, encode the text directly);
+completions are the ids up to the first EOS/EOT, decoded with special tokens skipped
+(`dmpo_jax.rl.rollout.decode_completions`, shared with the trainer's held-out evaluation).
 
   python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
       [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
@@ -95,13 +97,13 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
              ) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """Generates for every example and scores; returns (rows, summary)."""
   from dmpo_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
+  from dmpo_jax.rl import rollout  # pylint: disable=import-outside-toplevel
   num_steps = resolve_steps(steps, gen_length)
   config = make_sampler_config(sampler, gen_length, block_length, num_steps,
                                tokenizer.mask_token_id)
   graphdef, params = nnx.split(model)
-  prompts = [task.eval_prompt(e) for e in examples]
-  prompt_texts = [tokenizer.apply_chat_template(p.messages, prefill=p.prefill) for p in prompts]
-  prompt_ids = [tokenizer.encode(t) for t in prompt_texts]
+  prompt_ids = [rollout.prompt_token_ids(tokenizer, task, e, evaluation=True) for e in examples]
+  prompt_texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
   completions: List[str] = []
   key = jax.random.key(seed)
   bar = tqdm(total=len(examples), desc=f"{task.name} L={gen_length}", disable=not progress)
@@ -112,8 +114,8 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
     ids, mask = left_pad(chunk, tokenizer.pad_token_id)
     key, subkey = jax.random.split(key)
     output = sampler.generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), subkey, config)
-    sequences = np.asarray(output.sequences)[:real, ids.shape[1]:]
-    completions.extend(tokenizer.batch_decode(sequences.tolist(), skip_special_tokens=True))
+    sequences = np.asarray(output.sequences)[:real]
+    completions.extend(rollout.decode_completions(tokenizer, sequences, ids.shape[1]))
     bar.update(real)
   bar.close()
   scores = task.score_many(completions, examples, **(score_options or {}))

@@ -13,6 +13,7 @@ q/k/v bias, untied output head. The two families differ in
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -20,6 +21,11 @@ import jax.numpy as jnp
 FAMILIES = ("llada", "dream")
 LOGIT_ALIGNMENTS = ("same_position", "shifted")
 DTYPES = ("float32", "bfloat16", "float16")
+# LoRA targets by LLaDA checkpoint name (`llada.md` §3) -> the Flax parameter they adapt. The
+# HF-Llama / Qwen2 names of the same modules are accepted as aliases (`LORA_TARGET_ALIASES`).
+LORA_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "attn_out": "o_proj",
+                "ff_proj": "gate_proj", "up_proj": "up_proj", "ff_out": "down_proj"}
+LORA_TARGET_ALIASES = {"o_proj": "attn_out", "gate_proj": "ff_proj", "down_proj": "ff_out"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +61,24 @@ class ModelConfig:
   logprob_chunk_size: int = 128
   # `jax.nn.dot_product_attention` implementation: None (XLA), "cudnn" or "xla".
   attention_impl: Optional[str] = None
+  # LoRA adapters (`dmpo_jax.models.lora`): rank 0 = none. Targets use LLaDA's names
+  # (`LORA_TARGETS`) or their HF-Llama aliases; stored as canonical LLaDA names in
+  # `LORA_TARGETS` order. Output of a target += (x A) B · lora_alpha / lora_rank.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
-    errors = []
+    errors = self._canonicalize_lora_targets()
+    if int(self.lora_rank) < 0:
+      errors.append(f"lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
+    elif self.lora_rank > 0:
+      if not self.lora_targets and not errors:
+        errors.append(f"lora_rank={self.lora_rank} needs lora_targets (any of {tuple(LORA_TARGETS)})")
+      if not self.lora_alpha > 0:
+        errors.append(f"lora_alpha must be positive, got {self.lora_alpha}")
+    elif self.lora_targets:
+      errors.append(f"lora_targets={self.lora_targets} is set but lora_rank is 0 (no adapters)")
     if self.family not in FAMILIES:
       errors.append(f"family must be one of {FAMILIES}, got {self.family!r}")
     if self.logit_alignment not in LOGIT_ALIGNMENTS:
@@ -82,6 +103,45 @@ class ModelConfig:
     if errors:
       raise ValueError("Invalid ModelConfig: " + "; ".join(errors))
 
+  def _canonicalize_lora_targets(self) -> list[str]:
+    """LoRA targets -> a tuple of canonical LLaDA names in `LORA_TARGETS` order (lists from
+    JSON / config files accepted); returns error messages for unknown or repeated names."""
+    given = self.lora_targets
+    if isinstance(given, str):
+      return [f"lora_targets must be a sequence of module names, got the string {given!r}"]
+    errors, canonical = [], []
+    for name in given:
+      llada_name = LORA_TARGET_ALIASES.get(name, name)
+      if llada_name not in LORA_TARGETS:
+        errors.append(f"lora_targets: unknown module {name!r}; LLaDA names {tuple(LORA_TARGETS)} "
+                      f"or aliases {tuple(LORA_TARGET_ALIASES)}")
+      elif llada_name in canonical:
+        errors.append(f"lora_targets names module {llada_name!r} twice (given {tuple(given)})")
+      else:
+        canonical.append(llada_name)
+    object.__setattr__(self, "lora_targets", tuple(n for n in LORA_TARGETS if n in canonical))
+    return errors
+
+  @property
+  def lora_scale(self) -> float:
+    """alpha / r, the factor of the adapter output (0 when LoRA is off)."""
+    return float(self.lora_alpha) / self.lora_rank if self.lora_rank else 0.0
+
+  def lora_shapes(self) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{Flax parameter name: (input dims, output dims)} of every LoRA-adapted kernel."""
+    d, f, hd = self.d_model, self.mlp_hidden_size, self.head_dim
+    dims = {"q_proj": ((d,), (self.n_heads, hd)), "k_proj": ((d,), (self.n_kv_heads, hd)),
+            "v_proj": ((d,), (self.n_kv_heads, hd)), "o_proj": ((self.n_heads, hd), (d,)),
+            "gate_proj": ((d,), (f,)), "up_proj": ((d,), (f,)), "down_proj": ((f,), (d,))}
+    return {LORA_TARGETS[t]: dims[LORA_TARGETS[t]] for t in self.lora_targets}
+
+  def num_lora_params(self) -> int:
+    """Adapter parameters: n_layers · r · Σ_targets (fan_in + fan_out)."""
+    total = 0
+    for fan_in, fan_out in self.lora_shapes().values():
+      total += math.prod(fan_in) + math.prod(fan_out)
+    return self.n_layers * self.lora_rank * total
+
   @property
   def compute_dtype(self) -> Any:
     return jnp.dtype(self.dtype)
@@ -94,7 +154,8 @@ class ModelConfig:
     return dataclasses.replace(self, **kwargs)
 
   def num_params(self) -> int:
-    """Exact parameter count (embedding + blocks + final norm + untied head)."""
+    """Exact base parameter count (embedding + blocks + final norm + untied head); LoRA
+    adapters are counted separately by `num_lora_params`."""
     d, f, hd = self.d_model, self.mlp_hidden_size, self.head_dim
     attn = d * self.n_heads * hd * 2 + d * self.n_kv_heads * hd * 2
     if self.qkv_bias:

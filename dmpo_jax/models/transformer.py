@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dmpo_jax.models import layers as L
+from dmpo_jax.models import lora as lora_lib
 from dmpo_jax.models.config import ModelConfig
 
 
@@ -65,19 +66,35 @@ class Blocks(nnx.Module):
              "up_proj", "down_proj"]
     if hasattr(self, "q_bias"):
       names += ["q_bias", "k_bias", "v_bias"]
-    return {name: getattr(self, name)[...] for name in names}
+    out = {name: getattr(self, name)[...] for name in names}
+    if hasattr(self, lora_lib.LORA_ATTR):
+      out[lora_lib.LORA_ATTR] = getattr(self, lora_lib.LORA_ATTR).stacked()
+    return out
+
+
+def _project(x: jax.Array, kernel: jax.Array, equation: str, adapters: dict[str, Any], name: str,
+             scale: float) -> jax.Array:
+  """x @ kernel, plus the LoRA term ((x A) · scale) B when ``name`` has an adapter."""
+  y = jnp.einsum(equation, x, kernel)
+  if name in adapters:
+    y = y + lora_lib.adapter_delta(x, adapters[name]["a"], adapters[name]["b"], scale)
+  return y
 
 
 def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array,
            sin: jax.Array, key_mask: Optional[jax.Array],
            prefix: Optional[tuple[jax.Array, jax.Array]]):
-  """One pre-norm block. Returns (new x, (k, v) of the input positions after RoPE)."""
+  """One pre-norm block. Returns (new x, (k, v) of the input positions after RoPE).
+
+  ``p`` may hold LoRA factors under ``p["lora"][kernel]`` (`dmpo_jax.models.lora`)."""
   dt = config.compute_dtype
-  p = {k: v.astype(dt) for k, v in p.items()}
+  p = jax.tree.map(lambda v: v.astype(dt), p)
+  adapters = p.get(lora_lib.LORA_ATTR, {})
+  scale = config.lora_scale
   h = L.rms_norm(x, p["attn_norm"], config.norm_eps)
-  q = jnp.einsum("btd,dhk->bthk", h, p["q_proj"])
-  k = jnp.einsum("btd,dhk->bthk", h, p["k_proj"])
-  v = jnp.einsum("btd,dhk->bthk", h, p["v_proj"])
+  q = _project(h, p["q_proj"], "btd,dhk->bthk", adapters, "q_proj", scale)
+  k = _project(h, p["k_proj"], "btd,dhk->bthk", adapters, "k_proj", scale)
+  v = _project(h, p["v_proj"], "btd,dhk->bthk", adapters, "v_proj", scale)
   if "q_bias" in p:
     q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
   q = L.apply_rope(q, cos, sin)
@@ -87,9 +104,15 @@ def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.
     k_all = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
     v_all = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
   att = L.attention(q, k_all, v_all, key_mask, implementation=config.attention_impl)
-  x = x + jnp.einsum("bthk,hkd->btd", att, p["o_proj"])
+  x = x + _project(att, p["o_proj"], "bthk,hkd->btd", adapters, "o_proj", scale)
   h = L.rms_norm(x, p["ffn_norm"], config.norm_eps)
-  x = x + L.swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"])
+  if not any(name in adapters for name in ("gate_proj", "up_proj", "down_proj")):
+    return x + L.swiglu(h, p["gate_proj"], p["up_proj"], p["down_proj"]), (k, v)
+  # `L.swiglu` with adapted projections: down(silu(h gate) * (h up)).
+  gate = _project(h, p["gate_proj"], "btd,df->btf", adapters, "gate_proj", scale)
+  up = _project(h, p["up_proj"], "btd,df->btf", adapters, "up_proj", scale)
+  x = x + _project(jax.nn.silu(gate) * up, p["down_proj"], "btf,fd->btd", adapters, "down_proj",
+                   scale)
   return x, (k, v)
 
 
@@ -104,6 +127,9 @@ class Transformer(nnx.Module):
     self.blocks = Blocks(c, rngs=rngs)
     self.final_norm = _param(jnp.ones((c.d_model,), c.weight_dtype), "norm")
     self.lm_head = _param(init(rngs.params(), (c.d_model, c.vocab_size), c.weight_dtype), "embed", "vocab")
+    if c.lora_rank:
+      # Drawn after every base weight, so a seed gives the same base with or without LoRA.
+      setattr(self.blocks, lora_lib.LORA_ATTR, lora_lib.LoRA(c, rngs=rngs))
 
   # -- positions and masks -------------------------------------------------------------------
   def default_positions(self, batch: int, length: int,

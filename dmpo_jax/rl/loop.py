@@ -429,6 +429,12 @@ class Trainer:
       reward_pool.close()
       writer.close()
     results.update({k: v for k, v in last_metrics.items() if k.startswith("eval/")})
+    if "preempted_at" not in results and jax.process_index() == 0:
+      # The trained policy in the project's model format: launch/eval.py, launch/generate.py and
+      # launch/convert.py (to a Hugging Face folder) take it directly.
+      final = checkpointing.save_model_checkpoint(self.workdir / "final_model", self.state.params,
+                                                  self.model.config, overwrite=True)
+      results["final_model"] = str(final)
     return results
 
 

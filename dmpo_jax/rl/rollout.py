@@ -16,6 +16,17 @@ import numpy as np
 from dmpo_jax.tasks import base as task_base
 
 
+def prompt_token_ids(tokenizer: Any, task: task_base.Task, example: dict, *,
+                     evaluation: bool = False) -> list[int]:
+  """Token ids of one prompt: the task's (training or evaluation) prompt rendered with the chat
+  template and its prefill, or, for tasks with ``use_chat_template = False`` (the demo), the
+  user content + prefill encoded directly."""
+  spec = task.eval_prompt(example) if evaluation else task.train_prompt(example)
+  if getattr(task, "use_chat_template", True):
+    return list(tokenizer.encode_chat(spec.messages, prefill=spec.prefill))
+  return list(tokenizer.encode(spec.messages[-1]["content"] + spec.prefill))
+
+
 def encode_prompts(tokenizer: Any, task: task_base.Task, examples: Sequence[dict], *,
                    prompt_length: int, evaluation: bool = False) -> tuple[np.ndarray, np.ndarray, int]:
   """Renders and tokenises prompts into a left-padded bucket of ``prompt_length``.
@@ -33,11 +44,7 @@ def encode_prompts(tokenizer: Any, task: task_base.Task, examples: Sequence[dict
   mask = np.zeros((len(examples), prompt_length), bool)
   truncated = 0
   for row, example in enumerate(examples):
-    spec = task.eval_prompt(example) if evaluation else task.train_prompt(example)
-    if getattr(task, "use_chat_template", True):
-      tokens = tokenizer.encode_chat(spec.messages, prefill=spec.prefill)
-    else:
-      tokens = tokenizer.encode(spec.messages[-1]["content"] + spec.prefill)
+    tokens = prompt_token_ids(tokenizer, task, example, evaluation=evaluation)
     if len(tokens) > prompt_length:
       truncated += 1
       tokens = tokens[-prompt_length:]
