@@ -34,7 +34,7 @@ def fast_jit(fn, static_argnums=()):
     key = (tuple(args[i] for i in static_argnums), jax.tree.structure(dynamic),
            tuple((np.shape(x), str(getattr(x, 'dtype', type(x)))) for x in jax.tree.leaves(dynamic)))
     if key not in cache:
-      cache[key] = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile(FAST)
+      import time as _t; _s = _t.time(); cache[key] = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile(FAST); print("COMPILE", getattr(fn, "__name__", fn), round(_t.time() - _s, 2))
     return cache[key](*dynamic)
 
   return call

@@ -129,3 +129,13 @@ def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
                        text=True, timeout=120)
   assert bad.returncode == 2, bad.stderr[-2000:]
   assert "rollout.gen_length=5 is not a multiple of rollout.block_length=3" in bad.stderr
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (REPO / "configs").glob("*.py")
+                                        if p.stem not in ("__init__", "base", "recipes")))
+def test_every_published_config_validates(name):
+  import importlib  # pylint: disable=import-outside-toplevel
+  config = importlib.import_module(f"configs.{name}").get_config()
+  loop.validate_config(config, num_devices=8 if name != "demo" else 1)
+  # The published batch shapes: gen_length / block_length blocks, a whole number of steps each.
+  assert config.rollout.gen_length % config.rollout.block_length == 0

@@ -30,6 +30,7 @@ base model) and `merged_model(model)` (a plain ``lora_rank = 0`` model, e.g. for
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
@@ -60,17 +61,30 @@ class LoRAParam(nnx.Param):
   ``state.split(LoRAParam, ...)`` separate adapters from base weights."""
 
 
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _init_factors(key: jax.Array, shapes: tuple[tuple[str, tuple[int, ...], tuple[int, ...]], ...],
+                  rank: int, n_layers: int) -> dict[str, tuple[jax.Array, jax.Array]]:
+  """{kernel: (A, B)}: A ~ U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (PEFT's kaiming-uniform with
+  a = sqrt(5)), B = 0. One compiled function for all targets (eager init compiles per shape)."""
+  sizes = [n_layers * math.prod(fan_in) * rank for _, fan_in, _ in shapes]
+  # One uniform draw sliced per target: a single threefry kernel to compile (it dominates).
+  unit = jax.random.uniform(key, (sum(sizes),), jnp.float32, -1.0, 1.0)
+  out, start = {}, 0
+  for (kernel, fan_in, fan_out), size in zip(shapes, sizes):
+    bound = 1.0 / math.sqrt(math.prod(fan_in))
+    a = unit[start:start + size].reshape(n_layers, *fan_in, rank) * bound
+    out[kernel] = (a, jnp.zeros((n_layers, rank, *fan_out), jnp.float32))
+    start += size
+  return out
+
+
 class Adapter(nnx.Module):
   """The factors of one target kernel, stacked over layers: a [L, *in, r], b [L, r, *out]."""
 
-  def __init__(self, kernel: str, fan_in: Sequence[int], fan_out: Sequence[int], rank: int,
-               n_layers: int, *, rngs: nnx.Rngs):
+  def __init__(self, kernel: str, a: jax.Array, b: jax.Array):
     in_axes, out_axes = _KERNEL_AXES[kernel]
-    bound = 1.0 / math.sqrt(math.prod(fan_in))
-    a = jax.random.uniform(rngs.params(), (n_layers, *fan_in, rank), jnp.float32, -bound, bound)
     self.a = LoRAParam(a, logical_axes=("layers", *in_axes, "lora_rank"))
-    self.b = LoRAParam(jnp.zeros((n_layers, rank, *fan_out), jnp.float32),
-                       logical_axes=("layers", "lora_rank", *out_axes))
+    self.b = LoRAParam(b, logical_axes=("layers", "lora_rank", *out_axes))
 
 
 class LoRA(nnx.Module):
@@ -79,9 +93,11 @@ class LoRA(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     if config.lora_rank <= 0:
       raise ValueError("LoRA adapters need config.lora_rank > 0")
-    for kernel, (fan_in, fan_out) in config.lora_shapes().items():
-      setattr(self, kernel, Adapter(kernel, fan_in, fan_out, config.lora_rank, config.n_layers,
-                                    rngs=rngs))
+    shapes = tuple((kernel, tuple(fan_in), tuple(fan_out))
+                   for kernel, (fan_in, fan_out) in config.lora_shapes().items())
+    factors = _init_factors(rngs.params(), shapes, config.lora_rank, config.n_layers)
+    for kernel, (a, b) in factors.items():
+      setattr(self, kernel, Adapter(kernel, a, b))
 
   def stacked(self) -> dict[str, dict[str, jax.Array]]:
     """{kernel name: {"a": [L, *in, r], "b": [L, r, *out]}} (scanned over layers with the base)."""
@@ -97,7 +113,7 @@ def adapter_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
   n_in, n_out = a.ndim - 1, b.ndim - 1
   ins, outs = _LETTERS[:n_in], _LETTERS[n_in:n_in + n_out]
   low = jnp.einsum(f"bt{ins},{ins}r->btr", x, a.astype(x.dtype))
-  return jnp.einsum(f"btr,r{outs}->bt{outs}", low * jnp.asarray(scale, x.dtype), b.astype(x.dtype))
+  return jnp.einsum(f"btr,r{outs}->bt{outs}", low * jnp.asarray(2 * scale, x.dtype), b.astype(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------

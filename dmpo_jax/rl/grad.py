@@ -7,6 +7,10 @@
   samples, with ``value_and_grad`` in the body and fp32 gradients in the carry. Only one
   (micro-batch, MC sample) forward/backward graph is alive at a time, so peak memory does not
   grow with the number of MC samples or of micro-batches.
+  Measured with `benchmarks/memory.py`: compiled temp memory is identical for n = 2..64. n = 1
+  compiles without a loop (XLA removes trip-count-1 loops and writes the single gradient straight
+  into the output), so it is lower by the loop's constant working set: the per-sample gradient
+  buffers (on CPU XLA also keeps fp32 conversions of the bf16 per-sample gradients).
 * `micro_batch_map`: the gradient-free counterpart (pass 1 of the two-pass method of
   `algorithms.md` §5.2, old/reference scoring), also a scan over micro-batches.
 * `value_with_surrogate_grad`: value v, gradient of a surrogate s (``v + s − stop_gradient(s)``),

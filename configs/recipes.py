@@ -1,0 +1,52 @@
+"""Shared recipes of the published settings (one place for each paper's hyperparameters)."""
+
+from configs import base
+
+
+def bgpo_llada(objective: str = "bgpo"):
+  """Base config with the BGPO paper's LLaDA-8B-Instruct recipe (the task files add lengths)."""
+  config = base.get_config()
+  # BGPO paper (arXiv 2510.11683v3) Table 5 / §4.1 and the DARE recipe (`algorithms.md` §3.7).
+  config.objective = objective
+  config.model.checkpoint = ""  # set to a LLaDA-8B-Instruct HF folder
+  config.model.preset = "llada_8b"
+  config.prompts_per_step = 16
+  config.group_size = 8
+  config.updates_per_rollout = 1            # on-policy (off-policy: 2 with micro batches of 8)
+  config.optimizer.learning_rate = 5e-7
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.b1, config.optimizer.b2 = 0.9, 0.999
+  config.optimizer.max_grad_norm = 1.0
+  config.rollout.block_length = 32
+  config.rollout.temperature = 0.6          # DARE's training temperature (paper: not stated)
+  config.eval.block_length = 32
+  config.eval.every_steps = 20              # the paper reports the best of checkpoints every 20 steps
+  config.checkpoint.every_steps = 20
+  config.bgpo.num_mc = 16
+  config.bgpo.mode = "on_policy"
+  return config
+
+
+def dmpo_llada():
+  """Base config with the DMPO paper's LLaDA-8B-Instruct recipe (the task files add the task)."""
+  config = base.get_config()
+  # DMPO paper (arXiv 2510.08233v3) App. C.2 and the reference scripts (`algorithms.md` §2.8):
+  # N = 16, 8 prompts per optimizer step, F = 8, R = 4 loss masks, K = 4 weight masks, alpha 0.04.
+  config.objective = "dmpo"
+  config.model.checkpoint = ""  # set to a LLaDA-8B-Instruct HF folder
+  config.model.preset = "llada_8b"
+  config.prompts_per_step = 8
+  config.group_size = 16
+  config.updates_per_rollout = 8            # F: buffer reuse
+  config.num_steps = 500                    # 500 rollouts x F = 4,000 gradient updates
+  config.optimizer.learning_rate = 3e-6
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.b1, config.optimizer.b2 = 0.9, 0.99
+  config.optimizer.max_grad_norm = 0.2
+  config.task.prompt_length = 200
+  config.rollout.gen_length, config.rollout.block_length, config.rollout.steps = 256, 32, 128
+  config.rollout.temperature = 0.2
+  config.rollout.use_prefix_cache = True    # Fast-dLLM prefix cache, 2 tokens per step
+  config.eval.block_length = 32
+  config.checkpoint.every_steps = 13        # ~ every 100 optimizer steps
+  return config
