@@ -113,7 +113,7 @@ def adapter_delta(x: jax.Array, a: jax.Array, b: jax.Array, scale: float) -> jax
   n_in, n_out = a.ndim - 1, b.ndim - 1
   ins, outs = _LETTERS[:n_in], _LETTERS[n_in:n_in + n_out]
   low = jnp.einsum(f"bt{ins},{ins}r->btr", x, a.astype(x.dtype))
-  return jnp.einsum(f"btr,r{outs}->bt{outs}", low * jnp.asarray(2 * scale, x.dtype), b.astype(x.dtype))
+  return jnp.einsum(f"btr,r{outs}->bt{outs}", low * jnp.asarray(scale, x.dtype), b.astype(x.dtype))
 
 
 # ------------------------------------------------------------------------------------------------
