@@ -28,6 +28,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.param_dtype = ""
   config.model.remat = True
   config.model.use_key_padding_mask = True
+  # LoRA (rank 0 = full fine-tuning with a frozen reference copy). With LoRA the reference policy
+  # is the base with adapters disabled. Targets use LLaDA's names (HF Llama names are accepted).
+  config.model.lora_rank = 0
+  config.model.lora_alpha = 16.0
+  config.model.lora_targets = ("q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out")
   config.tokenizer = ""             # "" = the checkpoint folder; "byte" = byte-level tokenizer
 
   # Task and data.

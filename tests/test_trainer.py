@@ -139,3 +139,30 @@ def test_every_published_config_validates(name):
   loop.validate_config(config, num_devices=8 if name != "demo" else 1)
   # The published batch shapes: gen_length / block_length blocks, a whole number of steps each.
   assert config.rollout.gen_length % config.rollout.block_length == 0
+
+
+def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from dmpo_jax.models import lora  # pylint: disable=import-outside-toplevel
+  from dmpo_jax.models.config import get_preset  # pylint: disable=import-outside-toplevel
+  from dmpo_jax.models.transformer import create_model  # pylint: disable=import-outside-toplevel
+  config = small_config(**{"num_steps": 2, "eval.every_steps": 2, "model.lora_rank": 4,
+                           "model.lora_targets": ("q_proj", "v_proj", "ff_out")})
+  results = loop.train(config, str(tmp_path))
+  state = _final_params(tmp_path)["params"]
+  base = nnx.split(create_model(get_preset("tiny", remat=False), seed=config.seed))[1]
+  # Base weights are frozen (bit-identical), adapters moved away from their zero B init.
+  np.testing.assert_array_equal(state["blocks"]["q_proj"]["value"], base["blocks"]["q_proj"][...])
+  np.testing.assert_array_equal(state["embed"]["value"], base["embed"][...])
+  adapter_b = state["blocks"]["lora"]["q_proj"]["b"]["value"]
+  assert np.abs(adapter_b).max() > 0
+  assert not (tmp_path / "reference_model" / "model_config.json").exists()
+  # The exported model has the adapters folded in: W_q + A B alpha / r.
+  final = checkpointing.load_model_checkpoint(results["final_model"])
+  assert final.config.lora_rank == 0
+  a = np.asarray(state["blocks"]["lora"]["q_proj"]["a"]["value"], np.float64)
+  b = np.asarray(adapter_b, np.float64)
+  expected = np.asarray(base["blocks"]["q_proj"][...], np.float64) + np.einsum(
+      "ldr,lrhk->ldhk", a, b) * (config.model.lora_alpha / 4)
+  np.testing.assert_allclose(np.asarray(final.blocks.q_proj[...]), expected, atol=1e-6)
+  assert lora.has_adapters(nnx.split(final)[1]) is False

@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dmpo_jax.models import lora
+
 PyTree = Any
 _TINY = 1e-30
 
@@ -163,9 +165,10 @@ def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *
     numerator = numerator.astype(jnp.float32)
     return numerator * jax.lax.stop_gradient(grad_scale), (numerator, dict(metrics))
 
-  value_and_grad = jax.value_and_grad(value, has_aux=True)
+  # Gradients w.r.t. the trainable part only (LoRA adapters when present, else everything).
+  value_and_grad = lora.value_and_grad_trainable(value, has_aux=True)
   metrics_shape = jax.eval_shape(lambda: value(params, first, jnp.int32(0))[1][1])
-  grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+  grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), lora.split_trainable(params)[0])
   carry0 = (grads0, jnp.zeros((), jnp.float32), _zeros_like_shape(metrics_shape))
 
   def micro_body(carry, micro_batch):

@@ -31,7 +31,7 @@ from flax import nnx
 
 from dmpo_jax import checkpointing, metrics as metrics_lib, sharding
 from dmpo_jax.diffusion import sampler as sampler_lib
-from dmpo_jax.models import config as model_config_lib, hf_io, tokenizer as tokenizer_lib
+from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import registry, rollout, sft, train_state as ts, train_step
 from dmpo_jax.tasks import base as task_base, pipeline
@@ -159,6 +159,10 @@ class Trainer:
     validate_config(config, jax.device_count())
     self.mesh = sharding.create_mesh(_mesh_shape(config, jax.device_count()))
     self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
+    if config.model.lora_rank:
+      self.model = lora.add_adapters(self.model, rank=config.model.lora_rank,
+                                     alpha=config.model.lora_alpha,
+                                     targets=tuple(config.model.lora_targets), seed=config.seed)
     self.graphdef, params = nnx.split(self.model)
     self.param_shardings = sharding.state_shardings(params, self.mesh)
     params = jax.device_put(params, self.param_shardings)
@@ -347,8 +351,8 @@ class Trainer:
       writer.write(0, {**initial_eval, **results})
     # The reference policy is the model RL starts from (after any warm-up); saved once so a
     # resumed run compares against the same reference.
-    ref_params = None
-    if self.objective.uses_reference(self.objective_config):
+    ref_params = None  # with LoRA: the base with adapters disabled, built inside `prepare`
+    if self.objective.uses_reference(self.objective_config) and not c.model.lora_rank:
       if start_step:
         ref_params = nnx.split(checkpointing.load_model_checkpoint(
             reference_dir, shardings=self.param_shardings))[1]
@@ -432,8 +436,11 @@ class Trainer:
     if "preempted_at" not in results and jax.process_index() == 0:
       # The trained policy in the project's model format: launch/eval.py, launch/generate.py and
       # launch/convert.py (to a Hugging Face folder) take it directly.
-      final = checkpointing.save_model_checkpoint(self.workdir / "final_model", self.state.params,
-                                                  self.model.config, overwrite=True)
+      # LoRA adapters are folded into the base weights (W + A B alpha/r) for export.
+      final_model = lora.merged_model(nnx.merge(self.graphdef, self.state.params))
+      final = checkpointing.save_model_checkpoint(self.workdir / "final_model",
+                                                  nnx.split(final_model)[1], final_model.config,
+                                                  overwrite=True)
       results["final_model"] = str(final)
     return results
 

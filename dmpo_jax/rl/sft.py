@@ -19,6 +19,7 @@ import optax
 from flax import nnx
 
 from dmpo_jax.diffusion import elbo, masking
+from dmpo_jax.models import lora
 from dmpo_jax.rl import train_state as ts
 
 
@@ -37,7 +38,7 @@ def sft_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], key: jax.A
 def sft_step(graphdef: Any, optimizer: optax.GradientTransformation, state: ts.TrainState,
              batch: dict[str, jax.Array]) -> tuple[ts.TrainState, dict[str, jax.Array]]:
   """One SFT update (pure; jit with graphdef and optimizer static). Non-finite steps are skipped."""
-  loss, grads = jax.value_and_grad(sft_loss, argnums=1)(graphdef, state.params, batch, state.key,
-                                                        state.step)
+  loss, grads = lora.value_and_grad_trainable(
+      lambda params: sft_loss(graphdef, params, batch, state.key, state.step))(state.params)
   state, metrics = ts.apply_gradients(state, grads, optimizer, loss)
   return state, {"sft/loss": loss, **{k.replace("train/", "sft/"): v for k, v in metrics.items()}}

@@ -13,6 +13,8 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
+from dmpo_jax.models import lora
+
 
 @struct.dataclass
 class TrainState:
@@ -54,7 +56,9 @@ def make_optimizer(learning_rate: float, *, weight_decay: float = 0.0, b1: float
 
 
 def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
-  return TrainState(params=params, opt_state=optimizer.init(params),
+  """The optimizer state covers the trainable part only (the LoRA adapters when the model has
+  them, else every parameter: `lora.split_trainable`)."""
+  return TrainState(params=params, opt_state=optimizer.init(lora.split_trainable(params)[0]),
                     step=jnp.zeros((), jnp.int32),
                     rng=jax.random.key_data(jax.random.key(seed)))
 
@@ -62,14 +66,16 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed:
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation,
                     loss: jax.Array) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update, skipped (parameters and optimizer state untouched) when the loss or
-  any gradient is non-finite. Returns the new state and metrics (grad norm, skipped flag)."""
+  any gradient is non-finite. ``grads`` covers the trainable part (`lora.split_trainable`).
+  Returns the new state and metrics (grad norm, skipped flag)."""
+  trainable, frozen = lora.split_trainable(state.params)
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
   safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
-  updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
+  updates, new_opt_state = optimizer.update(safe_grads, state.opt_state, trainable)
+  new_trainable = optax.apply_updates(trainable, updates)
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-  new_state = state.replace(params=keep(new_params, state.params),
+  new_state = state.replace(params=lora.merge_trainable(keep(new_trainable, trainable), frozen),
                             opt_state=keep(new_opt_state, state.opt_state),
                             step=state.step + 1)
   return new_state, {"train/grad_norm": grad_norm,

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dmpo_jax.models import lora
 from dmpo_jax.rl import registry, scoring, train_state as ts
 
 
@@ -38,7 +39,13 @@ def rl_update(graphdef: Any, objective: registry.Objective, objective_config: An
 def prepare_rollout(graphdef: Any, objective: registry.Objective, objective_config: Any,
                     params: Any, ref_params: Any, batch: dict[str, jax.Array], base_key: jax.Array,
                     rollout_step: jax.Array) -> registry.Prepared:
-  """No-grad scoring of a rollout (old / reference ELBO terms, advantages or weights)."""
+  """No-grad scoring of a rollout (old / reference ELBO terms, advantages or weights).
+
+  ``ref_params=None`` with a LoRA model: the reference is the base with adapters disabled
+  (`lora.disabled`), built here inside the jitted function so it shares the base weights.
+  """
+  if ref_params is None and lora.has_adapters(params):
+    ref_params = lora.disabled(params)
   keys = scoring.make_keys(base_key, rollout_step, 0, 0)
   return objective.prepare(graphdef, params, ref_params, batch, keys, objective_config)
 
