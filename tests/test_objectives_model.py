@@ -335,3 +335,13 @@ def test_wd1_matches_independent_loss():
   value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
+
+
+def test_bgpo_prepare_reports_mc_variance_of_independent_elbo_terms():
+  aux = run("bgpo", PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
+  # Per-sequence sample variance of the 3 old-policy MC terms, averaged over the batch (numpy).
+  terms = np.asarray(aux.per_example["old_terms"], np.float64)  # [B, 3]
+  assert terms.shape == (B, 3)
+  expected = np.mean(np.var(terms, axis=1, ddof=1))
+  np.testing.assert_allclose(float(aux.metrics["elbo/mc_variance"]), expected, rtol=1e-5)
+  assert expected > 0

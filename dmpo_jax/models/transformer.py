@@ -222,8 +222,10 @@ class Transformer(nnx.Module):
     """
     chex.assert_equal_shape([input_ids, targets])
     hidden = self.align(self.hidden_states(input_ids, attention_mask))
+    # The head enters the chunk loop in fp32 and is cast to the compute dtype inside each chunk,
+    # so its gradient is accumulated across chunks in fp32 (not in bf16).
     return chunked_target_log_probs(
-        hidden, self.lm_head[...].astype(self.config.compute_dtype), targets,
+        hidden, self.lm_head[...].astype(jnp.float32), targets,
         chunk_size or self.config.logprob_chunk_size)
 
 
@@ -233,7 +235,8 @@ def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Ar
 
   A `lax.scan` over sequence chunks of ``chunk_size`` positions; each chunk's body is
   rematerialised in the backward pass, so live logits are at most [B, chunk_size, V].
-  hidden: [B, T, D]; head: [D, V]; targets: [B, T] -> [B, T] fp32.
+  hidden: [B, T, D] (compute dtype); head: [D, V], cast to hidden's dtype inside each chunk (pass
+  it in fp32 to accumulate its gradient over chunks in fp32); targets: [B, T] -> [B, T] fp32.
   """
   b, t, d = hidden.shape
   chex.assert_shape(targets, (b, t))
@@ -248,7 +251,7 @@ def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Ar
 
   @jax.checkpoint
   def one_chunk(h, y):
-    logits = jnp.einsum("bcd,dv->bcv", h, head, preferred_element_type=jnp.float32)
+    logits = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
     target_logit = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
     return target_logit - jax.nn.logsumexp(logits, axis=-1)
 

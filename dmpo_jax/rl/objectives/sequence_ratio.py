@@ -243,6 +243,9 @@ def prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str, jax
       return terms.T
 
     per_example["old_terms"] = G.micro_batch_map(old_terms, tree, cfg.micro_batch_size)
+    if cfg.num_mc > 1:
+      # ELBO noise diagnostic: per-sequence variance of the n_t MC terms, averaged over the batch.
+      metrics["elbo/mc_variance"] = jnp.mean(jnp.var(per_example["old_terms"], axis=1, ddof=1))
   return Prepared(per_example, metrics)
 
 
