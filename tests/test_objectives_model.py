@@ -210,6 +210,14 @@ def test_dmpo_weights_and_loss_match_independent_computation():
   np.testing.assert_allclose(aux.per_example["advantages"], a, rtol=1e-4, atol=1e-6)
   np.testing.assert_allclose(out.loss, loss, rtol=1e-4)
   np.testing.assert_allclose(out.denominator, 2.0)
+  # ELBO noise diagnostic: per-sequence sample variance of the K = 2 behaviour-policy terms.
+  wkeys = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/weights")
+  terms = np.asarray(elbo.elbo_estimate(
+      model(PARAMS_OLD), BATCH["sequences"], wkeys, full_canvas(),
+      functools.partial(masking.antithetic_mask, lambda_range=(0.1, 1.0)), 2,
+      attention_mask=BATCH["attention_mask"]).terms, np.float64)
+  np.testing.assert_allclose(float(aux.metrics["elbo/mc_variance"]),
+                             np.mean(np.var(terms, axis=0, ddof=1)), rtol=1e-4)
 
 
 def test_dmpo_model_baseline_invariant_to_group_placement():

@@ -161,12 +161,17 @@ def _eligible(model: Any, mb: Mapping[str, jax.Array], cfg: _ElboWeightConfig) -
   return scoring.eligible_positions(mb, model.config.eos_token_id, cfg.include_eos_padding)
 
 
-def _elbo_mean(model: Any, mb: Mapping[str, jax.Array], keys: jax.Array, cfg: _ElboWeightConfig,
-               num_samples: int) -> jax.Array:
+def _elbo_estimate(model: Any, mb: Mapping[str, jax.Array], keys: jax.Array,
+                   cfg: _ElboWeightConfig, num_samples: int) -> elbo.ElboEstimate:
   est = elbo.elbo_estimate(model, mb["sequences"], keys, _eligible(model, mb, cfg),
                            _mask_fn(cfg, num_samples), num_samples,
                            attention_mask=mb["attention_mask"])
-  return jax.lax.stop_gradient(est.mean)
+  return jax.tree.map(jax.lax.stop_gradient, est)
+
+
+def _elbo_mean(model: Any, mb: Mapping[str, jax.Array], keys: jax.Array, cfg: _ElboWeightConfig,
+               num_samples: int) -> jax.Array:
+  return _elbo_estimate(model, mb, keys, cfg, num_samples).mean
 
 
 def _base_tree(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
@@ -186,7 +191,10 @@ def _weights_and_elbos(graphdef: Any, params: Any, ref_params: Any,
   def elbos(mb):
     out = {}
     if need_ref or need_old:
-      out["elbo_old"] = _elbo_mean(model_v, mb, mb["weight_keys"], cfg, cfg.weight_num_mc)
+      est = _elbo_estimate(model_v, mb, mb["weight_keys"], cfg, cfg.weight_num_mc)
+      out["elbo_old"] = est.mean
+      if cfg.weight_num_mc > 1:  # ELBO noise diagnostic: per-sequence variance of the K terms
+        out["elbo_old_mc_var"] = jnp.var(est.terms, axis=0, ddof=1)
     if need_ref:
       out["elbo_ref"] = _elbo_mean(model_ref, mb, mb["weight_keys"], cfg, cfg.weight_num_mc)
     return out
@@ -202,6 +210,8 @@ def _weights_and_elbos(graphdef: Any, params: Any, ref_params: Any,
              "dmpo/log_ratio_ref_mean": jnp.mean(log_ratio_ref),
              "dmpo/log_ratio_ref_abs_max": jnp.max(jnp.abs(log_ratio_ref)),
              "dmpo/weight_max": jnp.max(weights["weights"])}
+  if "elbo_old_mc_var" in scored:
+    metrics["elbo/mc_variance"] = jnp.mean(scored.pop("elbo_old_mc_var"))
   return weights, scored, metrics
 
 
