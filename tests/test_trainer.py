@@ -2,8 +2,10 @@
 
 import json
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -18,29 +20,28 @@ from dmpo_jax.rl import loop, train_state as ts
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# The demo at test size: DMPO without a weight baseline (so updates are non-zero even when every
+# reward is 0), two updates per rollout, 4 RL steps, small eval, no warm-up.
+SMALL = {"objective": "dmpo", "dmpo.baseline": "none", "updates_per_rollout": 2,
+         "sft.num_steps": 0, "num_steps": 4, "prompts_per_step": 4, "group_size": 4,
+         "eval.every_steps": 4, "eval.num_examples": 16, "eval.batch_size": 16,
+         "checkpoint.every_steps": 2, "progress_bar": False}
+
+
 def small_config(**overrides):
-  """The demo at test size: DMPO without a weight baseline (so updates are non-zero even when
-  every reward is 0), two updates per rollout, 4 RL steps, small eval, no warm-up."""
   config = demo.get_config()
-  config.objective = "dmpo"
-  config.dmpo.baseline = "none"
-  config.updates_per_rollout = 2
-  config.sft.num_steps = 0
-  config.num_steps = 4
-  config.prompts_per_step = 4
-  config.group_size = 4
-  config.eval.every_steps = 4
-  config.eval.num_examples = 16
-  config.eval.batch_size = 16
-  config.checkpoint.every_steps = 2
-  config.progress_bar = False
-  for key, value in overrides.items():
+  for key, value in {**SMALL, **overrides}.items():
     node = config
     *path, last = key.split(".")
     for p in path:
       node = node[p]
     node[last] = value
   return config
+
+
+def small_config_flags(**overrides):
+  """The same config as command-line overrides of configs/demo.py."""
+  return [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
 
 
 def test_validate_config_names_each_problem(tmp_path):
@@ -90,35 +91,6 @@ def _final_params(workdir):
   return restored.state
 
 
-def test_preempted_and_resumed_run_is_bit_identical(tmp_path, monkeypatch):
-  straight = tmp_path / "straight"
-  loop.train(small_config(), str(straight))
-
-  # Same run, preempted (SIGTERM flag) after step 2, then resumed by a fresh trainer.
-  resumed = tmp_path / "resumed"
-  calls = {"n": 0}
-  original = checkpointing.PreemptionHandler.should_stop
-
-  def stop_after_two(self):
-    calls["n"] += 1
-    return calls["n"] == 2 or original(self)
-
-  monkeypatch.setattr(checkpointing.PreemptionHandler, "should_stop", stop_after_two)
-  results = loop.train(small_config(), str(resumed))
-  assert results["preempted_at"] == 2
-  monkeypatch.setattr(checkpointing.PreemptionHandler, "should_stop", original)
-  loop.train(small_config(), str(resumed))
-
-  a, b = _final_params(straight), _final_params(resumed)
-  assert int(a["step"]) == int(b["step"]) == 4 * 2  # optimizer updates: 4 rollouts x F = 2
-  jax.tree.map(np.testing.assert_array_equal, a, b)
-  metrics_a, metrics_b = _metrics_without_times(straight), _metrics_without_times(resumed)
-  assert metrics_a == metrics_b
-  # The runs learned something: the RL updates had non-zero gradients.
-  assert any(m.get("train/grad_norm", 0.0) > 0 for m in metrics_a)
-  assert metrics_a[0]["step"] == 0 and "eval/accuracy" in metrics_a[0]
-
-
 def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
   base = [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/demo.py",
           f"--workdir={tmp_path}"]
@@ -166,3 +138,39 @@ def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
       "ldr,lrhk->ldhk", a, b) * (config.model.lora_alpha / 4)
   np.testing.assert_allclose(np.asarray(final.blocks.q_proj[...]), expected, atol=1e-6)
   assert lora.has_adapters(nnx.split(final)[1]) is False
+
+
+def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
+  """A real SIGTERM (preemption) to `launch/train.py` mid-run, then a resume, gives the same
+  parameters and metrics as an uninterrupted run."""
+  overrides = {"num_steps": 30, "eval.every_steps": 0, "checkpoint.every_steps": 5}
+  straight = tmp_path / "straight"
+  loop.train(small_config(**overrides), str(straight))
+
+  killed = tmp_path / "killed"
+  process = subprocess.Popen(
+      [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/demo.py",
+       f"--workdir={killed}", "--plot=false"] + small_config_flags(**overrides),
+      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  metrics_file = killed / "metrics.jsonl"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and process.poll() is None:
+    if metrics_file.exists() and any(json.loads(line)["step"] >= 2 for line in
+                                     metrics_file.read_text().splitlines() if line.strip()):
+      break
+    time.sleep(0.01)
+  process.send_signal(signal.SIGTERM)
+  stdout, stderr = process.communicate(timeout=240)
+  assert process.returncode == 0, stderr[-3000:]
+  stopped_at = json.loads(stdout[stdout.index("{"):])["preempted_at"]
+  assert 2 <= stopped_at < 30
+  loop.train(small_config(**overrides), str(killed))
+
+  a, b = _final_params(straight), _final_params(killed)
+  assert int(a["step"]) == int(b["step"]) == 30 * 2  # optimizer updates: 30 rollouts x F = 2
+  jax.tree.map(np.testing.assert_array_equal, a, b)
+  metrics = _metrics_without_times(straight)
+  assert metrics == _metrics_without_times(killed)
+  assert [m["step"] for m in metrics] == list(range(31))  # no duplicated or missing step
+  assert "eval/accuracy" in metrics[0]  # held-out accuracy right before RL
+  assert all(m["train/grad_norm"] > 0 for m in metrics[1:])  # real updates, not no-ops
