@@ -12,7 +12,9 @@ def bgpo_llada(objective: str = "bgpo"):
   config.model.preset = "llada_8b"
   config.prompts_per_step = 16
   config.group_size = 8
-  config.updates_per_rollout = 1            # on-policy (off-policy: 2 with micro batches of 8)
+  # On-policy: one update per rollout. (The paper's off-policy variant updates on two disjoint
+  # mini-batches of 8 prompts per rollout; the trainer reuses the whole rollout per update.)
+  config.updates_per_rollout = 1
   config.optimizer.learning_rate = 5e-7
   config.optimizer.weight_decay = 0.01
   config.optimizer.b1, config.optimizer.b2 = 0.9, 0.999
