@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.num_steps = 100            # RL steps (one rollout each)
   config.objective = "bgpo"
   config.updates_per_rollout = 1    # F (DMPO buffer reuse) / μ (diffu-GRPO inner iterations)
+  # Split each rollout into this many disjoint mini-batches of whole groups; update i uses
+  # mini-batch i mod M (BGPO off-policy: 2 updates on 2 mini-batches of 8 prompts).
+  config.minibatches_per_rollout = 1
 
   # Model: a preset (random init) and/or a checkpoint (HF folder or the project's orbax format).
   config.model = ml_collections.ConfigDict()

@@ -12,8 +12,8 @@ def bgpo_llada(objective: str = "bgpo"):
   config.model.preset = "llada_8b"
   config.prompts_per_step = 16
   config.group_size = 8
-  # On-policy: one update per rollout. (The paper's off-policy variant updates on two disjoint
-  # mini-batches of 8 prompts per rollout; the trainer reuses the whole rollout per update.)
+  # On-policy: one update per rollout. The paper's off-policy variant: --config.bgpo.mode=off_policy
+  # --config.updates_per_rollout=2 --config.minibatches_per_rollout=2 (two mini-batches of 8 prompts).
   config.updates_per_rollout = 1
   config.optimizer.learning_rate = 5e-7
   config.optimizer.weight_decay = 0.01

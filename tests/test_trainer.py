@@ -174,3 +174,42 @@ def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
   assert [m["step"] for m in metrics] == list(range(31))  # no duplicated or missing step
   assert "eval/accuracy" in metrics[0]  # held-out accuracy right before RL
   assert all(m["train/grad_norm"] > 0 for m in metrics[1:])  # real updates, not no-ops
+
+
+def test_minibatches_split_each_rollout_into_disjoint_whole_groups(tmp_path, monkeypatch):
+  """BGPO off-policy as in the paper: 2 updates per rollout on 2 disjoint mini-batches."""
+  seen = []
+  original = loop.Trainer.compile_steps
+
+  def recording(self, ref_params):
+    info = original(self, ref_params)
+    compiled = self._train_step
+
+    def record(state, batch, per_example, rollout_step, iteration):
+      seen.append((int(rollout_step), int(iteration), np.asarray(batch["group_ids"]).tolist(),
+                   np.asarray(batch["rewards"]), np.asarray(per_example["advantages"])))
+      return compiled(state, batch, per_example, rollout_step, iteration)
+
+    self._train_step = record
+    return info
+
+  monkeypatch.setattr(loop.Trainer, "compile_steps", recording)
+  config = small_config(**{"objective": "bgpo", "bgpo.mode": "off_policy", "bgpo.num_mc": 2,
+                           "updates_per_rollout": 2, "minibatches_per_rollout": 2,
+                           "num_steps": 2, "eval.every_steps": 2})
+  loop.train(config, str(tmp_path))
+  assert [(s, i) for s, i, *_ in seen] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  for step in (0, 1):
+    halves = [(g, r, a) for s, _, g, r, a in seen if s == step]
+    first, second = halves[0][0], halves[1][0]
+    assert len(first) == len(second) == 8  # 4 prompts x G = 4, split in two
+    assert set(first).isdisjoint(second)
+    for groups, rewards, advantages in halves:
+      groups = np.asarray(groups)
+      for g in set(groups.tolist()):
+        rows = groups == g
+        assert rows.sum() == 4  # whole groups only
+        z = (rewards[rows] - rewards[rows].mean()) / (rewards[rows].std(ddof=1) + 1e-6)
+        np.testing.assert_allclose(advantages[rows], z, rtol=1e-5, atol=1e-6)
+  with pytest.raises(loop.ConfigError, match="minibatches_per_rollout=3"):
+    loop.validate_config(small_config(minibatches_per_rollout=3), num_devices=1)

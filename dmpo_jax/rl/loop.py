@@ -73,9 +73,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       errors.append(f"{prefix}.gen_length={gen} is not a multiple of {prefix}.block_length={blk}")
     elif steps % (gen // blk):
       errors.append(f"{prefix}.steps={steps} is not a multiple of the number of blocks {gen // blk}")
-  for name in ("num_steps", "prompts_per_step", "group_size", "updates_per_rollout"):
+  for name in ("num_steps", "prompts_per_step", "group_size", "updates_per_rollout",
+               "minibatches_per_rollout"):
     if config[name] <= 0:
       errors.append(f"{name} must be positive, got {config[name]}")
+  if config.minibatches_per_rollout > 0 and config.prompts_per_step % config.minibatches_per_rollout:
+    errors.append(f"prompts_per_step={config.prompts_per_step} is not divisible by "
+                  f"minibatches_per_rollout={config.minibatches_per_rollout} (mini-batches hold "
+                  "whole groups)")
   if config.task.prompt_length <= 0:
     errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
   if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():
@@ -86,10 +91,10 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     try:
       mesh_shape = _mesh_shape(config, num_devices)
       divisor = mesh_shape["data"] * mesh_shape["fsdp"]
-      batch = config.prompts_per_step * config.group_size
+      batch = config.prompts_per_step * config.group_size // max(config.minibatches_per_rollout, 1)
       if batch % divisor:
-        errors.append(f"prompts_per_step*group_size={batch} is not divisible by the batch mesh axes "
-                      f"data*fsdp={divisor}")
+        errors.append(f"the update batch prompts_per_step*group_size/minibatches_per_rollout={batch} "
+                      f"is not divisible by the batch mesh axes data*fsdp={divisor}")
       if config.eval.batch_size % divisor:
         errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by data*fsdp={divisor}")
     except ValueError as e:
@@ -293,9 +298,10 @@ class Trainer:
     return full[jax.process_index() * rows:(jax.process_index() + 1) * rows]
 
   # -- the RL train step --------------------------------------------------------------------------
-  def abstract_rollout_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
-    """Shapes/shardings of the RL batch of one step (for ahead-of-time compilation)."""
-    b = self.config.prompts_per_step * self.config.group_size
+  def abstract_rollout_batch(self, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    """Shapes/shardings of the RL batch of one step, or of one of its ``minibatches`` (for
+    ahead-of-time compilation)."""
+    b = self.config.prompts_per_step * self.config.group_size // minibatches
     t = self.prompt_length + self.config.rollout.gen_length
     spec = {"sequences": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.bool_),
             "prompt_mask": ((b, t), jnp.bool_), "completion_mask": ((b, t), jnp.bool_),
@@ -308,10 +314,11 @@ class Trainer:
     """Jits `prepare_rollout` and AOT-compiles `rl_update` for the run's shapes; logs memory."""
     self._prepare = jax.jit(functools.partial(train_step.prepare_rollout, self.graphdef,
                                               self.objective, self.objective_config))
-    batch = self.abstract_rollout_batch()
-    prepared = jax.eval_shape(self._prepare, self.state.params, ref_params, batch, self.state.key,
-                              train_step.SCALAR_INT32)
-    per_example = {k: jax.ShapeDtypeStruct(v.shape, v.dtype,
+    prepared = jax.eval_shape(self._prepare, self.state.params, ref_params,
+                              self.abstract_rollout_batch(), self.state.key, train_step.SCALAR_INT32)
+    minibatches = self.config.minibatches_per_rollout
+    batch = self.abstract_rollout_batch(minibatches)
+    per_example = {k: jax.ShapeDtypeStruct((v.shape[0] // minibatches,) + v.shape[1:], v.dtype,
                                            sharding=sharding.batch_sharding(self.mesh, v.ndim))
                    for k, v in prepared.per_example.items()}
     jitted = train_step.jit_rl_update(self.graphdef, self.objective, self.objective_config,
@@ -321,6 +328,24 @@ class Trainer:
         train_step.SCALAR_INT32)
     _log.info("train step compiled ahead of time: %s", json.dumps(info))
     return info
+
+  def update_batches(self, batch_np: dict[str, np.ndarray], per_example_np: dict[str, np.ndarray]):
+    """The (batch, per-example) pairs of the ``updates_per_rollout`` updates of one rollout.
+
+    With ``minibatches_per_rollout`` = M, the rollout (prompts in order, each prompt's G
+    completions consecutive) is split into M disjoint mini-batches of whole groups and update i
+    uses mini-batch i mod M (BGPO's off-policy mode: M = 2, two updates). M = 1 reuses the whole
+    rollout for every update (DMPO's F-fold buffer reuse, diffu-GRPO's μ iterations).
+    """
+    minibatches = self.config.minibatches_per_rollout
+    rows = len(batch_np["rewards"]) // minibatches
+    placed = []
+    for m in range(minibatches):
+      part = slice(m * rows, (m + 1) * rows)
+      placed.append((self.put_batch({k: v[part] for k, v in batch_np.items()}),
+                     self.put_batch({k: v[part] for k, v in per_example_np.items()})))
+    for iteration in range(self.config.updates_per_rollout):
+      yield placed[iteration % minibatches]
 
   # -- the loop ---------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
@@ -390,11 +415,11 @@ class Trainer:
         with timer.phase("train"):
           prepared = self._prepare(self.state.params, ref_params, batch, self.state.key,
                                    jnp.int32(step))
-          per_example = self.put_batch(prepared.per_example)
+          per_example_np = {k: self.local_rows(v) for k, v in prepared.per_example.items()}
           update_metrics = []
-          for iteration in range(c.updates_per_rollout):
-            self.state, m = self._train_step(self.state, batch, per_example,
-                                             jnp.int32(step), jnp.int32(iteration))
+          for iteration, (mb, pe) in enumerate(self.update_batches(batch_np, per_example_np)):
+            self.state, m = self._train_step(self.state, mb, pe, jnp.int32(step),
+                                             jnp.int32(iteration))
             update_metrics.append(m)
           update_metrics = jax.device_get(update_metrics)
         step_metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
