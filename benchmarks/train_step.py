@@ -26,14 +26,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from dmpo_jax import sharding  # noqa: E402
 from dmpo_jax.diffusion.sampler import SamplerConfig, generate  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
-from dmpo_jax.models.transformer import create_model  # noqa: E402
 from dmpo_jax.rl import registry, rollout, train_state as ts, train_step  # noqa: E402
 from memory import MC_FIELD, step_model_flops  # noqa: E402
+from sampler import init_params  # noqa: E402
 
 
 def _timed(fn, repeats):
@@ -70,8 +69,7 @@ def main(argv=None):
     overrides["remat"] = bool(args.remat)
   config = get_preset(args.preset, **overrides)
   mesh = sharding.create_mesh((-1, 1, 1))
-  graphdef, _ = nnx.split(nnx.eval_shape(lambda: create_model(config, 0)))
-  params = jax.jit(lambda: nnx.split(create_model(config, 0))[1])()
+  graphdef, params = init_params(config)
   params = jax.device_put(params, sharding.state_shardings(params, mesh))
 
   objective = registry.get_objective(args.objective)

@@ -51,6 +51,17 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
   (missing axes get size 1).
   """
   devices = list(jax.devices() if devices is None else devices)
+  sizes = resolve_mesh_shape(shape, len(devices), axis_names)
+  return Mesh(np.asarray(devices).reshape(sizes), tuple(axis_names))
+
+
+def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int,
+                       axis_names: Sequence[str] = MESH_AXES) -> list[int]:
+  """Axis sizes aligned with ``axis_names``; a -1 axis takes the remaining devices.
+
+  ``shape`` is a sequence aligned with ``axis_names`` or a mapping ``{axis: size}`` (missing axes
+  get size 1). Raises ValueError when the sizes cannot use exactly ``num_devices`` devices.
+  """
   if isinstance(shape, Mapping):
     unknown = set(shape) - set(axis_names)
     if unknown:
@@ -64,13 +75,13 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
     raise ValueError(f"At most one mesh axis may be -1, got {tuple(sizes)}")
   known = math.prod(s for s in sizes if s != -1)
   if -1 in sizes:
-    if len(devices) % known:
-      raise ValueError(f"{len(devices)} devices cannot fill mesh {tuple(sizes)} (fixed part {known})")
-    sizes[sizes.index(-1)] = len(devices) // known
-  if math.prod(sizes) != len(devices):
+    if num_devices % known:
+      raise ValueError(f"{num_devices} devices cannot fill mesh {tuple(sizes)} (fixed part {known})")
+    sizes[sizes.index(-1)] = num_devices // known
+  if math.prod(sizes) != num_devices:
     raise ValueError(f"Mesh {dict(zip(axis_names, sizes))} needs {math.prod(sizes)} devices, "
-                     f"{len(devices)} available")
-  return Mesh(np.asarray(devices).reshape(sizes), tuple(axis_names))
+                     f"{num_devices} available")
+  return sizes
 
 
 def partition_spec(shape: Sequence[int], logical_axes: Optional[Sequence[Optional[str]]],

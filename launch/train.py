@@ -11,7 +11,6 @@ Re-running with the same --workdir resumes from the latest checkpoint. The built
 
 import json
 import logging
-import os
 import pathlib
 import sys
 

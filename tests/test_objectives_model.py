@@ -8,15 +8,13 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from flax import nnx
 
 from dmpo_jax.diffusion import elbo, masking
 from dmpo_jax.models.config import get_preset
 from dmpo_jax.models.transformer import create_model, split_model
 from dmpo_jax.rl import registry, scoring
-from dmpo_jax.rl.objectives import dmpo as dmpo_mod
-from dmpo_jax.rl.objectives import sequence_ratio, spg as spg_mod
+from dmpo_jax.rl.objectives import sequence_ratio
 from dmpo_jax.rl.objectives.base import Prepared
 
 CONFIG = get_preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16,

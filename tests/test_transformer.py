@@ -231,7 +231,7 @@ def test_llada_token_log_probs_match_full_log_softmax(llada):
 # ------------------------------------------------------------------------------------------------
 
 def test_dream_logits_match_numpy_reference(dream):
-  ids, mask, raw = dream["ids"], dream["mask"], dream["out"]["raw"]
+  ids, raw = dream["ids"], dream["out"]["raw"]
   want = np_forward(dream["tensors"], "dream", dream["config"], ids[:2])
   _assert_logits_close(raw[:2], want)
   # Aligned logits: the prediction for position i is the head output at i-1 (position 0 keeps its own).

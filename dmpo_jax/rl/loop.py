@@ -18,9 +18,7 @@ import dataclasses
 import functools
 import json
 import logging
-import math
 import pathlib
-import time
 from typing import Any, Optional
 
 import jax
@@ -104,16 +102,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
 
 
 def _mesh_shape(config, num_devices: int) -> dict[str, int]:
-  sizes = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
-  if list(sizes.values()).count(-1) > 1:
-    raise ValueError(f"at most one mesh axis may be -1, got {sizes}")
-  fixed = math.prod(s for s in sizes.values() if s != -1)
-  for a, s in sizes.items():
-    if s == -1:
-      sizes[a] = num_devices // fixed
-  if math.prod(sizes.values()) != num_devices:
-    raise ValueError(f"mesh {sizes} does not use the {num_devices} devices")
-  return sizes
+  """``config.mesh`` resolved against the device count (-1 fills the rest)."""
+  shape = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
+  return dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(shape, num_devices)))
 
 
 def load_model_and_tokenizer(config, mesh):
@@ -141,7 +132,7 @@ def load_model_and_tokenizer(config, mesh):
 
 def _with_config(model, new_config):
   """The same parameters under a config that differs only in compute options."""
-  graphdef, state = nnx.split(model)
+  _, state = nnx.split(model)
   fresh = nnx.eval_shape(lambda: create_model(new_config))
   new_graphdef, _ = nnx.split(fresh)
   return nnx.merge(new_graphdef, state)
@@ -242,7 +233,7 @@ class Trainer:
     return {"eval/accuracy": float(summary["accuracy"])}
 
   # -- warm-up ----------------------------------------------------------------------------------
-  def warmup(self, examples, writer, bar_enabled: bool):
+  def warmup(self, examples, bar_enabled: bool):
     """Masked-diffusion SFT on demonstrations (``config.sft``), before RL."""
     c = self.config
     optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm)
@@ -370,7 +361,7 @@ class Trainer:
       _log.info("resumed from step %d", start_step)
     else:
       if c.sft.num_steps:
-        results.update(self.warmup(warmup_examples, writer, bar_enabled))
+        results.update(self.warmup(warmup_examples, bar_enabled))
       initial_eval = self.evaluate(self.state.params, held_out)
       results["eval/accuracy_start"] = initial_eval["eval/accuracy"]
       writer.write(0, {**initial_eval, **results})

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import multiprocessing
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 

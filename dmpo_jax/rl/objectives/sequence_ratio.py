@@ -25,7 +25,6 @@ constant-memory method of §5.2: a no-grad pass fixes c_i = ∂R_i/∂δ̄_i, a 
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping, Optional
 
 import jax
