@@ -156,6 +156,10 @@ def test_bgpo_sample_terms_hand_values():
   g, flags = sequence_ratio.bgpo_sample_objective(d, a, 2)
   np.testing.assert_allclose(g, [0.75, 0.25, -math.exp(20.0), -math.e / 2, 0.0], rtol=1e-6)
   np.testing.assert_array_equal(flags["exp_clamped"], [False, False, True, False, False])
+  # dg/dd: A/n on the linear branch, exp(min(d, 20))·A/n on the exp branch (bounded, nonzero
+  # above the clamp), 0 for A = 0.
+  grad = jax.grad(lambda x: jnp.sum(sequence_ratio.bgpo_sample_objective(x, a, 2)[0]))(d)
+  np.testing.assert_allclose(grad, [0.5, 0.5, -math.exp(20.0), -math.e / 2, 0.0], rtol=1e-6)
   # Lemma-1-only: linear for every sign; Lemma-2-only: exp for every sign
   g1, _ = sequence_ratio.bgpo_sample_objective(d, a, 2, bound="lemma1_only")
   np.testing.assert_allclose(g1, [0.75, 0.25, -31.0, -1.0, 0.0], rtol=1e-6)
@@ -191,7 +195,9 @@ def test_vrpo_ol_objective_and_coefficients():
   value, coef = sequence_ratio.vrpo_ol_coefficients(md, a)
   expected = [2 * math.exp(0.3), -math.exp(-0.2), 2 * math.exp(0.3), -math.exp(20.0)]
   np.testing.assert_allclose(value, expected, rtol=1e-6)
-  np.testing.assert_allclose(coef, expected[:3] + [0.0], rtol=1e-6)  # clamped: no gradient
+  # Above the clamp the coefficient is exp(20)·A (§5.2), not 0: the ratio stays bounded but the
+  # runaway sample is still pushed back.
+  np.testing.assert_allclose(coef, expected, rtol=1e-6)
   # PPO clip at ε = 0.2: ratio e^0.3 = 1.35 > 1.2 with A > 0 -> clipped, zero coefficient
   value_c, coef_c = sequence_ratio.vrpo_ol_coefficients(md[:2], a[:2], clip_eps=0.2)
   np.testing.assert_allclose(value_c, [2.4, -math.exp(-0.2)], rtol=1e-6)

@@ -222,24 +222,24 @@ class Transformer(nnx.Module):
     """
     chex.assert_equal_shape([input_ids, targets])
     hidden = self.align(self.hidden_states(input_ids, attention_mask))
-    # The head enters the chunk loop in fp32 and is cast to the compute dtype inside each chunk,
-    # so its gradient is accumulated across chunks in fp32 (not in bf16).
-    return chunked_target_log_probs(
-        hidden, self.lm_head[...].astype(jnp.float32), targets,
-        chunk_size or self.config.logprob_chunk_size)
+    return chunked_target_log_probs(hidden, self.lm_head[...], targets,
+                                    chunk_size or self.config.logprob_chunk_size)
 
 
 def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array,
                              chunk_size: int) -> jax.Array:
   """log_softmax(hidden @ head)[targets] in fp32 without materialising [B, T, V] fp32 logits.
 
-  A `lax.scan` over sequence chunks of ``chunk_size`` positions; each chunk's body is
-  rematerialised in the backward pass, so live logits are at most [B, chunk_size, V].
-  hidden: [B, T, D] (compute dtype); head: [D, V], cast to hidden's dtype inside each chunk (pass
-  it in fp32 to accumulate its gradient over chunks in fp32); targets: [B, T] -> [B, T] fp32.
+  A `lax.scan` over sequence chunks of ``chunk_size`` positions, so live logits are at most
+  [B, chunk_size, V]. The gradient is hand-written (`_chunked_log_probs`): the backward pass
+  recomputes each chunk's logits and accumulates the head's gradient over chunks in an fp32
+  carry, using the head in its own dtype (no fp32 copy of the [D, V] weight is ever made).
+  hidden: [B, T, D] (compute dtype); head: [D, V] (cast to hidden's dtype for the matmuls);
+  targets: [B, T] int -> [B, T] fp32.
   """
   b, t, d = hidden.shape
   chex.assert_shape(targets, (b, t))
+  chex.assert_shape(head, (d, None))
   chunk = max(1, min(chunk_size, t))
   n_chunks = -(-t // chunk)
   pad = n_chunks * chunk - t
@@ -247,19 +247,57 @@ def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Ar
     hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
   hidden_chunks = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
-  target_chunks = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1)
-
-  @jax.checkpoint
-  def one_chunk(h, y):
-    logits = jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-    target_logit = jnp.take_along_axis(logits, y[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return target_logit - jax.nn.logsumexp(logits, axis=-1)
-
-  def body(carry, xs):
-    return carry, one_chunk(*xs)
-
-  _, out = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+  target_chunks = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1).astype(jnp.int32)
+  out = _chunked_log_probs(hidden_chunks, head, target_chunks)
   return out.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
+
+
+def _chunk_logits(h: jax.Array, head: jax.Array) -> jax.Array:
+  """[b, c, D] x [D, V] -> [b, c, V] fp32 (compute-dtype operands, fp32 accumulation)."""
+  return jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
+
+
+def _chunked_log_probs_fwd(hidden_chunks, head, target_chunks):
+  def body(_, xs):
+    h, y = xs
+    logits = _chunk_logits(h, head)
+    log_norm = jax.nn.logsumexp(logits, axis=-1)
+    target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
+    return None, (target_logit - log_norm, log_norm)
+
+  _, (log_probs, log_norm) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
+  return log_probs, (hidden_chunks, head, target_chunks, log_norm)
+
+
+def _chunked_log_probs_bwd(residuals, cotangent):
+  """d log p(y)/d logits = onehot(y) − softmax(logits); per chunk:
+  d hidden = d_logits @ headᵀ, d head += hiddenᵀ @ d_logits (fp32 carry)."""
+  hidden_chunks, head, target_chunks, log_norm = residuals
+  head_c = head.astype(hidden_chunks.dtype)
+  vocab = head.shape[1]
+
+  def body(d_head, xs):
+    h, y, norm, g = xs
+    probs = jnp.exp(_chunk_logits(h, head) - norm[..., None])
+    onehot = jax.nn.one_hot(y, vocab, dtype=jnp.float32)
+    d_logits = (g.astype(jnp.float32)[..., None] * (onehot - probs)).astype(h.dtype)
+    d_h = jnp.einsum("bcv,dv->bcd", d_logits, head_c, preferred_element_type=jnp.float32)
+    d_head = d_head + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
+    return d_head, d_h.astype(h.dtype)
+
+  d_head, d_hidden = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32),
+                                  (hidden_chunks, target_chunks, log_norm, cotangent))
+  return d_hidden, d_head.astype(head.dtype), None
+
+
+@jax.custom_vjp
+def _chunked_log_probs(hidden_chunks: jax.Array, head: jax.Array,
+                       target_chunks: jax.Array) -> jax.Array:
+  """[N, b, c, D], [D, V], [N, b, c] -> [N, b, c] fp32 target log-probs, chunk by chunk."""
+  return _chunked_log_probs_fwd(hidden_chunks, head, target_chunks)[0]
+
+
+_chunked_log_probs.defvjp(_chunked_log_probs_fwd, _chunked_log_probs_bwd)
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> Transformer:

@@ -3,14 +3,16 @@
 * `LossOutput` / `WeightedMetric`: the (numerator, denominator) loss contract (`algorithms.md`
   §5.4). Accumulating numerators and denominators separately over MC samples and micro-batches
   and dividing once gives the exact global mean, never a mean of means.
-* `accumulate_gradients`: ``lax.scan`` over micro-batches, and inside it ``lax.scan`` over MC
-  samples, with ``value_and_grad`` in the body and fp32 gradients in the carry. Only one
-  (micro-batch, MC sample) forward/backward graph is alive at a time, so peak memory does not
-  grow with the number of MC samples or of micro-batches.
-  Measured with `benchmarks/memory.py`: compiled temp memory is identical for n = 2..64. n = 1
-  compiles without a loop (XLA removes trip-count-1 loops and writes the single gradient straight
-  into the output), so it is lower by the loop's constant working set: the per-sample gradient
-  buffers (on CPU XLA also keeps fp32 conversions of the bf16 per-sample gradients).
+* `accumulate_gradients`: one loop over (micro-batch, MC sample) pairs with ``value_and_grad``
+  in the body and fp32 gradients in the carry. Only one (micro-batch, MC sample)
+  forward/backward graph is alive at a time. The trip count reaches XLA as a runtime value
+  (through an optimization barrier), so the compiler can neither drop the loop at one iteration
+  nor unroll it: every number of MC samples compiles to the same loop with the same buffers, so
+  peak memory is independent of n by construction, and more micro-batches only shrink the
+  per-iteration activations (measured with `benchmarks/memory.py`). The price is the loop's
+  fixed working set, one sample's gradient next to the accumulator, which a loop-free program
+  would not need: losses without an MC axis (``num_samples=None``) with one micro-batch take
+  their gradient directly.
 * `micro_batch_map`: the gradient-free counterpart (pass 1 of the two-pass method of
   `algorithms.md` §5.2, old/reference scoring), also a scan over micro-batches.
 * `value_with_surrogate_grad`: value v, gradient of a surrogate s (``v + s − stop_gradient(s)``),
@@ -138,17 +140,22 @@ SampleLossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, Mapping[st
 
 
 def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *,
-                         num_samples: int, micro_batch_size: Optional[int],
+                         num_samples: Optional[int], micro_batch_size: Optional[int],
                          denominator_fn: Callable[[PyTree], jax.Array],
                          normalize: bool = True) -> tuple[PyTree, LossOutput]:
   """Σ over micro-batches b and MC samples j of ∇ loss_fn(params, b, j), in fp32.
 
   ``loss_fn(params, micro_batch, j) -> (numerator_j, metrics_j)`` is the contribution of MC
   sample j (int32 scalar, 0..num_samples-1) of one micro-batch; its gradient is taken inside the
-  scan body and added to an fp32 carry. ``denominator_fn(micro_batch)`` is counted once per
-  micro-batch. Returns (grads, LossOutput) with grads = ∇(Σ numerator) / Σ denominator when
-  ``normalize`` (the gradient of the reported loss), otherwise ∇ Σ numerator.
+  loop body and added to an fp32 carry. ``num_samples=None`` marks a loss without an MC-sample
+  axis (one forward per micro-batch, j = 0): with a single micro-batch there is nothing to
+  accumulate and the gradient is taken directly, without the loop's working set.
+  ``denominator_fn(micro_batch)`` is counted once per micro-batch. Returns (grads, LossOutput)
+  with grads = ∇(Σ numerator) / Σ denominator when ``normalize`` (the gradient of the reported
+  loss), otherwise ∇ Σ numerator.
   """
+  single_pass = num_samples is None
+  num_samples = 1 if single_pass else num_samples
   if num_samples < 1:
     raise ValueError(f"num_samples must be >= 1, got {num_samples}")
   micro = split_micro_batches(batch, micro_batch_size)
@@ -171,21 +178,30 @@ def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *
   grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), lora.split_trainable(params)[0])
   carry0 = (grads0, jnp.zeros((), jnp.float32), _zeros_like_shape(metrics_shape))
 
-  def micro_body(carry, micro_batch):
-    def sample_body(inner, j):
-      grads, numerator, metrics = inner
-      (_, (num_j, metrics_j)), grads_j = value_and_grad(params, micro_batch, j)
-      grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, grads_j)
-      metrics = jax.tree.map(jnp.add, metrics, metrics_j)
-      return (grads, numerator + num_j, metrics), None
+  num_micro = jax.tree.leaves(micro)[0].shape[0]
+  if single_pass and num_micro == 1:
+    (_, (numerator, metrics)), grads = value_and_grad(params, first, jnp.int32(0))
+    grads = jax.tree.map(lambda g: g.astype(jnp.float32), grads)
+    return grads, LossOutput(numerator, denominator, metrics)
 
-    carry, _ = jax.lax.scan(sample_body, carry, jnp.arange(num_samples, dtype=jnp.int32))
-    return carry, None
+  def body(i, carry):
+    # Iteration i is (micro-batch i // n, MC sample i % n).
+    grads, numerator, metrics = carry
+    m, j = i // num_samples, i % num_samples
+    micro_batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, m, keepdims=False), micro)
+    # Tying the parameters to the iteration keeps XLA from hoisting per-parameter work out of
+    # the loop (on CPU: fp32 copies of every bf16 weight, alive for the whole loop).
+    params_i, _ = jax.lax.optimization_barrier((params, i))
+    (_, (num_j, metrics_j)), grads_j = value_and_grad(params_i, micro_batch, j)
+    grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, grads_j)
+    metrics = jax.tree.map(jnp.add, metrics, metrics_j)
+    return grads, numerator + num_j, metrics
 
-  if jax.tree.leaves(micro)[0].shape[0] == 1:  # one micro-batch: no outer loop
-    (grads, numerator, metrics), _ = micro_body(carry0, first)
-  else:
-    (grads, numerator, metrics), _ = jax.lax.scan(micro_body, carry0, micro)
+  # The trip count goes through an optimization barrier so XLA sees a loop of unknown length:
+  # it cannot elide the loop at one iteration or unroll it, so every (n, M) compiles to the same
+  # loop with the same buffers and peak memory is independent of n and M by construction.
+  trip_count = jax.lax.optimization_barrier(jnp.int32(num_micro * num_samples))
+  grads, numerator, metrics = jax.lax.fori_loop(0, trip_count, body, carry0)
   return grads, LossOutput(numerator, denominator, metrics)
 
 

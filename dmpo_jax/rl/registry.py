@@ -68,7 +68,7 @@ class Objective:
 
   def grads(self, graphdef: Any, params: Any, batch: Mapping[str, Any], aux: Prepared, keys: Any,
             cfg: ObjectiveConfig):
-    """(fp32 grads of the loss, `LossOutput`) with scan accumulation over MC samples and
+    """(fp32 grads of the loss, `LossOutput`) with loop accumulation over MC samples and
     micro-batches."""
     self._check(cfg)
     return self.grads_fn(graphdef, params, batch, aux, keys, cfg)

@@ -2,7 +2,7 @@
 
   rl_update(state, batch, per_example, rollout_step, iteration) -> (state, metrics)
 
-computes the objective's gradients (`objective.grads`: `lax.scan` accumulation over MC samples and
+computes the objective's gradients (`objective.grads`: loop accumulation over MC samples and
 micro-batches) and applies one AdamW update, skipping it when the loss or a gradient is not
 finite. It is jitted with the state's shardings in and out and the state donated.
 """

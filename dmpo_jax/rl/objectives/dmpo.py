@@ -14,7 +14,7 @@ Per update (``grads``): R fresh loss masks (keyed by the update step), and
     L_WDCE = (1/P) Σ_i A_i · (1/R) Σ_j (1/m_ij) Σ_{d∈M_ij} −log π_θ(y_i,d | masked y_i)      (Eq. 11)
 
 (1/m = ELBO weight / L: the |o| factor dropped as in the code; P = number of prompts, since
-the weights of a group sum to 1). A scan over micro-batches × R masks with gradients in the
+the weights of a group sum to 1). A loop over micro-batches × R masks with gradients in the
 carry. The model baseline (Eq. 15) needs ELBO_θ of every group member before any gradient: a
 no-grad pass (on the weight masks, CRN with ELBO_v, by default) fixes it first.
 
@@ -241,7 +241,7 @@ def dmpo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str
 
 def dmpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: Prepared,
                keys: scoring.RLKeys, cfg: DMPOConfig) -> tuple[Any, G.LossOutput]:
-  """∇ L_WDCE: scan over micro-batches × R fresh loss masks (keyed by ``keys.update_step``).
+  """∇ L_WDCE: loop over micro-batches × R fresh loss masks (keyed by ``keys.update_step``).
 
   With the model baseline, ``batch`` must hold whole groups (its softmax is over the group)."""
   pe = aux.per_example
@@ -305,7 +305,7 @@ def wddo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str
 def wddo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: Prepared,
                keys: scoring.RLKeys, cfg: WDDOConfig) -> tuple[Any, G.LossOutput]:
   """Exact two-pass WDDO: pass 1 (no grad) gives E_θ^real, E_θ^fake and the log-sigmoid
-  derivatives; pass 2 scans over the 2K masks accumulating c·∇ℓ_θ^{(j)}/K."""
+  derivatives; pass 2 loops over the 2K masks accumulating c·∇ℓ_θ^{(j)}/K."""
   pe = aux.per_example
   k = cfg.weight_num_mc
   real_keys = scoring.example_keys(keys, batch["example_ids"], _WEIGHT_PURPOSE)

@@ -197,7 +197,7 @@ def diffu_grpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array],
                "d1/kl": G.WeightedMetric.mean_of(jax.lax.stop_gradient(flags["kl"]), scored)}
     return jnp.sum(loss), metrics
 
-  return G.accumulate_gradients(loss_fn, params, tree, num_samples=1,
+  return G.accumulate_gradients(loss_fn, params, tree, num_samples=None,
                                 micro_batch_size=cfg.micro_batch_size,
                                 denominator_fn=lambda mb: jnp.sum(mb["num_tokens"]))
 
@@ -232,6 +232,6 @@ def wd1_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: P
                                                      jnp.sum(scored).astype(jnp.float32))}
     return jnp.sum(loss), metrics
 
-  return G.accumulate_gradients(loss_fn, params, tree, num_samples=1,
+  return G.accumulate_gradients(loss_fn, params, tree, num_samples=None,
                                 micro_batch_size=cfg.micro_batch_size,
                                 denominator_fn=lambda mb: jnp.sum(mb["inv_group_size"]))

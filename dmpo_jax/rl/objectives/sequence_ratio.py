@@ -12,8 +12,9 @@ d_j = ℓ_θ^{(j)} − ℓ_old^{(j)}, computed in fp32. Advantages are group z-s
   exact because scoring is deterministic.
 
 BGPO loss (Eq. 19):  L = −(1/B) Σ_i Σ_j g_ij, with g_j = (1 + d_j)·A/n_t (A ≥ 0, Lemma 1) and
-exp(min(d_j, clamp))·A/n_t (A < 0, Lemma 2): a sum of per-sample terms, so ``grads`` is a scan
-over samples with gradients in the carry (memory independent of n_t).
+exp(min(d_j, clamp))·A/n_t (A < 0, Lemma 2): a sum of per-sample terms, so ``grads`` is a loop
+over samples with gradients in the carry (memory independent of n_t). The clamp bounds the value
+and the gradient (`clamped_exp`): above it the derivative is exp(clamp)·A/n_t, not 0.
 
 VRPO-OL loss (Eq. 6-7):  L = −(1/B) Σ_i exp(min(δ̄_i, clamp))·A_i, δ̄ = mean_j d_j.
 ``form="direct"`` differentiates through a scan over the n_t samples (all n_t graphs are kept for
@@ -25,6 +26,7 @@ constant-memory method of §5.2: a no-grad pass fixes c_i = ∂R_i/∂δ̄_i, a 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -114,6 +116,21 @@ class VRPOOLConfig(SequenceRatioConfig):
 
 # -- pure per-sample math ---------------------------------------------------------------------------
 
+@functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
+def clamped_exp(x: jax.Array, clamp: float) -> jax.Array:
+  """exp(min(x, clamp)) whose derivative is exp(min(x, clamp)) everywhere (`algorithms.md` §5.2:
+  c = exp(min(δ̄, 20))·A). Above the clamp the value *and* the gradient are bounded at exp(clamp)
+  instead of the gradient dropping to 0, so a sample whose log-ratio ran away is still pushed back
+  with bounded force, and the two-pass VRPO-OL coefficient equals the direct form's gradient."""
+  return jnp.exp(jnp.minimum(x, clamp))
+
+
+@clamped_exp.defjvp
+def _clamped_exp_jvp(clamp, primals, tangents):
+  y = clamped_exp(primals[0], clamp)
+  return y, y * tangents[0]
+
+
 def ppo_clip(ratio: jax.Array, advantages: jax.Array, *, clip_eps: Optional[float],
              clip_eps_high: Optional[float] = None,
              dual_clip: Optional[float] = None) -> tuple[jax.Array, jax.Array]:
@@ -153,7 +170,7 @@ def bgpo_sample_objective(d: jax.Array, advantages: jax.Array, num_samples: int,
   d = d.astype(jnp.float32)
   a = advantages.astype(jnp.float32)
   taylor = 1.0 + jnp.clip(d, -taylor_clamp, taylor_clamp)
-  jensen = jnp.exp(jnp.minimum(d, exp_clamp))
+  jensen = clamped_exp(d, exp_clamp)
   if bound == "both":
     use_taylor = a >= 0
   else:
@@ -171,7 +188,7 @@ def vrpo_ol_objective(mean_d: jax.Array, advantages: jax.Array, *, exp_clamp: fl
                       clip_eps: Optional[float] = None, clip_eps_high: Optional[float] = None,
                       dual_clip: Optional[float] = None) -> jax.Array:
   """VRPO-OL per-response objective R̂ = exp(min(δ̄, exp_clamp))·A (Eq. 7), optional PPO clip, [B]."""
-  ratio = jnp.exp(jnp.minimum(mean_d.astype(jnp.float32), exp_clamp))
+  ratio = clamped_exp(mean_d.astype(jnp.float32), exp_clamp)
   objective, _ = ppo_clip(ratio, advantages.astype(jnp.float32), clip_eps=clip_eps,
                           clip_eps_high=clip_eps_high, dual_clip=dual_clip)
   return objective
@@ -254,7 +271,7 @@ def _rows(mb: Mapping[str, jax.Array]) -> jax.Array:
 
 def bgpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: Prepared,
                keys: scoring.RLKeys, cfg: BGPOConfig) -> tuple[Any, G.LossOutput]:
-  """∇ of L_BGPO = −(1/B) Σ_i Σ_j g_ij with a scan over micro-batches × MC samples."""
+  """∇ of L_BGPO = −(1/B) Σ_i Σ_j g_ij with a loop over micro-batches × MC samples."""
   tree = _scoring_tree(batch, keys, aux.per_example)
   n = cfg.num_mc
 
@@ -283,7 +300,7 @@ def vrpo_ol_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], au
   kwargs = _clip_kwargs(cfg)
 
   def metrics_of(mean_d, a):
-    ratio = jnp.exp(jnp.minimum(mean_d, cfg.exp_clamp))
+    ratio = clamped_exp(mean_d, cfg.exp_clamp)
     return {"vrpo/ratio_mean": G.WeightedMetric.mean_of(ratio),
             "vrpo/log_ratio_mean": G.WeightedMetric.mean_of(mean_d),
             "vrpo/exp_clamped_frac": G.WeightedMetric.mean_of(mean_d > cfg.exp_clamp)}
@@ -302,7 +319,7 @@ def vrpo_ol_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], au
       objective = vrpo_ol_objective(mean_d, mb["advantages"], **kwargs)
       return -jnp.sum(objective), metrics_of(jax.lax.stop_gradient(mean_d), mb["advantages"])
 
-    return G.accumulate_gradients(loss_fn, params, tree, num_samples=1,
+    return G.accumulate_gradients(loss_fn, params, tree, num_samples=None,
                                   micro_batch_size=cfg.micro_batch_size, denominator_fn=_rows)
 
   # Two-pass (§5.2). Pass 1: δ̄ at the current θ on the same masks, no gradient.
