@@ -233,9 +233,10 @@ def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Ar
   A `lax.scan` over sequence chunks of ``chunk_size`` positions, so live logits are at most
   [B, chunk_size, V]. The gradient is hand-written (`_chunked_log_probs`): the backward pass
   recomputes each chunk's logits and accumulates the head's gradient over chunks in an fp32
-  carry, using the head in its own dtype (no fp32 copy of the [D, V] weight is ever made).
-  hidden: [B, T, D] (compute dtype); head: [D, V] (cast to hidden's dtype for the matmuls);
-  targets: [B, T] int -> [B, T] fp32.
+  carry; the matmuls use the head cast to hidden's dtype (a no-op for bf16 weights and bf16
+  activations, so no fp32 copy of the weight is made then).
+  hidden: [B, T, D] (compute dtype); head: [D, V]; targets: [B, T] int, taken modulo V (as
+  `take_along_axis` would wrap negatives) -> [B, T] fp32.
   """
   b, t, d = hidden.shape
   chex.assert_shape(targets, (b, t))
@@ -248,6 +249,7 @@ def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Ar
     targets = jnp.pad(targets, ((0, 0), (0, pad)))
   hidden_chunks = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
   target_chunks = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1).astype(jnp.int32)
+  target_chunks = target_chunks % head.shape[1]  # the same index in the forward and backward
   out = _chunked_log_probs(hidden_chunks, head, target_chunks)
   return out.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
 

@@ -13,10 +13,11 @@ d_j = ℓ_θ^{(j)} − ℓ_old^{(j)}, computed in fp32. Advantages are group z-s
 
 BGPO loss (Eq. 19):  L = −(1/B) Σ_i Σ_j g_ij, with g_j = (1 + d_j)·A/n_t (A ≥ 0, Lemma 1) and
 exp(min(d_j, clamp))·A/n_t (A < 0, Lemma 2): a sum of per-sample terms, so ``grads`` is a loop
-over samples with gradients in the carry (memory independent of n_t). The clamp bounds the value
-and the gradient (`clamped_exp`): above it the derivative is exp(clamp)·A/n_t, not 0.
+over samples with gradients in the carry (memory independent of n_t). Above the clamp a term has
+no gradient (§3.8, numerical safety); the clamped fraction is logged.
 
-VRPO-OL loss (Eq. 6-7):  L = −(1/B) Σ_i exp(min(δ̄_i, clamp))·A_i, δ̄ = mean_j d_j.
+VRPO-OL loss (Eq. 6-7):  L = −(1/B) Σ_i exp(min(δ̄_i, clamp))·A_i, δ̄ = mean_j d_j, whose
+gradient coefficient stays exp(clamp)·A_i above the clamp (§5.2, `clamped_exp`).
 ``form="direct"`` differentiates through a scan over the n_t samples (all n_t graphs are kept for
 the backward pass, memory grows with n_t: the paper's baseline). ``form="two_pass"`` is the exact
 constant-memory method of §5.2: a no-grad pass fixes c_i = ∂R_i/∂δ̄_i, a second pass accumulates
@@ -118,10 +119,10 @@ class VRPOOLConfig(SequenceRatioConfig):
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def clamped_exp(x: jax.Array, clamp: float) -> jax.Array:
-  """exp(min(x, clamp)) whose derivative is exp(min(x, clamp)) everywhere (`algorithms.md` §5.2:
-  c = exp(min(δ̄, 20))·A). Above the clamp the value *and* the gradient are bounded at exp(clamp)
-  instead of the gradient dropping to 0, so a sample whose log-ratio ran away is still pushed back
-  with bounded force, and the two-pass VRPO-OL coefficient equals the direct form's gradient."""
+  """exp(min(x, clamp)) whose derivative is exp(min(x, clamp)) everywhere: VRPO-OL's sequence
+  ratio, whose gradient coefficient `algorithms.md` §5.2 gives as c = exp(min(δ̄, 20))·A (bounded,
+  not 0, above the clamp). Used by the direct and the two-pass form alike, so they stay equal.
+  BGPO's Lemma-2 branch keeps the plain clamp of §3.8 (no gradient above it)."""
   return jnp.exp(jnp.minimum(x, clamp))
 
 
@@ -170,7 +171,7 @@ def bgpo_sample_objective(d: jax.Array, advantages: jax.Array, num_samples: int,
   d = d.astype(jnp.float32)
   a = advantages.astype(jnp.float32)
   taylor = 1.0 + jnp.clip(d, -taylor_clamp, taylor_clamp)
-  jensen = clamped_exp(d, exp_clamp)
+  jensen = jnp.exp(jnp.minimum(d, exp_clamp))
   if bound == "both":
     use_taylor = a >= 0
   else:
