@@ -280,7 +280,7 @@ def _chunked_log_probs_bwd(residuals, cotangent):
 
   def body(d_head, xs):
     h, y, norm, g = xs
-    probs = jnp.exp(_chunk_logits(h, head) - norm[..., None])
+    probs = jnp.exp(_chunk_logits(h, head_c) - norm[..., None])
     onehot = jax.nn.one_hot(y, vocab, dtype=jnp.float32)
     d_logits = (g.astype(jnp.float32)[..., None] * (onehot - probs)).astype(h.dtype)
     d_h = jnp.einsum("bcv,dv->bcd", d_logits, head_c, preferred_element_type=jnp.float32)

@@ -198,8 +198,8 @@ def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *
     return grads, numerator + num_j, metrics
 
   # The trip count goes through an optimization barrier so XLA sees a loop of unknown length:
-  # it cannot elide the loop at one iteration or unroll it, so every (n, M) compiles to the same
-  # loop with the same buffers and peak memory is independent of n and M by construction.
+  # it cannot elide the loop at one iteration or unroll it, so every n compiles to the same loop
+  # with the same buffers (peak memory independent of n by construction).
   trip_count = jax.lax.optimization_barrier(jnp.int32(num_micro * num_samples))
   grads, numerator, metrics = jax.lax.fori_loop(0, trip_count, body, carry0)
   return grads, LossOutput(numerator, denominator, metrics)

@@ -2,8 +2,8 @@
 
 Each objective module defines a frozen config dataclass (hashable, so it can be a static jit
 argument) with ``__post_init__`` validation, a ``prepare`` function (no gradient, once per
-rollout) and a ``grads`` function (loop-accumulated gradients, `grad.accumulate_gradients`), and registers them in
-`dmpo_jax.rl.registry`.
+rollout) and a ``grads`` function (loop-accumulated gradients, `grad.accumulate_gradients`),
+and registers them in `dmpo_jax.rl.registry`.
 """
 
 from __future__ import annotations
