@@ -144,7 +144,7 @@ def _write_text_atomic(path: pathlib.Path, text: str) -> None:
 
 def load_model_config(path: PathLike) -> ModelConfig:
   """The `ModelConfig` stored in a model checkpoint folder."""
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).absolute()
   if not path.is_dir():
     raise FileNotFoundError(f"Model checkpoint folder {path} does not exist")
   config_path = path / MODEL_CONFIG_FILE
@@ -161,7 +161,7 @@ def load_model_config(path: PathLike) -> ModelConfig:
 
 def load_model_metadata(path: PathLike) -> dict:
   """The ``extra_metadata`` saved with a model checkpoint ({} when none was saved)."""
-  metadata_path = pathlib.Path(path) / MODEL_METADATA_FILE
+  metadata_path = pathlib.Path(path).absolute() / MODEL_METADATA_FILE
   if not metadata_path.is_file():
     return {}
   return json.loads(metadata_path.read_text())
@@ -200,7 +200,8 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
   arrays land on the default device. ``dtype`` overrides the stored ``param_dtype`` (cast on
   restore, e.g. "bfloat16" to load fp32 weights for inference).
   """
-  path = pathlib.Path(path)
+  # orbax returns no metadata for a relative path: resolve it once here, for every caller.
+  path = pathlib.Path(path).absolute()
   config = load_model_config(path)
   if dtype is not None:
     config = config.replace(param_dtype=dtype)

@@ -207,11 +207,12 @@ def test_llada_without_mask_and_with_remat(llada):
   out = jax.device_get(_probe(*nnx.split(model), llada["ids"], llada["mask"]))
   want = np_forward(llada["tensors"], "llada", llada["config"], llada["ids"], key_mask=None)
   _assert_logits_close(out["raw"], want)
-  # Unpadded rows: identical to the model with mask and without remat.
-  np.testing.assert_allclose(out["raw"][:2], llada["out"]["raw"][:2], rtol=1e-6, atol=1e-6)
+  # Unpadded rows: the model with mask and without remat, up to fp32 reordering (remat and the
+  # absent mask change XLA's fusion and summation order: ~1e-6 differences are expected).
+  np.testing.assert_allclose(out["raw"][:2], llada["out"]["raw"][:2], rtol=1e-5, atol=1e-5)
   for chunk in CHUNKS:
     np.testing.assert_allclose(out[f"logp_{chunk}"][:2], llada["out"][f"logp_{chunk}"][:2],
-                               rtol=1e-6, atol=1e-6)
+                               rtol=1e-5, atol=1e-5)
   # Padded rows: the pad tokens now influence the real positions.
   assert np.abs(out["raw"][2, N_PAD:] - out["raw"][3, N_PAD:]).max() > 1e-3
 
