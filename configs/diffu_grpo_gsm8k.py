@@ -21,4 +21,9 @@ def get_config():
   config.rollout.gen_length, config.rollout.block_length, config.rollout.steps = 256, 32, 128
   config.rollout.temperature = 0.9
   config.eval.gen_length, config.eval.block_length, config.eval.steps = 256, 32, 128
+  # Reference-exact loss: d1 takes a token mean per per-device micro-batch of 6 completions and
+  # averages micro-batches (the published LR and max_grad_norm assume it); it prompt-masks the
+  # left padding too.
+  config.diffu_grpo.reference_micro_batch_size = 6
+  config.diffu_grpo.mask_prompt_padding = True
   return config

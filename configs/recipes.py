@@ -51,4 +51,7 @@ def dmpo_llada():
   config.rollout.use_prefix_cache = True    # Fast-dLLM prefix cache, 2 tokens per step
   config.eval.block_length = 32
   config.checkpoint.every_steps = 13        # ~ every 100 optimizer steps
+  # The reference code's loss scale (mean over per-GPU micro-batches of 8 of each micro-batch's
+  # summed loss, ½ of the per-prompt mean at G = 16): the published LR and max_grad_norm assume it.
+  config.dmpo.reference_micro_batch_size = 8
   return config

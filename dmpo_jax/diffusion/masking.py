@@ -285,7 +285,8 @@ def one_step_mask(keys: jax.Array, eligible: jax.Array, mc_index: IntLike, *,
 def spg_block_mask(keys: jax.Array, eligible: jax.Array, mc_index: IntLike, *,
                    completion_positions: jax.Array, block_length: int, min_t: float = 0.0,
                    max_t: float = 1.0, prompt_positions: Optional[jax.Array] = None,
-                   p_mask_prompt: float = 0.0) -> MaskSample:
+                   p_mask_prompt: float = 0.0,
+                   reference_prompt_masking: bool = False) -> MaskSample:
   """SPG block-wise masking (`algorithms.md` §1.5, ``forward_type="block_random"``).
 
   The completion (``completion_positions``, contiguous) is cut into blocks of ``block_length``;
@@ -297,6 +298,10 @@ def spg_block_mask(keys: jax.Array, eligible: jax.Array, mc_index: IntLike, *,
   scored = mask ∩ eligible; weight = 1/|scored| (per-masked-token mean); ratio = t_j.
   With ``p_mask_prompt`` > 0, every still-unmasked real position (``prompt_positions`` ∪ clean
   completion) is also masked w.p. ``p_mask_prompt`` (not scored).
+
+  ``reference_prompt_masking`` reproduces SPG's ``forward_process`` instead: the unselected
+  positions of the chosen block are never prompt-masked, and prompt-masked eligible positions of
+  the earlier (clean) completion blocks are scored and counted in |M_j| and t_j.
   """
   _check(keys, eligible)
   chex.assert_equal_shape([eligible, completion_positions])
@@ -329,17 +334,22 @@ def spg_block_mask(keys: jax.Array, eligible: jax.Array, mc_index: IntLike, *,
     n = jnp.minimum(n, length)
     mask = _exactly_k(jax.random.fold_in(mc_key, _TAG_PERM), in_chosen, n)
     mask = mask | (comp & (block > chosen)) | (comp & ~elig)
-    return mask
+    return mask, comp & (block == chosen)
 
-  mask = jax.vmap(row)(keys, eligible, completion_positions)
+  mask, chosen_block = jax.vmap(row)(keys, eligible, completion_positions)
   scored = mask & eligible
   if p_mask_prompt > 0.0:
     if prompt_positions is None:
       raise ValueError("spg_block_mask with p_mask_prompt > 0 needs prompt_positions")
     chex.assert_equal_shape([eligible, prompt_positions])
     clean = (prompt_positions.astype(jnp.bool_) | completion_positions) & ~mask
+    if reference_prompt_masking:
+      clean = clean & ~chosen_block
     u = jax.vmap(lambda k: jax.random.uniform(
         jax.random.fold_in(_mc_key(k, mc_index), _TAG_PROMPT), (t,)))(keys)
-    mask = mask | (clean & (u < p_mask_prompt))
+    extra = clean & (u < p_mask_prompt)
+    mask = mask | extra
+    if reference_prompt_masking:
+      scored = scored | (extra & eligible)
   weight = 1.0 / jnp.maximum(jnp.sum(scored, axis=-1), 1)
   return _finish(mask, scored, weight, eligible)

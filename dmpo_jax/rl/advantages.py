@@ -20,6 +20,8 @@ import jax.numpy as jnp
 # realistic values while ±inf/NaN inputs (e.g. r/α overflowing) cannot produce NaN weights.
 LOGIT_LIMIT = 1e30
 BASELINES = ("none", "group", "individual", "model")
+# DMPO's alpha = -1: raw rewards as weights (`algorithms.md` §2.3 step 5).
+RAW_REWARD_ALPHA = -1.0
 WEIGHT_SCALES = ("sum1", "mean1")
 
 
@@ -203,10 +205,19 @@ def dmpo_weights(rewards: jax.Array, log_ratio_ref: jax.Array, group_ids: jax.Ar
   """DMPO importance weights w = softmax_G(ℓ) and negative weights w⁻ = softmax_G(ℓ⁻)
   (`algorithms.md` §2.1 Eq. 10, §2.3), both over the full group of each prompt.
 
+  ``alpha = -1`` (`RAW_REWARD_ALPHA`, the reference code's special case, §2.3 step 5): the raw
+  reward is the weight and −r the negative weight (no softmax, no ``weight_scale``).
+
   With ``target_ess`` the coefficient is chosen per group by `ess_targeted_coeff` on the
   coefficient-free logits (the same coefficient is used for ℓ⁻). Returns fp32 [B] arrays
   ``weights``, ``negative_weights`` (scaled per ``weight_scale``), ``coeff`` and ``ess``.
   """
+  if alpha == RAW_REWARD_ALPHA:
+    if target_ess is not None:
+      raise ValueError("DMPO alpha = -1 (raw-reward weights) has no softmax to target an ESS for")
+    r = rewards.astype(jnp.float32)
+    return {"weights": r, "negative_weights": -r, "coeff": jnp.ones_like(r),
+            "ess": normalized_ess(r, group_ids)}
   if target_ess is not None:
     raw, _ = dmpo_logits(rewards, log_ratio_ref, alpha=alpha, coeff=1.0)
     coeff_rows = ess_targeted_coeff(raw, group_ids, target_ess=target_ess)
@@ -222,10 +233,11 @@ def dmpo_weights(rewards: jax.Array, log_ratio_ref: jax.Array, group_ids: jax.Ar
 
 def dmpo_baseline(kind: str, group_ids: jax.Array, *, negative_weights: Optional[jax.Array] = None,
                   model_log_ratio: Optional[jax.Array] = None,
-                  weight_scale: str = "sum1") -> jax.Array:
+                  weight_scale: str = "sum1", weights: Optional[jax.Array] = None) -> jax.Array:
   """Weight baseline w_base of `algorithms.md` §2.2 at the scale of the weights, fp32 [B].
 
-  none: 0.   group (Eq. 13): 1/N (sum-1 scale), 1 (mean-1 scale).
+  none: 0.   group (Eq. 13): 1/N (sum-1 scale), 1 (mean-1 scale); with ``weights`` given, their
+  group mean (the same for softmax weights; the group mean reward for alpha = -1's raw weights).
   individual (Eq. 14): the negative weights softmax_G(ℓ⁻) (already scaled).
   model (Eq. 15): softmax_G(ELBO_θ − ELBO_v) (``model_log_ratio``), scaled like the weights.
   """
@@ -234,6 +246,8 @@ def dmpo_baseline(kind: str, group_ids: jax.Array, *, negative_weights: Optional
   if kind == "none":
     return jnp.zeros(group_ids.shape, jnp.float32)
   if kind == "group":
+    if weights is not None:
+      return group_mean(weights, group_ids)
     return scale_weights(1.0 / group_count(group_ids), group_ids, weight_scale)
   if kind == "individual":
     if negative_weights is None:

@@ -86,6 +86,45 @@ class LossOutput:
                       {k: self.metrics[k] + other.metrics[k] for k in self.metrics})
 
 
+def loss_normalization(global_denominators: jax.Array, reference_micro_batch_size: Optional[int],
+                       reference_counts: Optional[jax.Array] = None
+                       ) -> tuple[jax.Array, jax.Array]:
+  """Per-row (scale, denominator) of a loss reported as Σ_i scale_i·ℓ_i / Σ_i denominator_i.
+
+  ``reference_micro_batch_size=None`` (the default of every objective: layout-free): scale 1 and
+  the objective's ``global_denominators`` (token counts for a global token mean, 1/G per row
+  for a per-prompt mean, ...).
+
+  ``reference_micro_batch_size=c`` reproduces the PyTorch reference trainers, which reduce each
+  per-device micro-batch of c completions on its own and average the K = B/c micro-batch losses
+  (gradient accumulation and the data-parallel mean), `docs/algorithms.md` §5.4:
+
+      L_ref = (1/K) Σ_k Σ_{i∈k} ℓ_i / Σ_{i∈k} n_i     (n_i = ``reference_counts``, e.g. tokens)
+      L_ref = (1/K) Σ_k Σ_{i∈k} ℓ_i                   (``reference_counts=None``: micro-batch sums)
+
+  Micro-batch k holds rows k·c .. k·c + c − 1 (prompt-major batches, as the reference's repeat
+  sampler lays them out over devices), so scale_i = 1/Σ_{i'∈k(i)} n_i' (or 1) and
+  denominator_i = 1/c. fp32 [B] each.
+  """
+  den = jnp.asarray(global_denominators, jnp.float32)
+  chex.assert_rank(den, 1)
+  batch_size = den.shape[0]
+  if reference_micro_batch_size is None:
+    return jnp.ones_like(den), den
+  c = int(reference_micro_batch_size)
+  if c <= 0 or batch_size % c:
+    raise ValueError(f"reference_micro_batch_size={c} must be positive and divide the update "
+                     f"batch ({batch_size} completions)")
+  if reference_counts is None:
+    scale = jnp.ones_like(den)
+  else:
+    counts = jnp.asarray(reference_counts, jnp.float32)
+    chex.assert_shape(counts, (batch_size,))
+    totals = jnp.sum(counts.reshape(batch_size // c, c), axis=-1)
+    scale = jnp.repeat(1.0 / jnp.maximum(totals, _TINY), c)
+  return scale, jnp.full((batch_size,), 1.0 / c, jnp.float32)
+
+
 def _zeros_like_shape(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), tree)
 

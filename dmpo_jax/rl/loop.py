@@ -79,6 +79,14 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     errors.append(f"prompts_per_step={config.prompts_per_step} is not divisible by "
                   f"minibatches_per_rollout={config.minibatches_per_rollout} (mini-batches hold "
                   "whole groups)")
+  reference_micro = config[config.objective].get("reference_micro_batch_size") if (
+      config.objective in config) else None
+  update_batch = (config.prompts_per_step * config.group_size
+                  // max(config.minibatches_per_rollout, 1))
+  if reference_micro and update_batch % reference_micro:
+    errors.append(f"{config.objective}.reference_micro_batch_size={reference_micro} does not divide "
+                  f"the update batch prompts_per_step*group_size/minibatches_per_rollout="
+                  f"{update_batch}")
   if config.task.prompt_length <= 0:
     errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
   if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():

@@ -52,7 +52,8 @@ _FAKE_PURPOSE = "wddo/fake"
 class _ElboWeightConfig(ObjectiveConfig):
   """Weight settings shared by DMPO and WDDO.
 
-  alpha: KL strength α (0 = proximal variant). coeff: logit coefficient. target_ess: if set, a
+  alpha: KL strength α (0 = proximal variant; -1 = the reference code's raw-reward weights, w = r,
+  w⁻ = −r). coeff: logit coefficient. target_ess: if set, a
   per-group coefficient in [0.01, 0.99] giving this normalised ESS (``ada_coeff``).
   weight_num_mc: K weight masks. mask_scheme / lambda_range: ELBO law (antithetic Bernoulli,
   λ ∈ [0.1, 1.0) as the released code). include_eos_padding: score the full canvas (§1.6).
@@ -69,10 +70,13 @@ class _ElboWeightConfig(ObjectiveConfig):
 
   def validation_errors(self) -> list[str]:
     errors = super().validation_errors()
-    check_positive(errors, "alpha", self.alpha, allow_zero=True)
+    if self.alpha != adv.RAW_REWARD_ALPHA:
+      check_positive(errors, "alpha", self.alpha, allow_zero=True)
     check_positive(errors, "coeff", self.coeff)
     if self.target_ess is not None and not 0.0 < self.target_ess <= 1.0:
       errors.append(f"target_ess must be in (0, 1], got {self.target_ess}")
+    if self.target_ess is not None and self.alpha == adv.RAW_REWARD_ALPHA:
+      errors.append("target_ess needs softmax weights; alpha = -1 uses raw rewards")
     if self.weight_num_mc < 1:
       errors.append(f"weight_num_mc must be >= 1, got {self.weight_num_mc}")
     check_choice(errors, "mask_scheme", self.mask_scheme, scoring.ELBO_SCHEMES)
@@ -92,12 +96,20 @@ class DMPOConfig(_ElboWeightConfig):
   baseline: none / group / individual / model (§2.2); baseline_strength: s. loss_num_mc: R
   fresh loss masks per update. model_baseline_masks: ``weights`` (ELBO_θ on the weight masks,
   CRN with ELBO_v; at θ = θ_old it equals the group baseline) or ``loss`` (the reference code's
-  choice: ELBO_θ on the loss masks).
+  choice: ELBO_θ on the loss masks). loss_include_eos_padding: which positions the loss masks
+  (None = as ``include_eos_padding``, which then governs the weights only; the reference code has
+  separate switches, ``log_rnd_omit_eos`` and ``loss_mask_non_eos``). reference_micro_batch_size:
+  None = the loss is a mean over prompts (weights sum to 1 per group); c = the reference code's
+  scale, the mean over micro-batches of c completions of each micro-batch's summed loss
+  (× c/G of the default: ½ at the paper's c = 8, G = 16), which the published learning rate and
+  ``max_grad_norm`` assume (`grad.loss_normalization`).
   """
   baseline: str = "individual"
   baseline_strength: float = 1.0
   loss_num_mc: int = 4
   model_baseline_masks: str = "weights"
+  loss_include_eos_padding: Optional[bool] = None
+  reference_micro_batch_size: Optional[int] = None
 
   def validation_errors(self) -> list[str]:
     errors = super().validation_errors()
@@ -108,7 +120,14 @@ class DMPOConfig(_ElboWeightConfig):
     if self.mask_scheme == "antithetic" and self.loss_num_mc % 2:
       errors.append(f"antithetic masks come in pairs: loss_num_mc must be even, got {self.loss_num_mc}")
     check_choice(errors, "model_baseline_masks", self.model_baseline_masks, MODEL_BASELINE_MASKS)
+    check_positive(errors, "reference_micro_batch_size", self.reference_micro_batch_size,
+                   allow_none=True)
     return errors
+
+  @property
+  def loss_eos_padding(self) -> bool:
+    return (self.include_eos_padding if self.loss_include_eos_padding is None
+            else self.loss_include_eos_padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,8 +176,10 @@ def _mask_fn(cfg: _ElboWeightConfig, num_samples: int):
                               lambda_range=cfg.lambda_range)
 
 
-def _eligible(model: Any, mb: Mapping[str, jax.Array], cfg: _ElboWeightConfig) -> jax.Array:
-  return scoring.eligible_positions(mb, model.config.eos_token_id, cfg.include_eos_padding)
+def _eligible(model: Any, mb: Mapping[str, jax.Array], cfg: _ElboWeightConfig,
+              include_eos_padding: Optional[bool] = None) -> jax.Array:
+  include = cfg.include_eos_padding if include_eos_padding is None else include_eos_padding
+  return scoring.eligible_positions(mb, model.config.eos_token_id, include)
 
 
 def _elbo_estimate(model: Any, mb: Mapping[str, jax.Array], keys: jax.Array,
@@ -229,7 +250,7 @@ def dmpo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str
     a = weights["weights"]
   else:
     base = adv.dmpo_baseline(cfg.baseline, group_ids, negative_weights=weights["negative_weights"],
-                             weight_scale=cfg.weight_scale)
+                             weight_scale=cfg.weight_scale, weights=weights["weights"])
     a = weights["weights"] - cfg.baseline_strength * base
   per_example = {"weights": weights["weights"], "advantages": a,
                  "inv_group_size": 1.0 / adv.group_count(group_ids)}
@@ -245,8 +266,10 @@ def dmpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: 
 
   With the model baseline, ``batch`` must hold whole groups (its softmax is over the group)."""
   pe = aux.per_example
+  row_scale, row_denominator = G.loss_normalization(pe["inv_group_size"],
+                                                    cfg.reference_micro_batch_size)
   tree = _base_tree(batch) | {
-      "advantages": pe["advantages"], "inv_group_size": pe["inv_group_size"],
+      "advantages": pe["advantages"], "row_scale": row_scale, "row_denominator": row_denominator,
       "loss_keys": scoring.example_keys(keys, batch["example_ids"], _LOSS_PURPOSE, fresh=True)}
   r = cfg.loss_num_mc
 
@@ -267,11 +290,12 @@ def dmpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: 
 
   def loss_fn(p, mb, j):
     model = nnx.merge(graphdef, p)
-    eligible = _eligible(model, mb, cfg)
+    eligible = _eligible(model, mb, cfg, cfg.loss_eos_padding)
     sample = _mask_fn(cfg, r)(mb["loss_keys"], eligible, j)
     log_lik = elbo.masked_log_likelihood(model, mb["sequences"], sample, mb["attention_mask"])
     n_eligible = jnp.maximum(jnp.sum(eligible, axis=-1), 1).astype(jnp.float32)
-    contribution = wdce_sample_loss(mb["advantages"], log_lik, sample.weight / n_eligible, r)
+    contribution = mb["row_scale"] * wdce_sample_loss(mb["advantages"], log_lik,
+                                                      sample.weight / n_eligible, r)
     m = jnp.sum(sample.scored, axis=-1)
     metrics = {"dmpo/small_mask_frac": G.WeightedMetric.mean_of(m < 4),
                "dmpo/masked_nll_per_token": G.WeightedMetric(
@@ -280,7 +304,7 @@ def dmpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: 
 
   return G.accumulate_gradients(loss_fn, params, tree, num_samples=r,
                                 micro_batch_size=cfg.micro_batch_size,
-                                denominator_fn=lambda mb: jnp.sum(mb["inv_group_size"]))
+                                denominator_fn=lambda mb: jnp.sum(mb["row_denominator"]))
 
 
 # -- WDDO ------------------------------------------------------------------------------------------

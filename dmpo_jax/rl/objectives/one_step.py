@@ -26,7 +26,7 @@ with the softmax over the full group (the reference code's per-device softmax is
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,11 +45,15 @@ _MASK_PURPOSE = "one_step/seed"
 class OneStepConfig(ObjectiveConfig):
   """num_iterations: μ mask seeds per rollout (d1: 12). p_mask_prompt: prompt masking rate (0.15
   in d1's shipped yaml). random_masking: False uses one fixed seed for every iteration and rollout
-  (d1's seed 42). include_eos_padding: False = score up to and including the first EOS."""
+  (d1's seed 42). include_eos_padding: False = score up to and including the first EOS.
+  mask_prompt_padding: also prompt-mask the left-padding positions of the prompt, as the reference
+  code does (it cannot tell padding from prompt); False = real prompt tokens only. With the
+  key-padding mask on (``model.use_key_padding_mask``) padding is invisible either way."""
   num_iterations: int = 12
   p_mask_prompt: float = 0.15
   random_masking: bool = True
   include_eos_padding: bool = False
+  mask_prompt_padding: bool = False
 
   def validation_errors(self) -> list[str]:
     errors = super().validation_errors()
@@ -67,22 +71,30 @@ class OneStepConfig(ObjectiveConfig):
 @dataclasses.dataclass(frozen=True)
 class DiffuGRPOConfig(OneStepConfig):
   """clip_eps: ε (0.5 in d1). beta: k3 KL coefficient (0.04). log_ratio_clamp: |log-ratio| clamp
-  before exp (numerical safety; the fraction clamped is logged)."""
+  before exp (numerical safety; the fraction clamped is logged). reference_micro_batch_size:
+  None = one token mean over the whole update batch; c = d1's normalisation, a token mean per
+  micro-batch of c completions (its per-device batch), averaged over micro-batches
+  (`grad.loss_normalization`)."""
   clip_eps: float = 0.5
   beta: float = 0.04
   log_ratio_clamp: float = 20.0
+  reference_micro_batch_size: Optional[int] = None
 
   def validation_errors(self) -> list[str]:
     errors = super().validation_errors()
     check_positive(errors, "clip_eps", self.clip_eps)
     check_positive(errors, "beta", self.beta, allow_zero=True)
     check_positive(errors, "log_ratio_clamp", self.log_ratio_clamp)
+    check_positive(errors, "reference_micro_batch_size", self.reference_micro_batch_size,
+                   allow_none=True)
     return errors
 
 
 @dataclasses.dataclass(frozen=True)
 class WD1Config(OneStepConfig):
-  """wd1 (`wd1/train.yaml`: μ = 12, p_mask_prompt 0.15, random masking)."""
+  """wd1 (`wd1/train.yaml`: μ = 12, p_mask_prompt 0.15, random masking). pos_only: keep only the
+  positive term, L = −(1/P) Σ_i w⁺_i·ℓ_i (the variant wd1's run scripts select)."""
+  pos_only: bool = False
 
 
 # -- pure math ------------------------------------------------------------------------------------
@@ -113,9 +125,10 @@ def diffu_grpo_token_loss(logp: jax.Array, old_logp: jax.Array, ref_logp: jax.Ar
 
 
 def wd1_sequence_loss(weights_pos: jax.Array, weights_neg: jax.Array,
-                      log_likelihood: jax.Array) -> jax.Array:
-  """Per-row wd1 loss (w⁻_i − w⁺_i)·ℓ_i, fp32 [B]."""
-  return (weights_neg - weights_pos).astype(jnp.float32) * log_likelihood.astype(jnp.float32)
+                      log_likelihood: jax.Array, *, pos_only: bool = False) -> jax.Array:
+  """Per-row wd1 loss (w⁻_i − w⁺_i)·ℓ_i, or −w⁺_i·ℓ_i with ``pos_only``, fp32 [B]."""
+  negative = jnp.zeros_like(weights_neg) if pos_only else weights_neg
+  return (negative - weights_pos).astype(jnp.float32) * log_likelihood.astype(jnp.float32)
 
 
 # -- model-facing ---------------------------------------------------------------------------------
@@ -139,8 +152,10 @@ def one_step_token_log_probs(model: Any, mb: Mapping[str, jax.Array], keys: jax.
                              ) -> tuple[jax.Array, jax.Array]:
   """(per-token log π at scored positions (0 elsewhere) [b, T], scored [b, T]) for one seed."""
   eligible = scoring.eligible_positions(mb, model.config.eos_token_id, cfg.include_eos_padding)
+  prompt_positions = (mb["prompt_mask"].astype(jnp.bool_) if cfg.mask_prompt_padding
+                      else scoring.real_prompt_positions(mb))
   sample = masking.one_step_mask(
-      keys, eligible, seed_index, prompt_positions=scoring.real_prompt_positions(mb),
+      keys, eligible, seed_index, prompt_positions=prompt_positions,
       completion_positions=mb["completion_mask"].astype(jnp.bool_), p_mask_prompt=cfg.p_mask_prompt)
   logp = elbo.masked_token_log_probs(model, mb["sequences"], sample, mb["attention_mask"])
   return logp, sample.scored
@@ -183,8 +198,9 @@ def diffu_grpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array],
                          "advantages": pe["advantages"], "old_logps": pick(pe["old_logps"])}
   tree["ref_logps"] = pick(pe["ref_logps"]) if cfg.beta > 0 else tree["old_logps"]
   eos = scoring.model_config(graphdef, params).eos_token_id
-  tree["num_tokens"] = jnp.sum(scoring.eligible_positions(batch, eos, cfg.include_eos_padding),
-                               axis=-1).astype(jnp.float32)
+  num_tokens = jnp.sum(scoring.eligible_positions(batch, eos, cfg.include_eos_padding), axis=-1)
+  tree["row_scale"], tree["row_denominator"] = G.loss_normalization(
+      num_tokens, cfg.reference_micro_batch_size, reference_counts=num_tokens)
 
   def loss_fn(p, mb, _):
     model = nnx.merge(graphdef, p)
@@ -195,11 +211,11 @@ def diffu_grpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array],
     metrics = {"d1/clip_frac": G.WeightedMetric.mean_of(flags["clipped"], scored),
                "d1/log_ratio_clamped_frac": G.WeightedMetric.mean_of(flags["clamped"], scored),
                "d1/kl": G.WeightedMetric.mean_of(jax.lax.stop_gradient(flags["kl"]), scored)}
-    return jnp.sum(loss), metrics
+    return jnp.sum(loss * mb["row_scale"][:, None]), metrics
 
   return G.accumulate_gradients(loss_fn, params, tree, num_samples=None,
                                 micro_batch_size=cfg.micro_batch_size,
-                                denominator_fn=lambda mb: jnp.sum(mb["num_tokens"]))
+                                denominator_fn=lambda mb: jnp.sum(mb["row_denominator"]))
 
 
 def wd1_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str, jax.Array],
@@ -227,7 +243,7 @@ def wd1_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: P
     model = nnx.merge(graphdef, p)
     logp, scored = one_step_token_log_probs(model, mb, mb["seed_keys"], k, cfg)
     log_lik = jnp.sum(logp, axis=-1)
-    loss = wd1_sequence_loss(mb["weights_pos"], mb["weights_neg"], log_lik)
+    loss = wd1_sequence_loss(mb["weights_pos"], mb["weights_neg"], log_lik, pos_only=cfg.pos_only)
     metrics = {"wd1/nll_per_token": G.WeightedMetric(-jax.lax.stop_gradient(jnp.sum(log_lik)),
                                                      jnp.sum(scored).astype(jnp.float32))}
     return jnp.sum(loss), metrics

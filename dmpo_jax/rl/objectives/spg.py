@@ -20,7 +20,7 @@ log space (fp32 logsumexp), pass 2 accumulates per sample
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +41,13 @@ class SPGConfig(ObjectiveConfig):
   """num_mc: num_t draws (2 in SPG's scripts). block_length: the sampler's block (32).
   min_t / max_t: range of the in-block mask fraction. negative_estimator: eubo / mix / elbo /
   zero. eubo_beta: β (1.5 GSM8K/MATH, 2.0 Countdown, 1.0 Sudoku). mix_weight: w of ``mix``.
-  p_mask_prompt: optional extra masking of clean positions. include_eos_padding: False = score
-  up to and including the first EOS."""
+  p_mask_prompt: optional extra masking of clean positions (0.15 in SPG's published runs).
+  reference_prompt_masking: SPG's ``forward_process`` law for that extra masking (the chosen
+  block's unselected positions are never prompt-masked; prompt-masked earlier completion
+  positions are scored and counted in t_j; `masking.spg_block_mask`). include_eos_padding:
+  False = score up to and including the first EOS. reference_micro_batch_size: None = one
+  Σ|c| normalisation over the update batch; c = SPG's, Σ|c| per micro-batch of c completions,
+  averaged over micro-batches (`grad.loss_normalization`)."""
   num_mc: int = 2
   block_length: int = 32
   min_t: float = 0.0
@@ -51,7 +56,9 @@ class SPGConfig(ObjectiveConfig):
   eubo_beta: float = 1.5
   mix_weight: float = 0.5
   p_mask_prompt: float = 0.0
+  reference_prompt_masking: bool = False
   include_eos_padding: bool = False
+  reference_micro_batch_size: Optional[int] = None
 
   def validation_errors(self) -> list[str]:
     errors = super().validation_errors()
@@ -67,6 +74,8 @@ class SPGConfig(ObjectiveConfig):
       errors.append(f"mix_weight must be in [0, 1], got {self.mix_weight}")
     if not 0.0 <= self.p_mask_prompt <= 1.0:
       errors.append(f"p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}")
+    check_positive(errors, "reference_micro_batch_size", self.reference_micro_batch_size,
+                   allow_none=True)
     return errors
 
 
@@ -113,7 +122,8 @@ def _sample(model: Any, mb: Mapping[str, jax.Array], j: jax.Array,
   sample = masking.spg_block_mask(
       mb["mask_keys"], eligible, j, completion_positions=mb["completion_mask"].astype(jnp.bool_),
       block_length=cfg.block_length, min_t=cfg.min_t, max_t=cfg.max_t,
-      prompt_positions=scoring.real_prompt_positions(mb), p_mask_prompt=cfg.p_mask_prompt)
+      prompt_positions=scoring.real_prompt_positions(mb), p_mask_prompt=cfg.p_mask_prompt,
+      reference_prompt_masking=cfg.reference_prompt_masking)
   logp = elbo.masked_token_log_probs(model, mb["sequences"], sample, mb["attention_mask"])
   return logp, sample
 
@@ -137,7 +147,11 @@ def spg_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: P
   """∇ of the SPG loss on the masks of inner iteration ``keys.iteration`` (two-pass EUBO)."""
   pe = aux.per_example
   n, beta = cfg.num_mc, cfg.eubo_beta
-  tree = _tree(batch, keys) | {"advantages": pe["advantages"],
+  row_scale, row_denominator = G.loss_normalization(
+      pe["completion_length"], cfg.reference_micro_batch_size,
+      reference_counts=pe["completion_length"])
+  tree = _tree(batch, keys) | {"advantages": pe["advantages"], "row_scale": row_scale,
+                               "row_denominator": row_denominator,
                                "completion_length": pe["completion_length"]}
   needs_eubo = cfg.negative_estimator in ("eubo", "mix")
   if needs_eubo:
@@ -175,8 +189,8 @@ def spg_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: P
       negative = jnp.zeros_like(positive)
     loss = spg_sequence_loss(mb["advantages"], positive, negative, mb["completion_length"])
     metrics = {"spg/mask_ratio": G.WeightedMetric.mean_of(sample.ratio)}
-    return jnp.sum(loss), metrics
+    return jnp.sum(loss * mb["row_scale"]), metrics
 
   return G.accumulate_gradients(loss_fn, params, tree, num_samples=n,
                                 micro_batch_size=cfg.micro_batch_size,
-                                denominator_fn=lambda mb: jnp.sum(mb["completion_length"]))
+                                denominator_fn=lambda mb: jnp.sum(mb["row_denominator"]))
