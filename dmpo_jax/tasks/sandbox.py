@@ -64,6 +64,7 @@ import pathlib
 import secrets
 import select
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -102,6 +103,8 @@ class SandboxConfig:
   python: Optional[str] = None
   uid: Optional[int] = None
   gid: Optional[int] = None
+  # Where the per-run host folders are made (default: the system temporary folder).
+  temp_root: Optional[str] = None
 
   def __post_init__(self):
     if self.cpu_time_s <= 0 or self.wall_time_s <= 0:
@@ -202,13 +205,32 @@ _NAMESPACE_PROBE: Dict[str, bool] = {}
 
 def _namespaces_work() -> bool:
   if "ok" not in _NAMESPACE_PROBE:
+    user = [] if os.geteuid() == 0 else ["--user", "--map-root-user"]
     try:
-      completed = subprocess.run(["unshare", "--net", "--mount", "--ipc", "--pid", "--fork", "true"],
-                                 capture_output=True, timeout=10, check=False)
+      completed = subprocess.run(["unshare", *user, "--net", "--mount", "--ipc", "--pid", "--fork",
+                                  "true"], capture_output=True, timeout=10, check=False)
       _NAMESPACE_PROBE["ok"] = completed.returncode == 0
     except (OSError, subprocess.SubprocessError):
       _NAMESPACE_PROBE["ok"] = False
   return _NAMESPACE_PROBE["ok"]
+
+
+def _socket_pair() -> Tuple[int, int]:
+  """Two connected stream-socket descriptors, used like the (read, write) ends of a pipe."""
+  first, second = socket.socketpair()
+  return first.detach(), second.detach()
+
+
+def _protect_trainer() -> None:
+  """Non-root without namespaces, programs run under the trainer's uid and see its /proc entry:
+  making the trainer not dumpable puts its memory and descriptors (``/proc/<pid>/mem``,
+  ``/proc/<pid>/fd``) out of their reach. Side effect: no core dumps of the trainer."""
+  if _NAMESPACE_PROBE.get("trainer_protected"):
+    return
+  import ctypes  # pylint: disable=import-outside-toplevel
+  if ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0) != 0:  # PR_SET_DUMPABLE
+    raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+  _NAMESPACE_PROBE["trainer_protected"] = True
 
 
 def _kill(process: subprocess.Popen) -> None:
@@ -239,18 +261,23 @@ def _start(config: SandboxConfig, job: dict, cwd: str, stdout: int, pass_fds: Se
            ) -> subprocess.Popen:
   env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONHASHSEED": "0",
          "PYTHONDONTWRITEBYTECODE": "1", "HOME": cwd, "TMPDIR": cwd}
-  process = subprocess.Popen(  # pylint: disable=consider-using-with
-      [_interpreter(config), "-I", "-S", "-c", _RUNNER], cwd=cwd, stdin=subprocess.PIPE,
-      stdout=stdout, stderr=stdout, env=env, pass_fds=tuple(pass_fds), start_new_session=True,
-      close_fds=True)
+  # The job (with the nonce) goes over a socket: unlike a pipe, a socket cannot be re-opened
+  # through /proc/<pid>/fd by another process of the same uid.
+  ours, theirs = socket.socketpair()
   try:
-    process.stdin.write(json.dumps(job).encode())
-  except (BrokenPipeError, OSError):
-    pass
+    process = subprocess.Popen(  # pylint: disable=consider-using-with
+        [_interpreter(config), "-I", "-S", "-c", _RUNNER], cwd=cwd, stdin=theirs.fileno(),
+        stdout=stdout, stderr=stdout, env=env, pass_fds=tuple(pass_fds), start_new_session=True,
+        close_fds=True)
+  finally:
+    theirs.close()
   try:
-    process.stdin.close()
-  except (BrokenPipeError, OSError):
+    ours.sendall(json.dumps(job).encode())
+    ours.shutdown(socket.SHUT_WR)
+  except OSError:
     pass
+  finally:
+    ours.close()
   return process
 
 
@@ -263,9 +290,11 @@ def run_program(source: str, config: SandboxConfig = SandboxConfig(),
   program can make up, so never use a run without tests as a reward."""
   tests = tests or TestSuite(code="")
   start = time.monotonic()
-  workdir = tempfile.mkdtemp(prefix="dmpo_sandbox_")
-  judge_dir = tempfile.mkdtemp(prefix="dmpo_judge_")
-  pipes = {name: os.pipe() for name in ("requests", "replies", "verdict", "output", "judge_output")}
+  workdir = tempfile.mkdtemp(prefix="dmpo_sandbox_", dir=config.temp_root)
+  judge_dir = tempfile.mkdtemp(prefix="dmpo_judge_", dir=config.temp_root)
+  # Sockets between the processes (see _start); plain pipes for the text outputs.
+  pipes = {name: _socket_pair() for name in ("requests", "replies", "verdict")}
+  pipes.update({name: os.pipe() for name in ("output", "judge_output")})
   open_fds = {fd for pair in pipes.values() for fd in pair}
   processes: List[subprocess.Popen] = []
   try:
@@ -284,13 +313,16 @@ def run_program(source: str, config: SandboxConfig = SandboxConfig(),
     program_fds = {"requests": pipes["requests"][0], "replies": pipes["replies"][1]}
     judge_fds = {"requests": pipes["requests"][1], "replies": pipes["replies"][0],
                  "verdict": pipes["verdict"][1]}
-    processes.append(_start(config, dict(common, role="program", source=source, uid=uid, gid=gid,
-                                         fds=program_fds),
-                            workdir, pipes["output"][1], program_fds.values()))
+    if os.geteuid() != 0 and not (config.use_namespaces and _namespaces_work()):
+      _protect_trainer()
+    # The judge starts first: nothing of this run's program exists while it is being started.
     processes.append(_start(config, dict(common, role="judge", nonce=nonce, uid=judge_uid,
                                          gid=judge_gid, fds=judge_fds, setup=tests.setup,
                                          tests=tests.code, calls=list(tests.calls)),
                             judge_dir, pipes["judge_output"][1], judge_fds.values()))
+    processes.insert(0, _start(config, dict(common, role="program", source=source, uid=uid, gid=gid,
+                                            fds=program_fds),
+                               workdir, pipes["output"][1], program_fds.values()))
     # Only the read ends of verdict and outputs stay here (so EOF means the children are done).
     for fd in [pipes[name][1] for name in pipes] + [pipes["requests"][0], pipes["replies"][0]]:
       _close(fd)
@@ -355,6 +387,9 @@ def _collect(pipes, config: SandboxConfig, start: float, nonce: str):
         verdict_bytes += chunk
         if len(verdict_bytes) > 1 << 20:
           return {}, bytes(output), ("setup_error", "judge verdict too large")
+        if (len(verdict_bytes) >= 4 and
+            len(verdict_bytes) >= 4 + int.from_bytes(verdict_bytes[:4], "big")):
+          open_fds.discard(fd)  # complete: whoever else holds the pipe cannot delay the verdict
       elif fd == output_fd:
         output_total += len(chunk)
         output += chunk[:max(0, _OUTPUT_KEPT - len(output))]
@@ -403,7 +438,8 @@ def remove_tree(path: str) -> bool:
       return True
     except OSError:
       return False
-  depth = 0
+  names: List[str] = []  # the path from ``path`` down to ``fd``
+  stuck = set()  # (device, inode) of folders that could not be removed: never entered again
   try:
     while True:
       try:
@@ -412,38 +448,42 @@ def remove_tree(path: str) -> bool:
         pass
       child = None
       with os.scandir(fd) as entries:
-        listed = [(e.name, e.is_dir(follow_symlinks=False)) for e in entries]
-      for name, is_dir in listed:
+        listed = [(e.name, e.is_dir(follow_symlinks=False), e.inode()) for e in entries]
+      for name, is_dir, inode in listed:
         if not is_dir:
           try:
             os.unlink(name, dir_fd=fd)
-            continue
           except OSError:
             pass
-        try:
-          os.rmdir(name, dir_fd=fd)
           continue
-        except OSError:
-          pass
+        if inode in stuck:
+          continue
         try:
           child = os.open(name, flags, dir_fd=fd)
-          break
         except OSError:
           try:
-            os.chmod(name, 0o700, dir_fd=fd, follow_symlinks=False)
+            os.chmod(name, 0o700, dir_fd=fd)  # a folder (not a link): listed without following
             child = os.open(name, flags, dir_fd=fd)
-            break
-          except (OSError, NotImplementedError):
+          except OSError:
+            stuck.add(inode)
             continue
+        names.append(name)
+        break
       if child is not None:
         os.close(fd)
-        fd, depth = child, depth + 1
+        fd = child
         continue
-      if depth == 0:
+      if not names:
         break
+      name = names.pop()
+      inode = os.fstat(fd).st_ino
       parent = os.open("..", flags, dir_fd=fd)
       os.close(fd)
-      fd, depth = parent, depth - 1
+      fd = parent
+      try:
+        os.rmdir(name, dir_fd=fd)
+      except OSError:
+        stuck.add(inode)
   except Exception:  # pylint: disable=broad-except
     pass
   finally:
