@@ -179,6 +179,7 @@ def test_codec_rebuilds_plain_data_only():
 @pytest.mark.parametrize("config", [CONFIG, NO_HOOK], ids=["hook", "os_only"])
 def test_loops_forks_memory_and_exits(config):
   memory = dataclasses.replace(config, cpu_time_s=5, wall_time_s=8.0)
+  config = dataclasses.replace(config, cpu_time_s=1, wall_time_s=3.0)
   sources = ["while True:\n  pass\n", "import time\ntime.sleep(60)\n",
              "import os\nwhile True:\n  os.fork()\n",
              "import threading\nthreading.Thread(target=print).start()\n",
@@ -493,17 +494,22 @@ def test_attacks_as_an_unprivileged_user(namespaces, temp_root):
             ("import time\ndef slow(x):\n  time.sleep(1.5)\n  return x + 1\n",
              suite("assert slow(1) == 2\n", "slow")),
             ("import socket\ns = socket.socket(socket.AF_UNIX)\n", suite("")),
-            (LEFTOVERS.replace("5000", "500"), suite("assert ready() == 1\n", "ready"))]
+            (LEFTOVERS.replace("5000", "500"), suite("assert ready() == 1\n", "ready")),
+            (f"open({str(REPO / 'pwned_unprivileged.txt')!r}, 'w').write('x')\n", suite(""))]
   results = run_unprivileged(runs + checks, config, temp_root)
   per_task = 7
   for i, result in enumerate(results[:len(runs)]):
     assert result["passed"] == (i % per_task == 0), (i, result)
     assert result["passed"] or result["reason"]
-  shm, killer, victim, sock, leftovers = results[len(runs):]
+  shm, killer, victim, sock, leftovers, write = results[len(runs):]
   assert "shm [-1, -1, -1, -1]" in shm["output"] or shm["protections"].get("ipc_namespace"), shm
   assert "killed 0" in killer["output"] and victim["passed"], (killer, victim)
   assert not sock["passed"] and "PermissionError" in sock["reason"], sock
   assert leftovers["passed"], leftovers
   assert not {0x5EED0000 + i for i in range(4)} & _sysv_keys()
+  pwned = (REPO / "pwned_unprivileged.txt").exists()
+  (REPO / "pwned_unprivileged.txt").unlink(missing_ok=True)
+  if ROOT or namespaces:  # the repository is root's, or the file system is read-only
+    assert not write["passed"] and not pwned, write
   if namespaces and results[0]["protections"].get("namespaces"):
     assert results[0]["protections"].get("pid_namespace"), results[0]
