@@ -11,7 +11,8 @@
   data (None, bool, int, float, complex, str, bytes, list, tuple, dict, set, frozenset, range,
   deque, OrderedDict, Counter; iterators as their items) that the judge rebuilds with its own
   constructors. The judge runs ``assert`` and every comparison on these values and writes the
-  verdict (with a per-run nonce) to a pipe that only it and the trainer hold.
+  verdict (with a per-run nonce) to a socket that only it and the trainer hold (a socket, unlike a
+  pipe, cannot be re-opened through ``/proc/<pid>/fd``).
 
 **Threat model.** Everything inside the program process is compromised: its stdout, its copy
 of the runner, ``json``, builtins, the audit hook and any report it makes. The trainer trusts
@@ -25,7 +26,10 @@ exist in the judge. To reach the judge's memory or verdict pipe the program woul
 ``ptrace``, ``/proc/<judge>/mem`` or ``/proc/<judge>/fd``: the judge is not dumpable (its
 ``/proc`` entries belong to root), runs under a different uid when the trainer is root, and lives
 in a different PID namespace where the OS allows it; ``ptrace``/``process_vm_*`` are refused by
-seccomp.
+seccomp. Residual risk, only for a non-root trainer without user namespaces (same uid, no PID
+namespace): a program racing the judge's interpreter start-up, before it makes itself not
+dumpable, could write its memory through ``/proc``; run untrusted code as root or with user
+namespaces.
 
 **Layers** (each where the OS allows it; :func:`protection_report` says which held):
 

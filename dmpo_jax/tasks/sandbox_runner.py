@@ -637,6 +637,10 @@ def judge(job, report):
 
 
 def main():
+  # First of all: not dumpable, so that a process of the same uid (trainer not root, no
+  # namespaces) can neither open this one's /proc memory nor, later, read the job's nonce.
+  _, libc = _libc()
+  libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0)
   chunks = []
   while True:
     chunk = os.read(0, 1 << 16)
