@@ -393,7 +393,7 @@ def mount_file_systems(job, report, owner):
     # Cannot mount a proc of its own (e.g. in some containers): hide the host's instead.
     report["errors"].append(str(e))
     mount("tmpfs", "/proc", "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k")
-    report["own_proc"] = True
+    report["proc_hidden"] = True
   os.chdir("/tmp/work")
   report["namespaces"] = True
 
