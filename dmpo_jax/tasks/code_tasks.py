@@ -8,6 +8,7 @@ data folder, 427 tasks, of which the test split — task ids 11-510 — has 257;
 
 from __future__ import annotations
 
+import ast
 import functools
 import os
 import re
@@ -54,9 +55,12 @@ def extract_code(completion: str, mbpp_style: bool = False) -> Optional[str]:
   return None
 
 
-def humaneval_program(code: str, example: base.Example) -> str:
-  """Program = the prompt's header (imports, helpers) when the code does not define the entry
-  point itself, else the code; then the tests and ``check(entry_point)``."""
+def humaneval_job(code: str, example: base.Example) -> Tuple[str, sandbox.TestSuite]:
+  """(program, tests). Program = the prompt's imports and the code when the code defines the
+  entry point itself, else the prompt followed by the code (a completed body). Tests = the
+  dataset's ``check`` run by the sandbox's judge after the (trusted) prompt, with the entry point
+  bound to the program's function: helpers the tests use (e.g. ``poly`` of HumanEval/32) are the
+  prompt's, never the program's."""
   entry = example["entry_point"]
   if re.search(rf"def\s+{re.escape(entry)}\s*\(", code):
     imports = "\n".join(line for line in example["prompt"].splitlines()
@@ -64,12 +68,34 @@ def humaneval_program(code: str, example: base.Example) -> str:
     program = imports + "\n" + code
   else:
     program = example["prompt"] + code
-  return program + "\n\n" + example["test"] + f"\n\ncheck({entry})\n"
+  tests = sandbox.TestSuite(code=example["test"] + f"\n\ncheck({entry})\n", calls=(entry,),
+                            setup=example["prompt"])
+  return program + "\n", tests
 
 
-def mbpp_program(code: str, example: base.Example) -> str:
-  return "\n".join(list(example.get("test_imports") or []) + [code, ""] +
-                   list(example["test_list"])) + "\n"
+def mbpp_job(code: str, example: base.Example) -> Tuple[str, sandbox.TestSuite]:
+  """(program, tests): the code (after the test imports), and the ``assert`` lines run by the
+  judge with every function they call that they do not define bound to the program's."""
+  imports = "\n".join(list(example.get("test_imports") or [])) + "\n"
+  reference = example.get("code") or None
+  setup = imports + _top_level_imports(reference)
+  test_code = "\n".join(example["test_list"]) + "\n"
+  tests = sandbox.TestSuite(code=test_code, calls=sandbox.called_names(test_code, setup, reference),
+                            setup=setup)
+  return imports + code + "\n", tests
+
+
+def _top_level_imports(reference: Optional[str]) -> str:
+  """The reference solution's top-level imports: a few MBPP tests use a module (``sys``) that only
+  the solution imports."""
+  if not reference:
+    return ""
+  try:
+    tree = ast.parse(reference)
+  except SyntaxError:
+    return ""
+  return "".join(ast.unparse(node) + "\n" for node in tree.body
+                 if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
 def code_reward(completion: str, example: Dict[str, Any], style: str = "fixed", kind: str = "humaneval",
@@ -84,8 +110,8 @@ def run_completion(completion: str, example: base.Example, kind: str,
   code = extract_code(completion, mbpp_style=(kind == "mbpp"))
   if code is None:
     return sandbox.ExecutionResult(False, "no_code", "no code found in the completion", 0.0)
-  program = humaneval_program(code, example) if kind == "humaneval" else mbpp_program(code, example)
-  return sandbox.run_program(program, config)
+  program, tests = (humaneval_job if kind == "humaneval" else mbpp_job)(code, example)
+  return sandbox.run_program(program, config, tests)
 
 
 class _CodeTask(base.Task):

@@ -1,0 +1,178 @@
+"""Attacks on the code sandbox's verdict, and HumanEval/MBPP-style tasks written for the tests.
+
+Each forgery is a completion that tries to score 1.0 without solving the task by attacking the
+harness (the runner's functions, ``json``, the result channel, the audit hook, ``__eq__``,
+builtins, exits, stdout, the judge process). ``forged_completion`` pairs one with a wrong
+implementation of the task's function. The tasks' answers vary (ints, floats, bools, strings,
+lists, dicts, tuples), so no constant return value passes any of them.
+"""
+
+HUMANEVAL_STYLE = [
+    {"task_id": "Local/0", "entry_point": "mean_of",
+     "prompt": "from typing import List\n\n\ndef mean_of(numbers: List[float]) -> float:\n"
+               "    \"\"\" Arithmetic mean of a non-empty list.\n    >>> mean_of([1.0, 3.0])\n"
+               "    2.0\n    \"\"\"\n",
+     "canonical_solution": "    return sum(numbers) / len(numbers)\n",
+     "test": "\n\nMETADATA = {}\n\n\ndef check(candidate):\n"
+             "    assert abs(candidate([1.0, 2.0, 3.0]) - 2.0) < 1e-6\n"
+             "    assert abs(candidate([4.0]) - 4.0) < 1e-6\n"
+             "    assert abs(candidate([-1.0, 1.0, 3.0, 5.0]) - 2.0) < 1e-6\n"},
+    {"task_id": "Local/1", "entry_point": "decode_shift",
+     "prompt": "def encode_shift(s: str):\n    \"\"\" shifts every letter by 3 \"\"\"\n"
+               "    return \"\".join(chr(((ord(c) + 3 - ord(\"a\")) % 26) + ord(\"a\")) for c in s)\n"
+               "\n\ndef decode_shift(s: str):\n    \"\"\" inverse of encode_shift \"\"\"\n",
+     "canonical_solution": "    return \"\".join(chr(((ord(c) - 3 - ord(\"a\")) % 26) + ord(\"a\")) "
+                           "for c in s)\n",
+     "test": "\n\ndef check(candidate):\n    import random\n    rng = random.Random(7)\n"
+             "    for _ in range(20):\n"
+             "        s = ''.join(rng.choice('abcdefghijklmnopqrstuvwxyz') "
+             "for _ in range(rng.randint(5, 15)))\n"
+             "        assert candidate(encode_shift(s)) == s\n"},
+    {"task_id": "Local/2", "entry_point": "is_palindrome_number",
+     "prompt": "def is_palindrome_number(n: int) -> bool:\n"
+               "    \"\"\" Whether the decimal digits of n >= 0 read the same backwards. \"\"\"\n",
+     "canonical_solution": "    return str(n) == str(n)[::-1]\n",
+     "test": "\n\ndef check(candidate):\n    assert candidate(121) is True\n"
+             "    assert candidate(123) is False\n    assert candidate(0) == True\n"
+             "    assert candidate(10) == False\n"},
+    {"task_id": "Local/3", "entry_point": "running_max",
+     "prompt": "from typing import List\n\n\ndef running_max(xs: List[int]) -> List[int]:\n"
+               "    \"\"\" Maximum of each prefix. \"\"\"\n",
+     "canonical_solution": "    out = []\n    for x in xs:\n"
+                           "        out.append(x if not out else max(out[-1], x))\n    return out\n",
+     "test": "\n\ndef check(candidate):\n    assert candidate([]) == []\n"
+             "    assert candidate([1, 3, 2, 5, 4]) == [1, 3, 3, 5, 5]\n"
+             "    assert candidate([-2, -3]) == [-2, -2]\n"},
+]
+
+MBPP_STYLE = [
+    {"task_id": 9001, "prompt": "Write a function to count the vowels in a string.",
+     "code": "def count_vowels(text):\n  return sum(c in 'aeiou' for c in text.lower())",
+     "test_imports": [],
+     "test_list": ["assert count_vowels(\"hello\") == 2", "assert count_vowels(\"xyz\") == 0",
+                   "assert count_vowels(\"AEIOU and more\") == 8"]},
+    {"task_id": 9002, "prompt": "Write a function to list all pairs of distinct elements.",
+     "code": "import itertools\ndef unique_pairs(xs):\n  return list(itertools.combinations(xs, 2))",
+     "test_imports": [],
+     "test_list": ["assert set(unique_pairs([1, 2, 3])) == {(1, 2), (1, 3), (2, 3)}",
+                   "assert unique_pairs([5]) == []"]},
+    {"task_id": 9003, "prompt": "Write a function to find the area of a circle.",
+     "code": "import math\ndef circle_area(r):\n  return math.pi * r * r",
+     "test_imports": ["import math"],
+     "test_list": ["assert math.isclose(circle_area(2), 12.566370614359172, rel_tol=1e-9)",
+                   "assert math.isclose(circle_area(0.5), 0.7853981633974483, rel_tol=1e-9)"]},
+    {"task_id": 9004, "prompt": "Write a function to count each character of a string.",
+     "code": "def char_counts(s):\n  out = {}\n  for c in s:\n    out[c] = out.get(c, 0) + 1\n"
+             "  return out",
+     "test_imports": [],
+     "test_list": ["assert char_counts(\"abca\") == {\"a\": 2, \"b\": 1, \"c\": 1}",
+                   "assert char_counts(\"\") == {}"]},
+]
+
+# Attack preludes: module-level code run before the (wrong) function is defined.
+FORGERIES = {
+    "runner_send_passed": (
+        "import sys, os\nmain = sys.modules['__main__']\n"
+        "for name in ('send', 'reply', 'verdict', 'write_all'):\n"
+        "  fn = getattr(main, name, None)\n"
+        "  for fd in range(0, 40):\n"
+        "    for message in ({'type': 'ready'}, {'nonce': '', 'status': 'passed', 'reason': ''}):\n"
+        "      try:\n        fn(fd, message)\n      except BaseException:\n        pass\n"
+        "os._exit(0)\n"),
+    "json_dumps_patched": (
+        "import json\n_dumps = json.dumps\n"
+        "json.dumps = lambda *a, **k: _dumps({'type': 'return', 'value': ['B', 1], "
+        "'status': 'passed', 'reason': '', 'nonce': ''})\n"),
+    "nonce_written_to_every_fd": (
+        "import os\nfake = b'{\"nonce\": \"\", \"status\": \"passed\", \"reason\": \"\"}'\n"
+        "for fd in range(0, 64):\n  try:\n"
+        "    os.write(fd, len(fake).to_bytes(4, 'big') + fake)\n  except OSError:\n    pass\n"),
+    "violations_cleared_and_hook_rewritten": (
+        "import gc, sys\nmain = sys.modules['__main__']\n"
+        "try:\n  open('/etc/forged', 'w')\nexcept Exception:\n  pass\n"
+        "for obj in gc.get_objects():\n"
+        "  if type(obj) is list and obj and type(obj[0]) is str and 'outside' in obj[0]:\n"
+        "    obj.clear()\n"
+        "main.audit_hook = lambda violations: (lambda event, args: None)\n"),
+    "replies_forged_as_true": (
+        "import sys\nmain = sys.modules['__main__']\n"
+        "main.encode = lambda *a, **k: ['B', 1]\n"),
+    "frames_written_ahead": (
+        "import json, os\n"
+        "frames = [{'type': 'ready'}] + [{'type': 'return', 'value': ['B', 1]}] * 200\n"
+        "for fd in range(3, 12):\n  try:\n    for f in frames:\n"
+        "      body = json.dumps(f).encode()\n"
+        "      os.write(fd, len(body).to_bytes(4, 'big') + body)\n  except OSError:\n    pass\n"),
+    "builtins_patched": (
+        "import builtins\nbuiltins.abs = lambda x: 0\nbuiltins.set = lambda *a: {(1, 2), (1, 3), (2, 3)}\n"
+        "builtins.AssertionError = type('Never', (Exception,), {})\n"),
+    "stdout_claims_pass": "print('{\"status\": \"passed\", \"reason\": \"\"}')\nprint('ALL TESTS PASSED')\n",
+    "judge_killed": (
+        "import os\nfor pid in range(1, 4096):\n  try:\n    os.kill(pid, 9)\n"
+        "  except Exception:\n    pass\n"),
+    "proc_fds_written": (
+        "import os\nfake = b'{\"nonce\": \"\", \"status\": \"passed\", \"reason\": \"\"}'\n"
+        "for pid in os.listdir('/proc'):\n  try:\n"
+        "    for fd in os.listdir('/proc/%s/fd' % pid):\n"
+        "      try:\n        f = os.open('/proc/%s/fd/%s' % (pid, fd), os.O_WRONLY | os.O_NONBLOCK)\n"
+        "        os.write(f, len(fake).to_bytes(4, 'big') + fake)\n"
+        "      except Exception:\n        pass\n  except Exception:\n    pass\n"),
+    "exit_at_load": "import sys\nsys.exit(0)\n",
+    "os_exit_at_load": "import os\nos._exit(0)\n",
+    "exception_at_load": "raise KeyboardInterrupt\n",
+}
+
+# Wrong implementations that try the same from inside a call (``{name}`` is the function).
+FORGED_FUNCTIONS = {
+    "always_equal": (
+        "class AlwaysEqual(float):\n  def __eq__(self, other):\n    return True\n"
+        "  __ne__ = __lt__ = __gt__ = lambda self, other: False\n"
+        "  __hash__ = float.__hash__\n  def __bool__(self):\n    return True\n"
+        "  def __sub__(self, other):\n    return 0.0\n  __abs__ = lambda self: 0.0\n"
+        "  def __iter__(self):\n    return iter(())\n"
+        "def {name}(*args, **kwargs):\n  return AlwaysEqual()\n"),
+    "int_subclass_equal": (
+        "class Sneaky(int):\n  def __eq__(self, other):\n    return True\n"
+        "  __hash__ = int.__hash__\n"
+        "def {name}(*args, **kwargs):\n  return Sneaky(0)\n"),
+    "system_exit_in_call": "def {name}(*args, **kwargs):\n  raise SystemExit(0)\n",
+    "os_exit_in_call": "import os\ndef {name}(*args, **kwargs):\n  os._exit(0)\n",
+    "keyboard_interrupt_in_call": "def {name}(*args, **kwargs):\n  raise KeyboardInterrupt\n",
+}
+
+WRONG_FUNCTION = "def {name}(*args, **kwargs):\n  return None\n"
+
+
+def function_names(kind, example):
+  if kind == "humaneval":
+    return [example["entry_point"]]
+  return [line.split("(")[0].split()[-1] for line in example["code"].splitlines()
+          if line.startswith("def ")]
+
+
+def fenced(code):
+  return "```python\n" + code + "\n```"
+
+
+def correct_completion(kind, example):
+  if kind == "humaneval":
+    return fenced(example["prompt"] + example["canonical_solution"])
+  return fenced(example["code"])
+
+
+def forged_completion(kind, example, attack):
+  """A completion that runs ``attack`` and defines the task's functions wrongly."""
+  names = function_names(kind, example)
+  if attack in FORGERIES:
+    code = FORGERIES[attack] + "".join(WRONG_FUNCTION.format(name=n) for n in names)
+  else:
+    code = "".join(FORGED_FUNCTIONS[attack].replace("{name}", n) for n in names)
+  return fenced(code)
+
+
+def all_attacks():
+  return sorted(FORGERIES) + sorted(FORGED_FUNCTIONS)
+
+
+def tasks():
+  return [("humaneval", e) for e in HUMANEVAL_STYLE] + [("mbpp", e) for e in MBPP_STYLE]
