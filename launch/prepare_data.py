@@ -11,8 +11,9 @@ written in the layout the task loaders read by default: point ``$DMPO_JAX_DATA_D
 task's loader before it replaces an older copy.
 
 Offline: ``--mirror=DIR`` reads a hub dataset ``owner/name`` from the folder ``DIR/owner/name``
-(the hub repository's files, e.g. ``main/train-00000-of-00001.parquet``) and a URL
-``https://host/path`` from the file ``DIR/host/path``.
+(a copy of the hub repository: its README.md, whose YAML header maps configs and splits to files,
+and data files such as ``main/train-00000-of-00001.parquet``) and a URL ``https://host/path`` from
+the file ``DIR/host/path``.
 """
 
 import csv
@@ -63,7 +64,7 @@ def _load_split(datasets_module, spec: hub_sources.DataFile, split: str,
   folder = mirror / spec.source
   if not folder.is_dir():
     raise PrepareError(f"mirror folder {folder} not found (mirror of hub dataset {spec.source})")
-  return load_dataset(str(folder), data_dir=spec.config, split=split, **csv_options)
+  return load_dataset(str(folder), spec.config, split=split, **csv_options)
 
 
 def fetch_rows(spec: hub_sources.DataFile, mirror: Optional[pathlib.Path] = None
@@ -73,9 +74,18 @@ def fetch_rows(spec: hub_sources.DataFile, mirror: Optional[pathlib.Path] = None
     import datasets  # pylint: disable=import-outside-toplevel
   except ImportError as e:
     raise PrepareError("prepare_data needs the `datasets` package: pip install -e \".[data]\"") from e
+  datasets.disable_progress_bars()
+  datasets.logging.set_verbosity_error()
   rows: List[Dict[str, Any]] = []
   for split in spec.splits:
-    rows.extend(dict(row) for row in _load_split(datasets, spec, split, mirror))
+    try:
+      dataset = _load_split(datasets, spec, split, mirror)
+    except (OSError, ValueError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
+      cause = e.__cause__ or e
+      raise PrepareError(f"{spec.source}: cannot load split {split!r} for {spec.path}: "
+                         f"{type(cause).__name__}: {cause}") from e
+    rows.extend(dict(row) for row in dataset)
   if spec.num_numbers is not None:
     rows = [row for row in rows if len(row["nums"]) == spec.num_numbers]
   if spec.sort_key is not None:
