@@ -1,8 +1,8 @@
 """Downloads the benchmark files of one or more tasks into the data folder.
 
   pip install -e ".[data]"
-  python launch/prepare_data.py --task=gsm8k,math,countdown,sudoku,mbpp,humaneval \
-      [--out=~/.cache/dmpo_jax/data]
+  python launch/prepare_data.py --task=all [--out=~/.cache/dmpo_jax/data]
+  python launch/prepare_data.py --task=gsm8k,math --out=/data/dmpo_jax
 
 The files come from the Hugging Face hub (and, for the d1 / SPG test files, GitHub), read with the
 `datasets` library; `dmpo_jax/tasks/hub_sources.py` lists each file and its source. They are
@@ -151,6 +151,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   absl_logging.set_verbosity(absl_logging.WARNING)
+  if not _TASK.value:
+    print(f"error: --task is required (one or more of {sorted(hub_sources.DATA_FILES)}, or all)",
+          file=sys.stderr)
+    sys.exit(2)
   out = base.data_dir_from_env(_OUT.value)
   mirror = pathlib.Path(_MIRROR.value).expanduser() if _MIRROR.value else None
   try:
@@ -165,5 +169,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["task"])
   app.run(main)
