@@ -123,6 +123,8 @@ def test_prepare_data_from_a_hub_mirror(fixture_data_dir, tmp_path):
 
 
 def test_prepare_data_errors(fixture_data_dir, tmp_path):
+  result = _run([f"--out={tmp_path / 'out'}"], tmp_path)
+  assert result.returncode == 2 and result.stderr.startswith("error: --task is required")
   result = _run(["--task=gsm8k,nope", f"--out={tmp_path / 'out'}"], tmp_path)
   assert result.returncode == 2
   assert result.stderr.strip().splitlines() == [
