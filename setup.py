@@ -31,7 +31,9 @@ setup(
         "math-verify",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6"],
+        # `datasets` runs launch/prepare_data.py's offline test (and brings pyarrow for parquet).
+        "test": ["pytest>=8", "hypothesis>=6", "datasets>=3.0"],
+        "data": ["datasets>=3.0"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         "wandb": ["wandb"],

@@ -25,14 +25,14 @@ def tiny_checkpoint(tmp_path_factory):
   return path
 
 
-def test_eval_end_to_end_sudoku(tiny_checkpoint, tmp_path, data_dir):
+def test_eval_end_to_end_sudoku(tiny_checkpoint, tmp_path, fixture_data_dir):
   from dmpo_jax.models.tokenizer import load_tokenizer
   import eval as eval_script  # pylint: disable=import-outside-toplevel
   out = tmp_path / "out"
   code = eval_script.main([f"--checkpoint={tiny_checkpoint}", "--task=sudoku", "--tokenizer=byte",
                            "--gen_lengths=32", "--block_length=32", "--steps=half",
                            "--batch_size=2", "--limit=3", f"--output_dir={out}",
-                           f"--data_dir={data_dir}", "--no_progress"])
+                           f"--data_dir={fixture_data_dir}", "--no_progress"])
   assert code == 0
   for length in (32,):
     rows = [json.loads(l) for l in (out / f"sudoku_L{length}.jsonl").read_text().splitlines()]
@@ -63,14 +63,23 @@ def test_score_script_cli(tmp_path):
   assert lines[-1]["accuracy"] == 50.0 and lines[-1]["mean_reward"] == pytest.approx(0.1)
 
 
-def test_score_rows_sudoku_and_mbpp(data_dir):
+def test_score_rows_sudoku_and_mbpp(fixture_data_dir):
   results, summary = score_script.score_rows(
       "sudoku", [{"completion": "<answer>1234342121434312</answer>", "puzzle": "1034002130004300",
                   "solution": "1234342121434312"}])
   assert results[0]["score"] == 1.0 and summary["cell_accuracy"] == 100.0
+  # Rows that carry only a task_id are looked up in the data folder's MBPP file.
   results, summary = score_script.score_rows(
-      "mbpp", [{"completion": "[BEGIN]\n 'def similar_elements(a, b):\n  return tuple(set(a) & set(b))' \n[DONE]",
-                "task_id": 2}], data_dir=str(data_dir))
-  assert results[0]["score"] == 1.0 and summary["accuracy"] == 100.0
+      "mbpp", [{"completion": "[BEGIN]\n 'def larger(a, b):\n  return max(a, b)' \n[DONE]", "task_id": 2},
+               {"completion": "[BEGIN]\n 'def larger(a, b):\n  return min(a, b)' \n[DONE]", "task_id": 2}],
+      data_dir=str(fixture_data_dir))
+  assert [r["score"] for r in results] == [1.0, 0.0] and summary["accuracy"] == 50.0
   with pytest.raises(KeyError, match="lacks field"):
     score_script.score_rows("gsm8k", [{"completion": "x"}])
+
+
+def test_score_rows_mbpp_benchmark_file(benchmark_data_dir):
+  results, _ = score_script.score_rows(
+      "mbpp", [{"completion": "[BEGIN]\n 'def similar_elements(a, b):\n  return tuple(set(a) & set(b))' \n[DONE]",
+                "task_id": 2}], data_dir=str(benchmark_data_dir))
+  assert results[0]["score"] == 1.0

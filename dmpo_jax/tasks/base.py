@@ -45,13 +45,36 @@ def check_reward_style(style: str) -> str:
   return style
 
 
+# Environment variable naming the data folder that `launch/prepare_data.py` fills.
+DATA_DIR_ENV = "DMPO_JAX_DATA_DIR"
+# Default data folder when neither an argument nor the environment variable names one.
+DEFAULT_DATA_DIR = pathlib.Path("~/.cache/dmpo_jax/data")
+
+
 def data_dir_from_env(data_dir: Optional[os.PathLike] = None) -> pathlib.Path:
-  """The offline data folder: the argument, else env ``DMPO_JAX_DATA_DIR``, else ../shared/data."""
-  if data_dir is not None:
-    return pathlib.Path(data_dir)
-  if os.environ.get("DMPO_JAX_DATA_DIR"):
-    return pathlib.Path(os.environ["DMPO_JAX_DATA_DIR"])
-  return pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data"
+  """The data folder: the argument, else ``$DMPO_JAX_DATA_DIR``, else ``~/.cache/dmpo_jax/data``."""
+  if data_dir is not None and str(data_dir):
+    return pathlib.Path(data_dir).expanduser()
+  if os.environ.get(DATA_DIR_ENV):
+    return pathlib.Path(os.environ[DATA_DIR_ENV]).expanduser()
+  return DEFAULT_DATA_DIR.expanduser()
+
+
+def default_data_file(task: str, relative_path: str, data_dir: Optional[os.PathLike] = None
+                      ) -> str:
+  """``<data folder>/<relative_path>``; a clear error naming the fix when the file is missing.
+
+  The files are written by ``python launch/prepare_data.py --task=<task>`` (README, "Weights and
+  data"; docs/tasks.md §0).
+  """
+  folder = data_dir_from_env(data_dir)
+  path = folder / relative_path
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"{task}: dataset file {path} not found. Run `python launch/prepare_data.py --task={task} "
+        f"--out={folder}` to download it, or point ${DATA_DIR_ENV} (or --data_dir) at a folder "
+        f"that holds {relative_path}")
+  return str(path)
 
 
 def read_records(source: os.PathLike | str, split: Optional[str] = None,

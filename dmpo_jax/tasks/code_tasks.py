@@ -121,16 +121,20 @@ class _CodeTask(base.Task):
   def __init__(self, config: sandbox.SandboxConfig = DEFAULT_SANDBOX, max_workers: Optional[int] = None):
     self.config = config
     self.max_workers = max_workers
-    self._by_id: Optional[Dict[str, base.Example]] = None
+    # Examples by task id, per resolved data folder.
+    self._by_id: Dict[str, Dict[str, base.Example]] = {}
 
   def lookup(self, task_id: Any, data_dir=None) -> base.Example:
     """The dataset example with this task id (for rescoring rows that only carry ``task_id``)."""
-    if self._by_id is None:
-      self._by_id = {str(e["task_id"]): e for e in self.load_eval(data_dir=data_dir, split="all")}
+    folder = str(base.data_dir_from_env(data_dir))
+    if folder not in self._by_id:
+      self._by_id[folder] = {str(e["task_id"]): e
+                             for e in self.load_eval(data_dir=folder, split="all")}
+    by_id = self._by_id[folder]
     key = str(task_id)
-    if key not in self._by_id:
+    if key not in by_id:
       raise KeyError(f"{self.name}: unknown task_id {task_id!r}")
-    return self._by_id[key]
+    return by_id[key]
 
   def reward_functions(self, style: str = base.DEFAULT_REWARD_STYLE, **options: Any
                        ) -> List[Tuple[str, base.RewardFn]]:
@@ -195,7 +199,7 @@ class MBPPTask(_CodeTask):
     if split not in MBPP_SPLITS:
       raise ValueError(f"mbpp split must be one of {sorted(MBPP_SPLITS)}, got {split!r}")
     if source is None:
-      source = str(base.data_dir_from_env(data_dir) / "mbpp" / "sanitized-mbpp.json")
+      source = base.default_data_file("mbpp", "mbpp/sanitized-mbpp.json", data_dir)
     low, high = MBPP_SPLITS[split]
     return [e for e in self.load_rows(source) if low <= e["task_id"] <= high]
 
@@ -205,8 +209,13 @@ class MBPPTask(_CodeTask):
   def load_eval(self, source=None, data_dir=None, split: str = "test") -> List[base.Example]:
     return self._load(source, data_dir, split)
 
-  @functools.lru_cache(maxsize=4)
   def few_shot_messages(self, data_dir=None) -> base.Messages:
+    """The three MBPP prompt-split shots (ids 2-4) as user / assistant turns."""
+    # Cached per resolved folder, so a changed $DMPO_JAX_DATA_DIR is seen.
+    return self._few_shot_messages(str(base.data_dir_from_env(data_dir)))
+
+  @functools.lru_cache(maxsize=4)
+  def _few_shot_messages(self, data_dir: str) -> base.Messages:
     shots = {e["task_id"]: e for e in self._load(None, data_dir, "prompt")}
     messages: base.Messages = []
     for task_id in MBPP_SHOT_IDS:

@@ -218,7 +218,7 @@ class CountdownTask(base.Task):
 
   def load_eval(self, source=None, data_dir=None) -> List[base.Example]:
     if source is None:
-      source = str(base.data_dir_from_env(data_dir) / "countdown" / "cd3_test.jsonl")
+      source = base.default_data_file("countdown", "countdown/cd3_test.jsonl", data_dir)
     return self.load_rows(source, split="test")
 
   def train_prompt(self, example: base.Example) -> base.PromptSpec:

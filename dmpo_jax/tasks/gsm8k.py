@@ -90,12 +90,12 @@ class GSM8KTask(base.Task):
 
   def load_train(self, source=None, data_dir=None) -> List[base.Example]:
     if source is None:
-      source = str(base.data_dir_from_env(data_dir) / "gsm8k" / "train.jsonl")
+      source = base.default_data_file("gsm8k", "gsm8k/train.jsonl", data_dir)
     return self.load_rows(source, split="train", hf_config="main")
 
   def load_eval(self, source=None, data_dir=None) -> List[base.Example]:
     if source is None:
-      source = str(base.data_dir_from_env(data_dir) / "gsm8k" / "test.jsonl")
+      source = base.default_data_file("gsm8k", "gsm8k/test.jsonl", data_dir)
     return self.load_rows(source, split="test", hf_config="main")
 
   def train_prompt(self, example: base.Example) -> base.PromptSpec:

@@ -22,7 +22,8 @@ MATH500_SYSTEM_PROMPT = (
     "final answer in a \\boxed{}.\nRespond in the following format:\n<reasoning>\nYour reasoning "
     "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\" \n")
 
-# Hugging Face source of d1's training split (`tasks.md` §3.1); not available offline.
+# Hugging Face source of d1's training split (`tasks.md` §3.1); `launch/prepare_data.py --task=math`
+# writes it to <data folder>/math/train.jsonl.
 DEFAULT_TRAIN_SOURCE = "ankner/math-500"
 
 
@@ -105,10 +106,13 @@ class MathTask(base.Task):
     return example
 
   def load_train(self, source=None, data_dir=None) -> List[base.Example]:
-    """d1/DMPO train on ``ankner/math-500`` (train split). No offline copy exists: pass a local
-    JSONL/JSON/parquet file with ``problem`` and ``solution`` (or ``answer``) or a HF name."""
-    return self._with_problems(self.load_rows(source or DEFAULT_TRAIN_SOURCE, split="train"),
-                               source or DEFAULT_TRAIN_SOURCE)
+    """d1/DMPO train on ``ankner/math-500`` (train split), which ``launch/prepare_data.py
+    --task=math`` writes to ``<data folder>/math/train.jsonl`` (the default). Any local
+    JSONL/JSON/parquet file with ``problem`` and ``solution`` (or ``answer``), or a HF name, also
+    works."""
+    if source is None:
+      source = base.default_data_file("math", "math/train.jsonl", data_dir)
+    return self._with_problems(self.load_rows(source, split="train"), source)
 
   @staticmethod
   def _with_problems(examples: List[base.Example], source: str) -> List[base.Example]:
@@ -119,7 +123,7 @@ class MathTask(base.Task):
 
   def load_eval(self, source=None, data_dir=None) -> List[base.Example]:
     if source is None:
-      source = str(base.data_dir_from_env(data_dir) / "math500" / "test.jsonl")
+      source = base.default_data_file("math", "math500/test.jsonl", data_dir)
     return self._with_problems(self.load_rows(source, split="test"), source)
 
   def train_prompt(self, example: base.Example) -> base.PromptSpec:

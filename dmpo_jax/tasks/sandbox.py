@@ -1,4 +1,4 @@
-"""A sandbox for model-generated Python code whose verdict the code cannot reach (`tasks.md` §6.3).
+"""A sandbox for model-generated Python code whose verdict the code cannot reach (`docs/tasks.md` §6.5).
 
 **Design.** Each run uses two fresh ``python -I -S`` processes started from
 ``sandbox_runner.py``, each in its own session:

@@ -97,7 +97,7 @@ class SudokuTask(base.Task):
     """Default: d1's ``4x4_test_sudoku.csv`` (500 rows; the protocol scores 256 chosen with seed
     42, `base.select_subset`). SPG's leak-free file: ``<data>/sudoku/spg_4x4_test.csv``."""
     if source is None:
-      source = str(base.data_dir_from_env(data_dir) / "sudoku" / "d1_4x4_test.csv")
+      source = base.default_data_file("sudoku", "sudoku/d1_4x4_test.csv", data_dir)
     return self.load_rows(source, split="test")
 
   def train_prompt(self, example: base.Example) -> base.PromptSpec:
