@@ -31,6 +31,9 @@ DEFAULT_SANDBOX = sandbox.SandboxConfig(cpu_time_s=5, wall_time_s=10.0)
 
 _FENCE_LANGUAGES = ("python3", "python", "py", "Python")
 _SPACES_TABS = re.compile(r"[ \t]*")
+# A fence that may open a block: spaces/tabs then a newline or a language name (checked fully in
+# `fenced_blocks`); skips runs of backticks in one regex step.
+_FENCE_CANDIDATE = re.compile(r"```[ \t]*(?=\n|py|Python)")
 
 
 def fenced_blocks(text: str) -> List[str]:
@@ -39,10 +42,10 @@ def fenced_blocks(text: str) -> List[str]:
   blocks = []
   position = 0
   while True:
-    fence = text.find("```", position)
-    if fence < 0:
+    candidate = _FENCE_CANDIDATE.search(text, position)
+    if candidate is None:
       return blocks
-    header = _SPACES_TABS.match(text, fence + 3).end()
+    fence, header = candidate.start(), candidate.end()
     line_end = -1
     if text.startswith("\n", header):
       line_end = header
@@ -158,6 +161,7 @@ class _CodeTask(base.Task):
                                              config=self.config))]
 
   def score(self, completion: str, example: base.Example, **options: Any) -> Dict[str, Any]:
+    base.check_eval_style(options.get("eval_style", base.DEFAULT_EVAL_STYLE), self.name)
     result = run_completion(completion, example, self.kind, self.config)
     return {"score": float(result.passed), "correct": result.passed, "status": result.status,
             "reason": result.reason}

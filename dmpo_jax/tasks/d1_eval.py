@@ -249,10 +249,10 @@ def _search_after_answer(text: str) -> Optional[str]:
 def _search_digits_before_close(text: str) -> Optional[str]:
   """Group of ``re.search(r".*?(\\d{16})\\s*</answer>", text, re.DOTALL)``."""
   close = text.find("</answer>")
+  reversed_text = text[::-1] if close >= 0 else ""
   while close >= 0:
-    end = close
-    while end > 0 and _WHITESPACE.match(text, end - 1):
-      end -= 1
+    # Start of the whitespace run before the tag (scanned forwards in the reversed text).
+    end = close - (text_scan.skip_whitespace(reversed_text, len(text) - close) - (len(text) - close))
     if end >= 16 and _DIGITS16.fullmatch(text, end - 16, end):
       return text[end - 16:end]
     close = text.find("</answer>", close + 1)
