@@ -241,3 +241,16 @@ def test_scans_equal_published_regexes(text):
   for pattern, scan in zip(patterns, d1_eval._SUDOKU_CASCADE):  # pylint: disable=protected-access
     match = re.search(pattern, text, re.DOTALL)
     assert scan(text) == (match.group(1) if match else None), pattern
+
+
+def test_config_eval_style_is_validated():
+  from configs import demo  # pylint: disable=import-outside-toplevel
+  from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
+  config = demo.get_config()
+  config.eval.style = "d1"  # the demo task has no d1 scorer
+  with pytest.raises(loop.ConfigError, match="eval.style"):
+    loop.validate_config(config, num_devices=1)
+  config.eval.style = "fixed"
+  config.task.reward_timeout_s = -1.0
+  with pytest.raises(loop.ConfigError, match="reward_timeout_s"):
+    loop.validate_config(config, num_devices=1)

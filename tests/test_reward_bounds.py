@@ -191,3 +191,29 @@ def test_reward_pool_wall_limit_scores_zero_and_replaces_worker():
     assert pool.last_failures == []
   finally:
     pool.close()
+
+
+def _stack_partners(text):
+  partners, stack = {}, []
+  for index, char in enumerate(text):
+    if char == "{":
+      stack.append(index)
+    elif char == "}" and stack:
+      partners[stack.pop()] = index
+  return partners
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.sampled_from(["{", "}", "a", "\\boxed", "\\fbox", "\ud800"]), max_size=16)
+       .map("".join))
+def test_vectorised_brace_matching_equals_a_stack(text):
+  assert text_scan.brace_partners(text) == _stack_partners(text)
+  start = text.rfind("\\boxed")
+  if start >= 0 and "\\boxed " not in text:
+    depth, expected = 0, -1
+    for index in range(start, len(text)):
+      depth += {"{": 1, "}": -1}.get(text[index], 0)
+      if text[index] == "}" and depth == 0:
+        expected = index
+        break
+    assert text_scan.first_balanced_close(text, start) == expected

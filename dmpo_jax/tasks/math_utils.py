@@ -14,7 +14,6 @@ from typing import List, Optional
 from dmpo_jax.tasks import text_scan
 
 _NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
-_BRACE = re.compile(r"[{}]")
 _LEADING_NUMBER = re.compile(r"\s*\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d,])")
 
 
@@ -31,15 +30,8 @@ def last_boxed_only_string(text: str) -> Optional[str]:
     start = text.rfind("\\fbox")
     if start < 0:
       return None
-  depth = 0
-  for brace in _BRACE.finditer(text, start):
-    if brace.group() == "{":
-      depth += 1
-    else:
-      depth -= 1
-      if depth == 0:
-        return text[start:brace.end()]
-  return None
+  end = text_scan.first_balanced_close(text, start)
+  return text[start:end + 1] if end >= 0 else None
 
 
 def remove_boxed(boxed: Optional[str]) -> Optional[str]:

@@ -23,8 +23,8 @@ SUDOKU_SYSTEM_PROMPT = (
 
 GRID_CELLS = 16
 _NON_DIGIT = re.compile(r"\D")
-# A run of digits 1-4 with separators between them (whitespace , | -).
-_GRID_RUN = re.compile(r"[1-4](?:[\s,|\-]*[1-4])*")
+# A run of at least 16 digits 1-4 with separators between them (whitespace , | -).
+_GRID_RUN = re.compile(r"(?:[1-4][\s,|\-]*){15}[1-4](?:[\s,|\-]*[1-4])*")
 
 
 def check_grid_string(value: Any, field: str) -> str:
@@ -63,11 +63,10 @@ def last_grid_run(text: str) -> Optional[str]:
   ``re.findall(r"(?:[1-4][\\s,|\\-]*){15}[1-4]", text)`` returns, in linear time: runs of
   digits 1-4 with separators, each cut into consecutive groups of 16 digits."""
   found = None
-  for run in _GRID_RUN.finditer(text):
+  for run in _GRID_RUN.finditer(text):  # each run has >= 16 digits
     digits = _NON_DIGIT.sub("", run.group())
-    if len(digits) >= GRID_CELLS:
-      groups = len(digits) // GRID_CELLS
-      found = digits[(groups - 1) * GRID_CELLS:groups * GRID_CELLS]
+    groups = len(digits) // GRID_CELLS
+    found = digits[(groups - 1) * GRID_CELLS:groups * GRID_CELLS]
   return found
 
 
