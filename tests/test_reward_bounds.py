@@ -122,7 +122,7 @@ ADVERSARIAL_TEXT = st.lists(st.tuples(_ADVERSARIAL_UNITS, st.integers(1, 3000)),
                             max_size=6).map(lambda runs: "".join(u * n for u, n in runs))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(ADVERSARIAL_TEXT)
 def test_property_rewards_bounded_and_total(text):
   """Long runs of tags, whitespace, braces and digits: every reward and scorer of every text

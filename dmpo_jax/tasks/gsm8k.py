@@ -56,13 +56,21 @@ def extract_eval_answer(completion: str) -> Optional[float]:
   in any common form (thousands commas included), else the first number in it; otherwise the last
   number of the answer region (the last ``<answer>``, closed or not)."""
   completion = text_scan.bounded_text(completion)
-  for content in math_utils.boxed_contents(completion, unclosed_leading_number=True):
-    if not content.strip().strip("."):
-      continue
-    value = math_utils.numeric_answer(content)
-    if value is not None:
-      return float(value)
-    value = math_utils.first_number(content)
+  # The first number at or after each box start, with searches that only move forwards (box
+  # starts increase and a regex match found from an earlier position is the first one from any
+  # position up to its start), so thousands of nested boxes cost one pass. Numbers never contain
+  # "}", so a match starting inside a closed box is the box's first number.
+  found = None
+  for start, end in math_utils.boxed_spans(completion, unclosed_leading_number=True):
+    if found is not False and (found is None or found.start() < start):
+      found = math_utils.NUMBER.search(completion, start) or False
+    if found is False or found.start() >= end:
+      continue  # no number in this box (empty, "...", words): the next box
+    if end - start <= math_utils.MAX_NUMERIC_ANSWER_CHARS:
+      value = math_utils.numeric_answer(completion[start:end])
+      if value is not None:
+        return float(value)
+    value = math_utils.parse_number(found.group())
     if value is not None:
       return value
   region = text_scan.answer_region(completion)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import re
 from fractions import Fraction
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 from dmpo_jax.tasks import text_scan
 
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
 _LEADING_NUMBER = re.compile(r"\s*\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d,])")
 
 
@@ -45,26 +45,32 @@ def remove_boxed(boxed: Optional[str]) -> Optional[str]:
   return None
 
 
-def boxed_contents(text: str, unclosed_leading_number: bool = False) -> List[str]:
-  """All ``\\boxed{...}`` contents in order (brace-matched, nested boxes included), in one pass.
+def boxed_spans(text: str, unclosed_leading_number: bool = False) -> List[Tuple[int, int]]:
+  """(start, end) of every ``\\boxed{...}`` content in order (brace-matched, nested boxes
+  included), found in one pass.
 
-  With ``unclosed_leading_number`` a box whose braces never close contributes the number it
-  starts with (``\\boxed{360\\text{ hours}...`` -> ``360``), if any.
+  With ``unclosed_leading_number`` a box whose braces never close contributes the span of the
+  number it starts with (``\\boxed{360\\text{ hours}...`` -> ``360``), if any.
   """
   partners = text_scan.brace_partners(text)
-  contents = []
+  spans = []
   position = text.find("\\boxed{")
   while position >= 0:
     brace = position + len("\\boxed")
     end = partners.get(brace)
     if end is not None:
-      contents.append(text[brace + 1:end])
+      spans.append((brace + 1, end))
     elif unclosed_leading_number:
       leading = _LEADING_NUMBER.match(text, brace + 1)
       if leading:
-        contents.append(leading.group(1))
+        spans.append(leading.span(1))
     position = text.find("\\boxed{", brace)
-  return contents
+  return spans
+
+
+def boxed_contents(text: str, unclosed_leading_number: bool = False) -> List[str]:
+  """The texts of `boxed_spans`."""
+  return [text[a:b] for a, b in boxed_spans(text, unclosed_leading_number)]
 
 
 def _fix_fracs(string: str) -> str:
@@ -176,12 +182,12 @@ def math_verify_equal(gold: str, prediction: str) -> bool:
 
 
 def first_number(text: str) -> Optional[float]:
-  match = _NUMBER.search(text)
+  match = NUMBER.search(text)
   return parse_number(match.group(0)) if match else None
 
 
 def last_number(text: str) -> Optional[float]:
-  matches = _NUMBER.findall(text)
+  matches = NUMBER.findall(text)
   return parse_number(matches[-1]) if matches else None
 
 
@@ -227,7 +233,7 @@ def numeric_answer(text: Optional[str]) -> Optional[Fraction]:
   """Exact value of a numeric final answer in any common form (``43500``, ``\\boxed{43500}``,
   ``$43,500``, ``43{,}500``, ``43500.``, ``43500 dollars``, ``43500\\text{ dollars}``, ``50\\%``);
   None when the text is anything else (two numbers, an expression, prose)."""
-  if text is None:
+  if text is None or len(text) > 10 * MAX_NUMERIC_ANSWER_CHARS:
     return None
   text = unwrap_answer(text)
   if len(text) > MAX_NUMERIC_ANSWER_CHARS:

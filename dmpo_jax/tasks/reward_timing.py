@@ -47,6 +47,8 @@ def adversarial_completions() -> List[Tuple[str, str]]:
       ("open_braces", _fill("{", "\\boxed")),
       ("close_braces", _fill("}", "\\boxed{")),
       ("nested_boxes", _fill("\\boxed{\\boxed{1}")),
+      ("nested_boxes_closed", "\\boxed{" * (N // 8) + "}" * (N // 8 + 10)),
+      ("number_free_boxes", _fill("\\boxed{\\boxed{x}}")),
       ("digits", _fill("9")),
       ("digits_in_answer", _fill("9", "<answer>", "</answer>")),
       ("digits_5000_in_answer", "<answer>1+" + "2" * 5000 + "+3</answer>"),
