@@ -8,13 +8,18 @@ regexes themselves on generated text.
 """
 
 import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from dmpo_jax.tasks import d1_eval, get_task
-from launch import score as score_script
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def both(task_name, completion, example):
@@ -204,7 +209,7 @@ def test_d1_style_rejects_other_tasks():
     get_task("gsm8k").score("x", GOLD, eval_style="d2")
 
 
-def test_score_script_eval_style_d1(tmp_path, capsys):
+def test_score_script_eval_style_d1(tmp_path):
   """launch/score.py --eval_style=d1 gives d1's accuracy; the default gives the fixed one."""
   rows = [{"completion": "<answer>\n\\boxed{43,500}\n</answer>", "answer": "43,500"},
           {"completion": "\\boxed{18}", "answer": "18"}]
@@ -212,8 +217,11 @@ def test_score_script_eval_style_d1(tmp_path, capsys):
   path.write_text("".join(json.dumps(r) + "\n" for r in rows))
   accuracies = {}
   for style in ("d1", "fixed"):
-    assert score_script.main(["--task=gsm8k", f"--input={path}", f"--eval_style={style}"]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    out = subprocess.run([sys.executable, str(REPO / "launch" / "score.py"), "--task=gsm8k",
+                          f"--input={path}", f"--eval_style={style}"],
+                         capture_output=True, text=True, timeout=300, check=True,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["eval_style"] == style
     accuracies[style] = summary["accuracy"]
   assert accuracies == {"d1": 50.0, "fixed": 100.0}
