@@ -217,3 +217,16 @@ def test_vectorised_brace_matching_equals_a_stack(text):
         expected = index
         break
     assert text_scan.first_balanced_close(text, start) == expected
+
+
+def test_reward_pool_propagates_task_errors_and_recovers():
+  """A reward that raises (here: an example without its gold field) is a bug: the error names the
+  completion; in-flight calls are dropped, so the next call gets only its own answers."""
+  pool = rollout.RewardPool("gsm8k", "fixed", 2)
+  try:
+    with pytest.raises(RuntimeError, match="KeyError.*<answer>7"):
+      pool(["<answer>7</answer>", "<answer>8</answer>"], [{}, {"answer": "8"}])
+    # int 0.5 + correctness 2.0 (no reasoning tags, no newlines: no format rewards).
+    np.testing.assert_array_equal(pool(["<answer>8</answer>"], [{"answer": "8"}]), [2.5])
+  finally:
+    pool.close()

@@ -208,6 +208,10 @@ class RewardPool:
         try:
           index, value, error = worker.connection.recv()
         except (EOFError, OSError):
+          if not worker.ready:
+            worker.process.join(5)
+            raise RuntimeError(f"a reward worker for task {self.task_name} failed to start "
+                               f"(exit code {worker.process.exitcode})") from None
           fail(worker_index, f"reward worker died (exit code {worker.process.exitcode})")
           continue
         if index == "ready":
@@ -215,6 +219,11 @@ class RewardPool:
           continue
         worker.job = None
         if error is not None:
+          for other_index, other in enumerate(self._workers):
+            if other.job is not None:  # drop in-flight calls so no stale answer reaches a later call
+              other.job = None
+              other.kill()
+              self._workers[other_index] = self._new_worker()
           raise RuntimeError(f"reward of task {self.task_name} (style {self.reward_style}) raised "
                              f"{error} on completion {completions[index][:2000]!r}")
         rewards[index] = value
