@@ -9,7 +9,6 @@ import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 from dmpo_jax.tasks import base
-from dmpo_jax.tasks import format_rewards as fmt
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
