@@ -46,6 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.reward_style = "fixed"
   config.task.prompt_length = 256   # prompt bucket (left-padded; longer prompts left-truncated)
   config.task.reward_workers = 4    # parallel reward processes (0 = in the trainer process)
+  config.task.reward_timeout_s = 0.0  # wall limit of one reward call in a worker (0 = task default)
 
   config.prompts_per_step = 8       # P distinct prompts per RL step (global)
   config.group_size = 8             # G completions per prompt
@@ -92,6 +93,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.eval.block_length = 32
   config.eval.steps = 128
   config.eval.batch_size = 32
+  config.eval.style = "fixed"       # scorer: "fixed" or "d1" (d1's eval script, quirks included)
 
   # Checkpoints and logging.
   config.checkpoint = ml_collections.ConfigDict()

@@ -9,7 +9,7 @@ completions are the ids up to the first EOS/EOT, decoded with special tokens ski
 
   python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
       [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
-      [--output_dir=DIR] [--limit=N] [--eval_source=FILE]
+      [--output_dir=DIR] [--limit=N] [--eval_source=FILE] [--eval_style=fixed|d1]
 
 ``--checkpoint``: an HF folder (``config.json`` + safetensors) or a model checkpoint written by
 `dmpo_jax.checkpointing.save_model_checkpoint` (``model_config.json`` + ``params/``).
@@ -126,7 +126,8 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
     rows.append({"index": index, **reference, "prompt": text, "completion": completion, **score})
   summary = task.summarize(scores)
   summary.update({"gen_length": gen_length, "block_length": block_length, "steps": num_steps,
-                  "temperature": 0.0})
+                  "temperature": 0.0,
+                  "eval_style": (score_options or {}).get("eval_style", base.DEFAULT_EVAL_STYLE)})
   return rows, summary
 
 
@@ -147,12 +148,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--output_dir", default="eval_output")
   parser.add_argument("--dtype", default=None, help="parameter dtype override (e.g. bfloat16)")
   parser.add_argument("--use_math_verify", action="store_true")
+  parser.add_argument("--eval_style", default=base.DEFAULT_EVAL_STYLE, choices=base.EVAL_STYLES,
+                      help="fixed (default) or d1: d1's eval/parse_and_get_acc.py, quirks included")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no_progress", action="store_true")
   args = parser.parse_args(argv)
 
   from dmpo_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   task = get_task(args.task)
+  base.check_eval_style(args.eval_style, task.name)
   examples = task.load_eval(source=args.eval_source, data_dir=args.data_dir)
   size = task.default_eval_size if args.subset_size < 0 else (args.subset_size or None)
   examples = base.select_subset(examples, size, seed=42)
@@ -163,6 +167,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   output_dir = pathlib.Path(args.output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   score_options = {"use_math_verify": True} if args.use_math_verify else {}
+  if args.eval_style != "fixed":
+    score_options["eval_style"] = args.eval_style
   summaries = []
   for gen_length in [int(x) for x in args.gen_lengths.split(",") if x]:
     start = time.time()

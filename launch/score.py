@@ -2,6 +2,7 @@
 
 Usage:
   python launch/score.py --task=gsm8k --input=generations.jsonl [--rewards] [--reward_style=d1]
+      [--eval_style=d1]
 
 Each input row holds ``completion`` plus the task's reference fields:
   gsm8k, math: ``answer``;  countdown: ``numbers`` (list or "a,b,c") and ``target``;
@@ -38,13 +39,15 @@ def reference_example(task: base.Task, row: Dict[str, Any], row_index: int,
 
 def score_rows(task_name: str, rows: Sequence[Dict[str, Any]], rewards: bool = False,
                reward_style: str = base.DEFAULT_REWARD_STYLE, use_math_verify: bool = False,
-               data_dir: Optional[str] = None) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
+               data_dir: Optional[str] = None, eval_style: str = base.DEFAULT_EVAL_STYLE) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """(per-row results, summary); results keep ``task_id``/``index`` for reference."""
   task = get_task(task_name)
+  base.check_eval_style(eval_style, task_name)
   examples = [reference_example(task, row, i, data_dir) for i, row in enumerate(rows)]
   completions = [str(row["completion"]) for row in rows]
   options = {"use_math_verify": use_math_verify} if use_math_verify else {}
-  scores = task.score_many(completions, examples, **options)
+  scores = task.score_many(completions, examples, **options,
+                           **({"eval_style": eval_style} if eval_style != "fixed" else {}))
   results = []
   reward_fns = task.reward_functions(reward_style, **options) if rewards else []
   for index, (row, example, score) in enumerate(zip(rows, examples, scores)):
@@ -58,6 +61,7 @@ def score_rows(task_name: str, rows: Sequence[Dict[str, Any]], rewards: bool = F
     results.append(result)
   summary = task.summarize(scores)
   summary["input_rows"] = len(rows)
+  summary["eval_style"] = eval_style
   if reward_fns:
     summary["reward_style"] = reward_style
     summary["mean_reward"] = sum(r["reward"] for r in results) / len(results) if results else 0.0
@@ -70,6 +74,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   parser.add_argument("--input", required=True, help="JSONL file with a `completion` per row")
   parser.add_argument("--rewards", action="store_true", help="also compute the training rewards")
   parser.add_argument("--reward_style", default=base.DEFAULT_REWARD_STYLE, choices=base.REWARD_STYLES)
+  parser.add_argument("--eval_style", default=base.DEFAULT_EVAL_STYLE, choices=base.EVAL_STYLES,
+                      help="fixed (default) or d1: d1's eval/parse_and_get_acc.py, quirks included")
   parser.add_argument("--use_math_verify", action="store_true",
                       help="math: also accept math-verify equivalence")
   parser.add_argument("--data_dir", default=None, help="data folder (default $DMPO_JAX_DATA_DIR)")
@@ -77,7 +83,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   rows = read_records(args.input)
   results, summary = score_rows(args.task, rows, rewards=args.rewards,
                                 reward_style=args.reward_style,
-                                use_math_verify=args.use_math_verify, data_dir=args.data_dir)
+                                use_math_verify=args.use_math_verify, data_dir=args.data_dir,
+                                eval_style=args.eval_style)
   for result in results:
     print(json.dumps(result, default=str))
   print(json.dumps(summary))

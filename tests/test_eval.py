@@ -2,6 +2,7 @@
 launch/score.py on hand-written generations."""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -83,3 +84,22 @@ def test_score_rows_mbpp_benchmark_file(benchmark_data_dir):
       "mbpp", [{"completion": "[BEGIN]\n 'def similar_elements(a, b):\n  return tuple(set(a) & set(b))' \n[DONE]",
                 "task_id": 2}], data_dir=str(benchmark_data_dir))
   assert results[0]["score"] == 1.0
+
+
+def test_eval_script_eval_style_d1(tiny_checkpoint, tmp_path, fixture_data_dir):
+  """launch/eval.py --eval_style=d1: every row's score is d1's (`d1_eval.score_row`)."""
+  from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "out"
+  subprocess.run([sys.executable, str(REPO / "launch" / "eval.py"), f"--checkpoint={tiny_checkpoint}",
+                  "--task=sudoku", "--tokenizer=byte", "--gen_lengths=32", "--block_length=32",
+                  "--steps=half", "--batch_size=2", "--limit=2", f"--output_dir={out}",
+                  f"--data_dir={fixture_data_dir}", "--no_progress", "--eval_style=d1"],
+                 check=True, capture_output=True, timeout=600,
+                 env={**os.environ, "PYTHONPATH": str(REPO)})
+  rows = [json.loads(l) for l in (out / "sudoku_L32.jsonl").read_text().splitlines()]
+  assert len(rows) == 2
+  for row in rows:
+    expected = d1_eval.score_row("sudoku", row["completion"], row)
+    assert row["correct_cells"] == expected["correct_cells"]
+    assert row["extracted"] == expected["extracted"]
+  assert json.loads((out / "sudoku_L32_summary.json").read_text())["eval_style"] == "d1"

@@ -115,7 +115,8 @@ def test_math_rewards_and_d1_boxed_bug():
   tags_only = "<answer>1/2</answer>"
   boxed_only = "so \\boxed{0.5}"
   neither = "one half"
-  expected = {"fixed": (3.0, 0.75, 2.5, 0.25), "dmpo": (3.0, 0.75, 2.5, 0.25),
+  # fixed credits the bare answer inside <answer> (1/2 = \frac{1}{2} after strip_string): 2 + 0.75.
+  expected = {"fixed": (3.0, 2.75, 2.5, 0.25), "dmpo": (3.0, 0.75, 2.5, 0.25),
               "d1": (2.75, 0.75, 2.25, 0.25)}
   for style, values in expected.items():
     got = tuple(sum(rewards("math", c, example, style).values())

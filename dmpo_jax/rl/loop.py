@@ -63,6 +63,13 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       errors.append(f"{config.objective}: {e}")
   if config.task.name not in task_base.task_names():
     errors.append(f"task.name: unknown {config.task.name!r}; known {task_base.task_names()}")
+  else:
+    try:
+      task_base.check_eval_style(config.eval.get("style", "fixed"), config.task.name)
+    except ValueError as e:
+      errors.append(f"eval.style: {e}")
+  if config.task.get("reward_timeout_s", 0.0) < 0:
+    errors.append(f"task.reward_timeout_s must be >= 0, got {config.task.reward_timeout_s}")
   for block, prefix in ((config.rollout, "rollout"), (config.eval, "eval")):
     gen, blk, steps = block.gen_length, block.block_length, block.steps
     if gen <= 0 or blk <= 0 or steps <= 0:
@@ -236,7 +243,9 @@ class Trainer:
                                             prompt_length=self.prompt_length, evaluation=True)
       seqs = self.sample(params, ids, mask, jax.random.key(0), self.eval_config)
       completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
-    scores = self.task.score_many(completions, examples)
+    style = self.config.eval.get("style", task_base.DEFAULT_EVAL_STYLE)
+    scores = self.task.score_many(completions, examples,
+                                  **({"eval_style": style} if style != "fixed" else {}))
     summary = self.task.summarize(scores)
     return {"eval/accuracy": float(summary["accuracy"])}
 
@@ -388,7 +397,8 @@ class Trainer:
       reference_dir.mkdir(exist_ok=True)
 
     results.update(self.compile_steps(ref_params))
-    reward_pool = rollout.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers)
+    reward_pool = rollout.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers,
+                                     timeout_s=c.task.get("reward_timeout_s", 0.0) or None)
     timer = metrics_lib.PhaseTimer()
     progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
                                        disable=None if bar_enabled else True)
@@ -425,6 +435,7 @@ class Trainer:
         step_metrics.update({f"prepare/{k}": float(v) for k, v in jax.device_get(prepared.metrics).items()})
         step_metrics.update(rollout.group_reward_stats(rewards, element["group_ids"]))
         step_metrics["reward/accuracy"] = float(np.mean(rewards >= 1.0))
+        step_metrics["reward/failed_calls"] = float(len(reward_pool.last_failures))
         step_metrics["rollout/truncated_prompts"] = float(truncated)
         done = step + 1
         if c.eval.every_steps and (done % c.eval.every_steps == 0 or done == c.num_steps):

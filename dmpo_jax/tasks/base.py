@@ -31,6 +31,12 @@ Messages = List[Dict[str, str]]
 REWARD_STYLES = ("d1", "dmpo", "spg", "fixed")
 DEFAULT_REWARD_STYLE = "fixed"
 
+# Evaluation scorers: "fixed" (default; quirks fixed) or "d1" (d1's eval/parse_and_get_acc.py row
+# for row, `dmpo_jax.tasks.d1_eval`; gsm8k, math, countdown and sudoku only).
+EVAL_STYLES = ("fixed", "d1")
+DEFAULT_EVAL_STYLE = "fixed"
+D1_EVAL_TASKS = ("gsm8k", "math", "countdown", "sudoku")
+
 # `tasks.md` §1: every d1-lineage evaluation prompt is pre-filled with this string.
 REASONING_PREFILL = "<reasoning>"
 
@@ -49,6 +55,14 @@ def check_reward_style(style: str) -> str:
 DATA_DIR_ENV = "DMPO_JAX_DATA_DIR"
 # Default data folder when neither an argument nor the environment variable names one.
 DEFAULT_DATA_DIR = pathlib.Path("~/.cache/dmpo_jax/data")
+
+
+def check_eval_style(style: str, task_name: Optional[str] = None) -> str:
+  if style not in EVAL_STYLES:
+    raise ValueError(f"eval_style must be one of {EVAL_STYLES}, got {style!r}")
+  if style == "d1" and task_name is not None and task_name not in D1_EVAL_TASKS:
+    raise ValueError(f"eval_style='d1' exists for {D1_EVAL_TASKS}, not for task {task_name!r}")
+  return style
 
 
 def data_dir_from_env(data_dir: Optional[os.PathLike] = None) -> pathlib.Path:

@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dmpo_jax.tasks import base
 from dmpo_jax.tasks import sandbox
+from dmpo_jax.tasks import text_scan
 
 HUMANEVAL_TEMPLATE = "Complete the following python code:\n{prompt}"
 MBPP_USER_TEMPLATE = ("You are an expert Python programmer, and here is your task: {text} Your code "
@@ -29,22 +30,69 @@ MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "
 
 DEFAULT_SANDBOX = sandbox.SandboxConfig(cpu_time_s=5, wall_time_s=10.0)
 
-_FENCE = re.compile(r"```[ \t]*(?:python|py|Python|python3)?[ \t]*\n(.*?)```", re.DOTALL)
-_BEGIN_DONE = re.compile(r"\[BEGIN\]\s*(.*?)\s*\[DONE\]", re.DOTALL)
+_FENCE_LANGUAGES = ("python3", "python", "py", "Python")
+_SPACES_TABS = re.compile(r"[ \t]*")
+# A fence that may open a block: spaces/tabs then a newline or a language name (checked fully in
+# `fenced_blocks`); skips runs of backticks in one regex step.
+_FENCE_CANDIDATE = re.compile(r"```[ \t]*(?=\n|py|Python)")
+
+
+def fenced_blocks(text: str) -> List[str]:
+  """``re.findall(r"```[ \\t]*(?:python|py|Python|python3)?[ \\t]*\\n(.*?)```", text, re.DOTALL)``
+  in linear time (the regex itself takes seconds on long runs of spaces)."""
+  blocks = []
+  position = 0
+  while True:
+    candidate = _FENCE_CANDIDATE.search(text, position)
+    if candidate is None:
+      return blocks
+    fence, header = candidate.start(), candidate.end()
+    line_end = -1
+    if text.startswith("\n", header):
+      line_end = header
+    else:
+      for language in _FENCE_LANGUAGES:
+        if text.startswith(language, header):
+          after = _SPACES_TABS.match(text, header + len(language)).end()
+          if text.startswith("\n", after):
+            line_end = after
+            break
+    if line_end < 0:
+      position = fence + 1
+      continue
+    close = text.find("```", line_end + 1)
+    if close < 0:
+      return blocks
+    blocks.append(text[line_end + 1:close])
+    position = close + 3
+
+
+def begin_done_body(text: str) -> Optional[str]:
+  """Group of ``re.search(r"\\[BEGIN\\]\\s*(.*?)\\s*\\[DONE\\]", text, re.DOTALL)`` in linear
+  time (the regex is cubic on whitespace): the text between the first ``[BEGIN]`` and the next
+  ``[DONE]``, whitespace-stripped."""
+  begin = text.find("[BEGIN]")
+  if begin < 0:
+    return None
+  done = text.find("[DONE]", begin + len("[BEGIN]"))
+  if done < 0:
+    return None
+  return text[begin + len("[BEGIN]"):done].strip()
 
 
 def extract_code(completion: str, mbpp_style: bool = False) -> Optional[str]:
   """Code in the completion (`tasks.md` §6.3): a fenced block, preferring one that contains
   ``def``; MBPP also accepts ``[BEGIN] ... [DONE]`` (quotes around the code stripped) and the
   prefilled case where only ``... [DONE]`` follows. None when no code is found."""
-  blocks = _FENCE.findall(completion)
+  completion = text_scan.bounded_text(completion)
+  blocks = fenced_blocks(completion)
   if blocks:
     with_def = [b for b in blocks if "def " in b]
     return (with_def or blocks)[0]
   if mbpp_style:
-    match = _BEGIN_DONE.search(completion)
-    body = match.group(1) if match else (completion.split("[DONE]")[0] if "[DONE]" in completion
-                                         else None)
+    body = begin_done_body(completion)
+    if body is None and "[DONE]" in completion:
+      body = completion.split("[DONE]", 1)[0]
     if body is not None:
       body = body.strip()
       if len(body) >= 2 and body[0] == body[-1] and body[0] in "'\"":
@@ -143,6 +191,7 @@ class _CodeTask(base.Task):
                                              config=self.config))]
 
   def score(self, completion: str, example: base.Example, **options: Any) -> Dict[str, Any]:
+    base.check_eval_style(options.get("eval_style", base.DEFAULT_EVAL_STYLE), self.name)
     result = run_completion(completion, example, self.kind, self.config)
     return {"score": float(result.passed), "correct": result.passed, "status": result.status,
             "reason": result.reason}

@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from dmpo_jax.tasks import base
 from dmpo_jax.tasks import math_utils
+from dmpo_jax.tasks import text_scan
 
 # `tasks.md` §4.3 (no space between "\boxed{a + b * c}" and "Respond").
 CTD_SYSTEM_PROMPT = (
@@ -46,7 +47,9 @@ SUCCESS_SCORE = 1.0
 MAX_EXPRESSION_CHARS = 256
 _MAX_POWER_BITS = 20000
 _D1_CHARACTERS = re.compile(r"^[\d+\-*/().\s]+$")
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+_TRAILING_VALUE = re.compile(r"=\s*-?[\d.]+\s*$")
+_LATEX_OPERATORS = (("\\div", "/"), ("\\times", "*"), ("\\cdot", "*"), ("\u00f7", "/"),
+                    ("\u00d7", "*"), ("\u2212", "-"))
 
 Number = Union[int, float, complex]
 
@@ -140,7 +143,15 @@ def integer_literals(expression: str) -> Optional[List[int]]:
 
 
 def _uses_numbers_d1(expression: str, numbers: Sequence[int]) -> bool:
-  return sorted(int(n) for n in re.findall(r"\d+", expression)) == sorted(int(n) for n in numbers)
+  """d1: the ``\\d+`` runs, as ints, sorted, equal the sorted numbers (False when a run cannot be
+  converted, e.g. more than 4300 digits, as d1's bare ``except`` gives)."""
+  runs = re.findall(r"\d+", expression)
+  if len(runs) != len(numbers):
+    return False
+  try:
+    return sorted(int(n) for n in runs) == sorted(int(n) for n in numbers)
+  except ValueError:
+    return False
 
 
 def _d1_value_matches(expression: str, target: int) -> bool:
@@ -149,27 +160,43 @@ def _d1_value_matches(expression: str, target: int) -> bool:
   try:
     value = evaluate_python_semantics(expression)
     return abs(value - target) < 1e-5
-  except (ExpressionError, ArithmeticError, TypeError):
+  except (ExpressionError, ArithmeticError, TypeError, ValueError):
     return False
 
 
+def fixed_expression(region: str) -> str:
+  """The expression in an answer region, in any common form: the last ``\\boxed{}`` (or an
+  unclosed box's tail), without ``$``/``\\(\\)`` and a final period, LaTeX/Unicode operators
+  mapped to ``/ * -``, a trailing ``= value`` removed."""
+  expression = math_utils.unwrap_answer(region)
+  for latex, python in _LATEX_OPERATORS:
+    expression = expression.replace(latex, python)
+  return _TRAILING_VALUE.sub("", expression.strip()).strip()
+
+
+@text_scan.bounded
 def countdown_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """d1 ``compute_score`` (`tasks.md` §4.4): last ``<answer>`` block; none -> 0; numbers not used
   exactly once -> 0.1; bad characters / evaluation error -> 0.1; 1.0 if within 1e-5 of the target.
 
-  fixed: the numbers are the integer literals of the parsed expression (so "2.5" is no longer read
-  as 2 and 5), only ``+ - * /`` on integers, exact rational arithmetic, exact equality.
+  fixed: the answer region (last ``<answer>``, closed or cut at the end) in any common form
+  (`fixed_expression`: ``\\boxed{}``, ``$``, ``\\times``, ``= target``); its numbers are the integer
+  literals of the parsed expression (so "2.5" is no longer read as 2 and 5); only ``+ - * /`` on
+  integers, exact rational arithmetic, exact equality.
   """
   style = base.check_reward_style(style)
-  matches = _ANSWER.findall(completion)
-  if not matches:
-    return 0.0
-  expression = matches[-1].strip()
   numbers, target = example["numbers"], int(example["target"])
   if style != "fixed":
+    expression = text_scan.last_answer_block(completion)
+    if expression is None:
+      return 0.0
     if not _uses_numbers_d1(expression, numbers):
       return FORMAT_SCORE
     return SUCCESS_SCORE if _d1_value_matches(expression, target) else FORMAT_SCORE
+  region = text_scan.answer_region(completion)
+  if region is None:
+    return 0.0
+  expression = fixed_expression(region)
   literals = integer_literals(expression) if len(expression) <= MAX_EXPRESSION_CHARS else None
   if literals is None or sorted(literals) != sorted(int(n) for n in numbers):
     return FORMAT_SCORE
@@ -180,15 +207,14 @@ def countdown_reward(completion: str, example: Dict[str, Any], style: str = "fix
 
 
 def extract_eval_expression(completion: str) -> str:
-  """`tasks.md` §4.5: last ``\\boxed{}``, else the ``<answer>`` content, else the raw text; LaTeX
-  operators mapped to ``/ * *``; a trailing ``= number`` removed."""
-  expression = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
-  if expression is None:
-    matches = _ANSWER.findall(completion)
-    expression = matches[-1] if matches else completion
-  expression = (expression.replace("\\div", "/").replace("\\times", "*").replace("\\cdot", "*"))
-  expression = re.sub(r"=\s*-?[\d.]+\s*$", "", expression.strip())
-  return expression.strip()
+  """Fixed-style Countdown expression (`tasks.md` §4.5, quirks fixed): the last ``\\boxed{}``
+  (an unclosed box: the text after it), else the last ``<answer>`` content, else the raw text;
+  LaTeX operators mapped to ``/ * *``; a trailing ``= number`` removed."""
+  completion = text_scan.bounded_text(completion)
+  if "\\boxed{" in completion:
+    return fixed_expression(completion[completion.rfind("\\boxed"):])
+  region = text_scan.answer_region(completion)
+  return fixed_expression(completion if region is None else region)
 
 
 class CountdownTask(base.Task):
@@ -236,7 +262,11 @@ class CountdownTask(base.Task):
     base.check_reward_style(style)
     return [("countdown", functools.partial(countdown_reward, style=style))]
 
-  def score(self, completion: str, example: base.Example, **options: Any) -> Dict[str, Any]:
+  def score(self, completion: str, example: base.Example, eval_style: str = base.DEFAULT_EVAL_STYLE,
+            **options: Any) -> Dict[str, Any]:
+    if base.check_eval_style(eval_style) == "d1":
+      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
+      return d1_eval.score_row(self.name, completion, example)
     expression = extract_eval_expression(completion)
     correct = (_uses_numbers_d1(expression, example["numbers"])
                and _d1_value_matches(expression, int(example["target"])))

@@ -96,6 +96,7 @@ class DigitSortTask(base.Task):
     return [("sort_reward", sort_reward)]
 
   def score(self, completion: str, example: Example, **options: Any) -> Dict[str, Any]:
+    base.check_eval_style(options.get("eval_style", base.DEFAULT_EVAL_STYLE), self.name)
     correct = sort_reward(completion, example) == 1.0
     return {"score": float(correct), "correct": correct, "extracted": completion.strip()}
 

@@ -6,19 +6,15 @@ bound to a style with ``functools.partial``. ``style`` is one of ``base.REWARD_S
 
 from __future__ import annotations
 
-import re
 from typing import Any, Dict, Optional
 
+from dmpo_jax.tasks import text_scan
 from dmpo_jax.tasks.base import check_reward_style
 
-# d1/DMPO regexes are compiled *without* re.DOTALL (quirk, `tasks.md` §2.4); "fixed" adds it.
-_SOFT_PATTERN = r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>"
-_STRICT_PATTERN = r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$"
-_SOFT_D1 = re.compile(_SOFT_PATTERN)
-_STRICT_D1 = re.compile(_STRICT_PATTERN)
-_SOFT_FIXED = re.compile(_SOFT_PATTERN, re.DOTALL)
-_STRICT_FIXED = re.compile(_STRICT_PATTERN, re.DOTALL)
-_ANSWER_BLOCKS = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+# The d1/DMPO format regexes, r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>" (soft) and
+# r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$" (strict), are compiled
+# *without* re.DOTALL (quirk, `tasks.md` §2.4); "fixed" adds it. Both are evaluated by the
+# linear-time equivalents in `text_scan` (the regexes are quadratic on repeated tags).
 
 
 def extract_xml_answer_d1(text: str) -> str:
@@ -28,10 +24,10 @@ def extract_xml_answer_d1(text: str) -> str:
 
 def last_answer_block(text: str) -> Optional[str]:
   """Content of the last complete ``<answer>...</answer>`` block, stripped; None if there is none."""
-  blocks = _ANSWER_BLOCKS.findall(text)
-  return blocks[-1].strip() if blocks else None
+  return text_scan.last_answer_block(text)
 
 
+@text_scan.bounded
 def xmlcount_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """d1 ``count_xml``: 0.125 per well-formed tag line, minus 0.001 per trailing character.
 
@@ -64,15 +60,17 @@ def xmlcount_reward(completion: str, example: Dict[str, Any], style: str = "fixe
   return count
 
 
+@text_scan.bounded
 def soft_format_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """0.5 if ``re.match(<reasoning>.*?</reasoning>\\s*<answer>.*?</answer>)``; DOTALL only if fixed."""
   del example
-  pattern = _SOFT_FIXED if check_reward_style(style) == "fixed" else _SOFT_D1
-  return 0.5 if pattern.match(completion) else 0.0
+  dotall = check_reward_style(style) == "fixed"
+  return 0.5 if text_scan.soft_format_matches(completion, dotall) else 0.0
 
 
+@text_scan.bounded
 def strict_format_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """0.5 if the completion is exactly the d1 layout (``^<reasoning>\\n...\\n</answer>\\n$``)."""
   del example
-  pattern = _STRICT_FIXED if check_reward_style(style) == "fixed" else _STRICT_D1
-  return 0.5 if pattern.match(completion) else 0.0
+  dotall = check_reward_style(style) == "fixed"
+  return 0.5 if text_scan.strict_format_matches(completion, dotall) else 0.0

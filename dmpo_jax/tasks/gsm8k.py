@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import functools
-import re
-from fractions import Fraction
 from typing import Any, Dict, List, Optional, Tuple
 
 from dmpo_jax.tasks import base
 from dmpo_jax.tasks import format_rewards as fmt
 from dmpo_jax.tasks import math_utils
+from dmpo_jax.tasks import text_scan
 
 # `tasks.md` §2.3 (note the space after "\boxed{}.").
 GSM_SYSTEM_PROMPT = (
@@ -25,54 +24,58 @@ def extract_hash_answer(solution: str) -> str:
   return solution.split("####")[-1].strip()
 
 
-def _normalized_fraction(text: Optional[str]) -> Optional[Fraction]:
-  """Exact value of a numeric answer after stripping commas, ``$`` and a trailing ``.``."""
-  if text is None:
-    return None
-  cleaned = text.replace(",", "").replace("$", "").strip().rstrip(".").strip()
-  if not re.fullmatch(r"[-+]?(\d+(\.\d*)?|\.\d+)", cleaned):
-    return None
-  return Fraction(cleaned)
-
-
+@text_scan.bounded
 def int_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """0.5 if the answer is an integer. d1: ``extract_xml_answer(r).isdigit()`` (no sign, no commas);
-  fixed: the last ``<answer>`` block, normalised, matches ``-?\\d+``."""
+  fixed: the answer region (`text_scan.answer_region`) is an integer in any common form
+  (`math_utils.numeric_answer`: bare, ``\\boxed{}``, ``$``, thousands commas, final period, unit)."""
   del example
   if base.check_reward_style(style) != "fixed":
     return 0.5 if fmt.extract_xml_answer_d1(completion).isdigit() else 0.0
-  answer = fmt.last_answer_block(completion)
-  if answer is None:
-    return 0.0
-  cleaned = answer.replace(",", "").replace("$", "").strip().rstrip(".").strip()
-  return 0.5 if re.fullmatch(r"-?\d+", cleaned) else 0.0
+  value = math_utils.numeric_answer(text_scan.answer_region(completion))
+  return 0.5 if value is not None and value.denominator == 1 else 0.0
 
 
+@text_scan.bounded
 def correctness_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """2.0 if the answer equals the gold. d1: exact string compare of ``extract_xml_answer`` (the
-  whole completion when there is no tag); fixed: tag required, exact numeric compare."""
+  whole completion when there is no tag); fixed: the answer region (the last ``<answer>``, closed
+  or cut at the end) holds a number in any common form (`math_utils.numeric_answer`) exactly
+  equal to the gold, e.g. ``<answer>\\n\\boxed{43500}\\n</answer>`` for 43500."""
   gold = example["answer"]
   if base.check_reward_style(style) != "fixed":
     return 2.0 if fmt.extract_xml_answer_d1(completion) == gold else 0.0
-  predicted = _normalized_fraction(fmt.last_answer_block(completion))
-  gold_value = _normalized_fraction(gold)
+  predicted = math_utils.numeric_answer(text_scan.answer_region(completion))
+  gold_value = math_utils.numeric_answer(str(gold))
   return 2.0 if predicted is not None and predicted == gold_value else 0.0
 
 
 def extract_eval_answer(completion: str) -> Optional[float]:
-  """`tasks.md` §2.5: the first ``\\boxed{}`` whose content is not ``...`` and parses as a float
-  (else the first number in it); otherwise the last number inside ``<answer>``."""
-  for content in math_utils.boxed_contents(completion):
-    if content.strip() == "...":
-      continue
-    value = math_utils.parse_number(content)
-    if value is None:
-      value = math_utils.first_number(content)
+  """Fixed-style GSM8K answer (d1's rule with its quirks fixed): the first ``\\boxed{}`` (braces
+  matched, newlines allowed; an unclosed box gives its leading number) whose content is a number
+  in any common form (thousands commas included), else the first number in it; otherwise the last
+  number of the answer region (the last ``<answer>``, closed or not)."""
+  completion = text_scan.bounded_text(completion)
+  # The first number at or after each box start, with searches that only move forwards (box
+  # starts increase and a regex match found from an earlier position is the first one from any
+  # position up to its start), so thousands of nested boxes cost one pass. Numbers never contain
+  # "}", so a match starting inside a closed box is the box's first number.
+  found = None
+  for start, end in math_utils.boxed_spans(completion, unclosed_leading_number=True):
+    if found is not False and (found is None or found.start() < start):
+      found = math_utils.NUMBER.search(completion, start) or False
+    if found is False or found.start() >= end:
+      continue  # no number in this box (empty, "...", words): the next box
+    if end - start <= math_utils.MAX_NUMERIC_ANSWER_CHARS:
+      value = math_utils.numeric_answer(completion[start:end])
+      if value is not None:
+        return float(value)
+    value = math_utils.parse_number(found.group())
     if value is not None:
       return value
-  match = re.search(r"<answer>(.*?)</answer>", completion, re.DOTALL)
-  if match:
-    return math_utils.last_number(match.group(1))
+  region = text_scan.answer_region(completion)
+  if region:
+    return math_utils.last_number(region)
   return None
 
 
@@ -116,7 +119,11 @@ class GSM8KTask(base.Task):
         ("correctness", functools.partial(correctness_reward, style=style)),
     ]
 
-  def score(self, completion: str, example: base.Example, **options: Any) -> Dict[str, Any]:
+  def score(self, completion: str, example: base.Example, eval_style: str = base.DEFAULT_EVAL_STYLE,
+            **options: Any) -> Dict[str, Any]:
+    if base.check_eval_style(eval_style) == "d1":
+      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
+      return d1_eval.score_row(self.name, completion, example)
     predicted = extract_eval_answer(completion)
     gold = math_utils.parse_number(str(example["answer"]))
     correct = predicted is not None and gold is not None and predicted == gold

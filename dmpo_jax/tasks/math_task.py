@@ -6,12 +6,11 @@ The module is not called ``math.py`` so it never shadows the standard library mo
 from __future__ import annotations
 
 import functools
-import re
 from typing import Any, Dict, List, Optional, Tuple
 
 from dmpo_jax.tasks import base
-from dmpo_jax.tasks import format_rewards as fmt
 from dmpo_jax.tasks import math_utils
+from dmpo_jax.tasks import text_scan
 
 MATH_INSTRUCTION = ("You are a math expert. You will be given a question to solve. Solve it step by "
                     "step. Wrap the final answer in a \\boxed{}. ")
@@ -34,24 +33,48 @@ def gold_answer(example: base.Example) -> Optional[str]:
   return math_utils.remove_boxed(math_utils.last_boxed_only_string(example.get("solution", "")))
 
 
+def answers_equivalent(predicted: Optional[str], gold: Optional[str],
+                       use_math_verify: bool = False) -> bool:
+  """Fixed-style equivalence: Hendrycks ``is_equiv``, or equal numbers in any common form
+  (``43{,}500`` = ``43500``), or (optional) math-verify under its hard timeout."""
+  if predicted is None or gold is None:
+    return False
+  if math_utils.is_equiv(predicted, gold):
+    return True
+  value = math_utils.numeric_answer(predicted)
+  if value is not None and value == math_utils.numeric_answer(gold):
+    return True
+  return bool(use_math_verify) and math_utils.math_verify_equal(gold, predicted)
+
+
+def fixed_answer(completion: str) -> Optional[str]:
+  """The fixed-style MATH answer: the answer region's final answer (its last ``\\boxed{}``, an
+  unclosed box's tail, or the bare content without ``$``/``\\(\\)`` and final period); with no
+  ``<answer>`` tag, the last ``\\boxed{}`` of the completion."""
+  region = text_scan.answer_region(completion)
+  if region:
+    return math_utils.unwrap_answer(region)
+  return math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
+
+
+@text_scan.bounded
 def correctness_reward(completion: str, example: Dict[str, Any], style: str = "fixed",
                        use_math_verify: bool = False) -> float:
-  """2.0 if ``is_equiv(remove_boxed(last_boxed_only_string(r)), gold)`` (`tasks.md` §3.4).
+  """2.0 if the answer is equivalent to the gold (`tasks.md` §3.4).
 
-  With ``use_math_verify`` (fixed style only) the comparison also accepts math-verify equality.
+  d1/dmpo/spg: ``is_equiv(remove_boxed(last_boxed_only_string(r)), gold)``. fixed: the answer in
+  the ``<answer>`` region in any common form (`fixed_answer`), compared by `answers_equivalent`
+  (``use_math_verify`` adds math-verify, run in a worker process under a hard timeout).
   """
   style = base.check_reward_style(style)
-  predicted = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
   gold = gold_answer(example)
-  if predicted is None:
-    return 0.0
-  if math_utils.is_equiv(predicted, gold):
-    return 2.0
-  if use_math_verify and style == "fixed" and gold is not None:
-    return 2.0 if math_utils.math_verify_equal(gold, predicted) else 0.0
-  return 0.0
+  if style != "fixed":
+    predicted = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
+    return 2.0 if predicted is not None and math_utils.is_equiv(predicted, gold) else 0.0
+  return 2.0 if answers_equivalent(fixed_answer(completion), gold, use_math_verify) else 0.0
 
 
+@text_scan.bounded
 def boxed_and_answer_tags_format_reward(completion: str, example: Dict[str, Any],
                                         style: str = "fixed") -> float:
   """0.5 x (tag + boxed): tag 1.0 if an ``<answer>`` region exists; boxed 1.0 if ``\\boxed``
@@ -65,12 +88,12 @@ def boxed_and_answer_tags_format_reward(completion: str, example: Dict[str, Any]
   style = base.check_reward_style(style)
   needle = "\boxed" if style == "d1" else "\\boxed"  # "\b" is a backspace: the d1 bug
   if style == "fixed":
-    region = fmt.last_answer_block(completion)
+    region = text_scan.last_answer_block(completion)
     has_tags = region is not None
   else:
-    pieces = completion.split("<answer>")
+    pieces = completion.split("<answer>", 2)
     has_tags = len(pieces) > 1
-    region = pieces[1].split("</answer>")[0] if has_tags else None
+    region = pieces[1].split("</answer>", 1)[0] if has_tags else None
   if region is None:
     region = completion
   tag_score = 1.0 if has_tags else 0.0
@@ -79,12 +102,13 @@ def boxed_and_answer_tags_format_reward(completion: str, example: Dict[str, Any]
 
 
 def extract_eval_answer(completion: str) -> Optional[str]:
-  """`tasks.md` §3.5: last ``\\boxed{}``, falling back to the ``<answer>`` content."""
+  """Fixed-style MATH500 answer: the last ``\\boxed{}``, falling back to the content of the last
+  complete ``<answer>`` block (d1 compares the whole text when there is no box)."""
+  completion = text_scan.bounded_text(completion)
   boxed = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
   if boxed is not None:
     return boxed
-  match = re.findall(r"<answer>(.*?)</answer>", completion, re.DOTALL)
-  return match[-1].strip() if match else None
+  return text_scan.last_answer_block(completion)
 
 
 class MathTask(base.Task):
@@ -148,12 +172,12 @@ class MathTask(base.Task):
     ]
 
   def score(self, completion: str, example: base.Example, use_math_verify: bool = False,
-            **options: Any) -> Dict[str, Any]:
+            eval_style: str = base.DEFAULT_EVAL_STYLE, **options: Any) -> Dict[str, Any]:
+    if base.check_eval_style(eval_style) == "d1":
+      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
+      return d1_eval.score_row(self.name, completion, {"answer": gold_answer(example)})
     predicted = extract_eval_answer(completion)
-    gold = gold_answer(example)
-    correct = predicted is not None and math_utils.is_equiv(predicted, gold)
-    if not correct and use_math_verify and predicted is not None and gold is not None:
-      correct = math_utils.math_verify_equal(gold, predicted)
+    correct = answers_equivalent(predicted, gold_answer(example), use_math_verify)
     return {"score": float(correct), "correct": bool(correct), "extracted": predicted}
 
 

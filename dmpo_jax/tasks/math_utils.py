@@ -8,9 +8,13 @@ wraps the optional `math-verify` grader (gold first; not symmetric).
 from __future__ import annotations
 
 import re
-from typing import Optional
+from fractions import Fraction
+from typing import List, Optional, Tuple
 
-_NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
+from dmpo_jax.tasks import text_scan
+
+NUMBER = re.compile(r"-?\d[\d,]*\.?\d*|-?\.\d+")
+_LEADING_NUMBER = re.compile(r"\s*\$?\s*(-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?)(?![\d,])")
 
 
 def last_boxed_only_string(text: str) -> Optional[str]:
@@ -26,15 +30,8 @@ def last_boxed_only_string(text: str) -> Optional[str]:
     start = text.rfind("\\fbox")
     if start < 0:
       return None
-  depth = 0
-  for position in range(start, len(text)):
-    if text[position] == "{":
-      depth += 1
-    elif text[position] == "}":
-      depth -= 1
-      if depth == 0:
-        return text[start:position + 1]
-  return None
+  end = text_scan.first_balanced_close(text, start)
+  return text[start:end + 1] if end >= 0 else None
 
 
 def remove_boxed(boxed: Optional[str]) -> Optional[str]:
@@ -48,26 +45,32 @@ def remove_boxed(boxed: Optional[str]) -> Optional[str]:
   return None
 
 
-def boxed_contents(text: str):
-  """All ``\\boxed{...}`` contents in order (brace-matched), for GSM8K's first-box rule."""
-  contents = []
-  start = text.find("\\boxed{")
-  while start >= 0:
-    depth = 0
-    end = None
-    for position in range(start + len("\\boxed"), len(text)):
-      if text[position] == "{":
-        depth += 1
-      elif text[position] == "}":
-        depth -= 1
-        if depth == 0:
-          end = position
-          break
-    if end is None:
-      break
-    contents.append(text[start + len("\\boxed{"):end])
-    start = text.find("\\boxed{", end)
-  return contents
+def boxed_spans(text: str, unclosed_leading_number: bool = False) -> List[Tuple[int, int]]:
+  """(start, end) of every ``\\boxed{...}`` content in order (brace-matched, nested boxes
+  included), found in one pass.
+
+  With ``unclosed_leading_number`` a box whose braces never close contributes the span of the
+  number it starts with (``\\boxed{360\\text{ hours}...`` -> ``360``), if any.
+  """
+  partners = text_scan.brace_partners(text)
+  spans = []
+  position = text.find("\\boxed{")
+  while position >= 0:
+    brace = position + len("\\boxed")
+    end = partners.get(brace)
+    if end is not None:
+      spans.append((brace + 1, end))
+    elif unclosed_leading_number:
+      leading = _LEADING_NUMBER.match(text, brace + 1)
+      if leading:
+        spans.append(leading.span(1))
+    position = text.find("\\boxed{", brace)
+  return spans
+
+
+def boxed_contents(text: str, unclosed_leading_number: bool = False) -> List[str]:
+  """The texts of `boxed_spans`."""
+  return [text[a:b] for a, b in boxed_spans(text, unclosed_leading_number)]
 
 
 def _fix_fracs(string: str) -> str:
@@ -91,13 +94,17 @@ def _fix_fracs(string: str) -> str:
   return out
 
 
-def _fix_a_slash_b(string: str) -> str:
+def _fix_a_slash_b(string: str, reference_exact: bool = False) -> str:
+  """``a/b`` (integers) -> ``\\frac{a}{b}``. ``reference_exact``: a non-integer side raises
+  ``ValueError`` as in the Hendrycks code (so ``is_equiv`` falls back to raw equality)."""
   parts = string.split("/")
   if len(parts) != 2:
     return string
   try:
     a, b = int(parts[0]), int(parts[1])
   except ValueError:
+    if reference_exact:
+      raise
     return string
   if string != f"{a}/{b}":
     return string
@@ -118,8 +125,9 @@ def _fix_sqrt(string: str) -> str:
   return out
 
 
-def strip_string(string: str) -> str:
-  """Hendrycks-MATH answer normalisation (`tasks.md` §3.4, in that order)."""
+def strip_string(string: str, reference_exact: bool = False) -> str:
+  """Hendrycks-MATH answer normalisation (`tasks.md` §3.4, in that order); ``reference_exact``
+  keeps the reference's ``ValueError`` on ``x/y`` with a non-integer side."""
   string = string.replace("\n", "").replace("\\!", "")
   string = string.replace("\\\\", "\\")
   string = string.replace("tfrac", "frac").replace("dfrac", "frac")
@@ -145,10 +153,10 @@ def strip_string(string: str) -> str:
   string = _fix_fracs(string)
   if string == "0.5":
     string = "\\frac{1}{2}"
-  return _fix_a_slash_b(string)
+  return _fix_a_slash_b(string, reference_exact)
 
 
-def is_equiv(first: Optional[str], second: Optional[str]) -> bool:
+def is_equiv(first: Optional[str], second: Optional[str], reference_exact: bool = False) -> bool:
   """d1/Hendrycks: equal after ``strip_string`` (raw equality if normalisation fails).
 
   Both None counts as equal (as in the reference); one None as different.
@@ -158,7 +166,7 @@ def is_equiv(first: Optional[str], second: Optional[str]) -> bool:
   if first is None or second is None:
     return False
   try:
-    return strip_string(first) == strip_string(second)
+    return strip_string(first, reference_exact) == strip_string(second, reference_exact)
   except Exception:  # pylint: disable=broad-except
     return first == second
 
@@ -166,27 +174,20 @@ def is_equiv(first: Optional[str], second: Optional[str]) -> bool:
 def math_verify_equal(gold: str, prediction: str) -> bool:
   """`math-verify` equivalence, gold first; boxes are added so bare answers parse as LaTeX.
 
-  Timeouts are disabled (math-verify's ``signal.alarm`` only works in a main thread); call it from
-  worker processes with their own wall-clock limit for untrusted inputs.
+  Runs in a worker process killed past `math_verify_worker.CALL_TIMEOUT_S` (then False), so an
+  answer such as ``9^{9^{9}}`` or ``1000000!`` cannot stall the caller.
   """
-  from math_verify import parse, verify  # pylint: disable=import-outside-toplevel
-  try:
-    gold_parsed = parse("\\boxed{" + gold + "}", parsing_timeout=None)
-    pred_parsed = parse("\\boxed{" + prediction + "}", parsing_timeout=None)
-    if not gold_parsed or not pred_parsed:
-      return False
-    return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
-  except Exception:  # pylint: disable=broad-except
-    return False
+  from dmpo_jax.tasks import math_verify_worker  # pylint: disable=import-outside-toplevel
+  return math_verify_worker.shared_worker().equal(gold, prediction)
 
 
 def first_number(text: str) -> Optional[float]:
-  match = _NUMBER.search(text)
+  match = NUMBER.search(text)
   return parse_number(match.group(0)) if match else None
 
 
 def last_number(text: str) -> Optional[float]:
-  matches = _NUMBER.findall(text)
+  matches = NUMBER.findall(text)
   return parse_number(matches[-1]) if matches else None
 
 
@@ -196,4 +197,51 @@ def parse_number(text: str) -> Optional[float]:
   try:
     return float(cleaned)
   except ValueError:
+    return None
+
+
+# A final numeric answer in the forms models write inside <answer>: optional $ / \\$, a signed
+# number with optional thousands commas (43,500 or LaTeX 43{,}500) and decimals, then optionally a
+# percent sign, a unit (words, \\text{...}, \\mbox{...}) and a final period.
+_NUMERIC_ANSWER = re.compile(
+    r"(?:\\?\$)?\s*(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)\s*(?:\\?\$)?"
+    r"\s*(?:\\?%|\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .'/-]{0,40}\}|[A-Za-z][A-Za-z .'/-]{0,40})?"
+    r"\s*\.?")
+_MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
+MAX_NUMERIC_ANSWER_CHARS = 200
+
+
+def unwrap_answer(text: str) -> str:
+  """The final answer inside an answer region: the content of its last ``\\boxed{}`` (an unclosed
+  box: the text after ``\\boxed{``), without math delimiters (``$``, ``\\(...\\)``,
+  ``\\[...\\]``) and a final period."""
+  text = text.strip()
+  boxed = remove_boxed(last_boxed_only_string(text))
+  if boxed is None and "\\boxed{" in text:
+    boxed = text[text.rfind("\\boxed{") + len("\\boxed{"):]
+  if boxed is not None:
+    text = boxed.strip()
+  for opening, closing in _MATH_DELIMITERS:
+    if len(text) > len(opening) + len(closing) and text.startswith(opening) and text.endswith(
+        closing):
+      text = text[len(opening):-len(closing)].strip()
+      break
+  return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def numeric_answer(text: Optional[str]) -> Optional[Fraction]:
+  """Exact value of a numeric final answer in any common form (``43500``, ``\\boxed{43500}``,
+  ``$43,500``, ``43{,}500``, ``43500.``, ``43500 dollars``, ``43500\\text{ dollars}``, ``50\\%``);
+  None when the text is anything else (two numbers, an expression, prose)."""
+  if text is None or len(text) > 10 * MAX_NUMERIC_ANSWER_CHARS:
+    return None
+  text = unwrap_answer(text)
+  if len(text) > MAX_NUMERIC_ANSWER_CHARS:
+    return None
+  match = _NUMERIC_ANSWER.fullmatch(text.replace("{,}", ","))
+  if match is None:
+    return None
+  try:
+    return Fraction(match.group("number").replace(",", ""))
+  except (ValueError, ZeroDivisionError):
     return None

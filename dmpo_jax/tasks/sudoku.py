@@ -8,6 +8,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dmpo_jax.tasks import base
 from dmpo_jax.tasks import math_utils
+from dmpo_jax.tasks import text_scan
 
 # `tasks.md` §5.2.
 SUDOKU_SYSTEM_PROMPT = (
@@ -20,8 +21,10 @@ SUDOKU_SYSTEM_PROMPT = (
     "step-by-step solving process\n</reasoning>\n<answer>\n[16-character solution string with no "
     "spaces or separators]\n</answer>\n")
 
-_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
 GRID_CELLS = 16
+_NON_DIGIT = re.compile(r"\D")
+# A run of at least 16 digits 1-4 with separators between them (whitespace , | -).
+_GRID_RUN = re.compile(r"(?:[1-4][\s,|\-]*){15}[1-4](?:[\s,|\-]*[1-4])*")
 
 
 def check_grid_string(value: Any, field: str) -> str:
@@ -39,35 +42,52 @@ def cell_counts(answer_digits: str, puzzle: str, solution: str) -> Tuple[int, in
   return correct, len(empty)
 
 
+@text_scan.bounded
 def sudoku_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
   """`tasks.md` §5.4: digits of the last ``<answer>`` block vs the stored solution on the empty
-  cells; fraction correct; 0 without a tag. No style-dependent quirk."""
-  base.check_reward_style(style)
-  matches = _ANSWER.findall(completion)
-  if not matches:
+  cells; fraction correct; 0 without a tag. fixed also reads a final ``<answer>`` that is never
+  closed (a completion cut at EOS)."""
+  if base.check_reward_style(style) == "fixed":
+    region = text_scan.answer_region(completion)
+  else:
+    region = text_scan.last_answer_block(completion)
+  if region is None:
     return 0.0
-  digits = "".join(c for c in matches[-1] if c.isdigit())
+  digits = "".join(c for c in region if c.isdigit())
   correct, empty = cell_counts(digits, example["puzzle"], example["solution"])
   return correct / empty if empty else 0.0
 
 
+def last_grid_run(text: str) -> Optional[str]:
+  """The last 16 digits 1-4 (separators allowed between them) that
+  ``re.findall(r"(?:[1-4][\\s,|\\-]*){15}[1-4]", text)`` returns, in linear time: runs of
+  digits 1-4 with separators, each cut into consecutive groups of 16 digits."""
+  found = None
+  for run in _GRID_RUN.finditer(text):  # each run has >= 16 digits
+    digits = _NON_DIGIT.sub("", run.group())
+    groups = len(digits) // GRID_CELLS
+    found = digits[(groups - 1) * GRID_CELLS:groups * GRID_CELLS]
+  return found
+
+
 def extract_eval_grid(completion: str) -> Optional[str]:
-  """Cascade (our reading of d1's regex cascade, `tasks.md` §5.4): the digits of the last
-  ``<answer>`` block if there are >= 16; else of the last ``\\boxed{}``; else the last run of 16
-  digits 1-4 (separators allowed between them) in the whole text; else the answer-block digits
-  (padded when scoring); else None."""
-  matches = _ANSWER.findall(completion)
-  answer_digits = re.sub(r"\D", "", matches[-1]) if matches else None
+  """Fixed-style cascade: the digits of the answer region (the last ``<answer>``, closed or not)
+  if there are >= 16; else of the last ``\\boxed{}``; else the last run of 16 digits 1-4
+  (separators allowed between them) anywhere, e.g. after ``</answer>``; else the answer-region
+  digits (padded when scoring); else None."""
+  completion = text_scan.bounded_text(completion)
+  region = text_scan.answer_region(completion)
+  answer_digits = _NON_DIGIT.sub("", region) if region is not None else None
   if answer_digits is not None and len(answer_digits) >= GRID_CELLS:
     return answer_digits[:GRID_CELLS]
   boxed = math_utils.remove_boxed(math_utils.last_boxed_only_string(completion))
   if boxed is not None:
-    boxed_digits = re.sub(r"\D", "", boxed)
+    boxed_digits = _NON_DIGIT.sub("", boxed)
     if len(boxed_digits) >= GRID_CELLS:
       return boxed_digits[:GRID_CELLS]
-  runs = re.findall(r"(?:[1-4][\s,|\-]*){15}[1-4]", completion)
-  if runs:
-    return re.sub(r"\D", "", runs[-1])
+  run = last_grid_run(completion)
+  if run is not None:
+    return run
   return answer_digits
 
 
@@ -113,7 +133,11 @@ class SudokuTask(base.Task):
     base.check_reward_style(style)
     return [("sudoku", functools.partial(sudoku_reward, style=style))]
 
-  def score(self, completion: str, example: base.Example, **options: Any) -> Dict[str, Any]:
+  def score(self, completion: str, example: base.Example, eval_style: str = base.DEFAULT_EVAL_STYLE,
+            **options: Any) -> Dict[str, Any]:
+    if base.check_eval_style(eval_style) == "d1":
+      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
+      return d1_eval.score_row(self.name, completion, example)
     grid = extract_eval_grid(completion)
     correct_cells, empty_cells = cell_counts(grid or "", example["puzzle"], example["solution"])
     solved = grid is not None and correct_cells == empty_cells
