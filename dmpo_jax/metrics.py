@@ -287,7 +287,7 @@ class ProgressBar:
 
   ``disable=None`` (auto): a bar when stderr is a terminal; otherwise (log file, ``nohup``, pod
   job) the bar is off and `update` logs a plain line (logger ``dmpo_jax.progress``, INFO) every
-  ``log_every_steps`` steps or ``log_every_seconds`` seconds, and at the last step::
+  ``log_every_steps`` steps (``unit``s) or ``log_every_seconds`` seconds, and at the last one::
 
     bgpo RL step 20/60 (33%) | reward 0.53 | acc 75 | rollout 0.09s (21%) prepare 0.06s
     update 0.28s | 0.43 s/step | ETA 0:00:17
@@ -298,17 +298,17 @@ class ProgressBar:
 
   def __init__(self, total: int, *, initial: int = 0, desc: str = "train", disable: Optional[bool] = None,
                process_index: int = 0, postfix_keys: Optional[tuple[str, ...]] = None,
-               log_every_steps: int = 10, log_every_seconds: float = 60.0,
+               log_every_steps: int = 10, log_every_seconds: float = 60.0, unit: str = "step",
                clock: Callable[[], float] = time.monotonic):
     from tqdm.auto import tqdm  # pylint: disable=import-outside-toplevel
     self.plain = disable is None and process_index == 0 and not sys.stderr.isatty()
     if disable is None:
       disable = process_index != 0 or not sys.stderr.isatty()
     self.postfix_keys = postfix_keys
-    self._bar = tqdm(total=total, initial=initial, desc=desc, unit="step", disable=disable,
+    self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=disable,
                      dynamic_ncols=True)
     self.disabled = bool(disable)
-    self.total, self.initial, self.desc = total, initial, desc
+    self.total, self.initial, self.desc, self.unit = total, initial, desc, unit
     self.log_every_steps, self.log_every_seconds = max(1, int(log_every_steps)), log_every_seconds
     self._clock = clock
     self._start = clock()
@@ -339,7 +339,7 @@ class ProgressBar:
   def line(self, step: int, metrics: Mapping[str, float], phases: Optional[Mapping[str, float]],
            now: float) -> str:
     """The plain progress line (see the class docstring)."""
-    parts = [f"{self.desc} step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
+    parts = [f"{self.desc} {self.unit} {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
     parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
     if phases:
       total = sum(phases.values())
@@ -352,7 +352,7 @@ class ProgressBar:
     if done > 0:
       per_step = (now - self._start) / done
       eta = int(round(per_step * max(self.total - step, 0)))
-      parts.append(f"{per_step:.3g} s/step | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
+      parts.append(f"{per_step:.3g} s/{self.unit} | ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}")
     return " | ".join(parts)
 
   @property
