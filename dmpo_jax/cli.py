@@ -191,6 +191,7 @@ def run_main(main: Callable[[], Optional[int]], fv: flags.FlagValues,
   if "debug" not in fv:
     flags.DEFINE_bool("debug", False, "Show tracebacks for user errors and library INFO logs.",
                       flag_values=fv)
+  from_command_line = argv is None
   argv = list(sys.argv if argv is None else [sys.argv[0]] + list(argv))
   if any(arg in HELP_ARGS for arg in argv[1:]):
     print(help_text(fv, doc))
@@ -200,7 +201,8 @@ def run_main(main: Callable[[], Optional[int]], fv: flags.FlagValues,
     extra = parse_flags(fv, argv)
     if len(extra) > 1:
       raise UserError(f"unexpected argument(s) {extra[1:]}; flags are written --name=value")
-    setup_logging(debug)
+    if from_command_line:  # in-process calls (tests) keep the caller's logging
+      setup_logging(debug)
     code = main()
   except UserError as e:
     if debug:

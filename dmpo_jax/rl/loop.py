@@ -252,10 +252,15 @@ class Trainer:
     config = self.config
     self.workdir = pathlib.Path(self.workdir)
     validate_config(config, jax.device_count())
+    self.task = task_base.get_task(config.task.name)
+    with cli.user_input(f"task {config.task.name} data"):  # before the (slow) model load
+      self.data = self.load_data()
+    cli.check(len(self.data[0]) > 0 and len(self.data[2]) > 0,
+              f"task {config.task.name}: no training or no held-out examples (task.train_source="
+              f"{config.task.train_source!r}, task.eval_source={config.task.eval_source!r})")
     self.mesh = sharding.create_mesh(_mesh_shape(config, jax.device_count()))
     with cli.user_input(f"model {config.model.checkpoint or config.model.preset}"):
       self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
-    self.workdir.mkdir(parents=True, exist_ok=True)  # only once the run can start
     if config.model.lora_rank:
       self.model = lora.add_adapters(self.model, rank=config.model.lora_rank,
                                      alpha=config.model.lora_alpha,
@@ -263,7 +268,6 @@ class Trainer:
     self.graphdef, params = nnx.split(self.model)
     self.param_shardings = sharding.state_shardings(params, self.mesh)
     params = jax.device_put(params, self.param_shardings)
-    self.task = task_base.get_task(config.task.name)
     self.objective = registry.get_objective(config.objective)
     self.objective_config = self.objective.make_config(config.get(config.objective, {}))
     self.optimizer = ts.make_optimizer(
@@ -447,8 +451,8 @@ class Trainer:
   # -- the loop ---------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
     c = self.config
-    with cli.user_input(f"task {c.task.name} data"):
-      train, warmup_examples, held_out = self.load_data()
+    train, warmup_examples, held_out = self.data
+    self.workdir.mkdir(parents=True, exist_ok=True)  # only once config, data and model are good
     iterator = self.make_iterator(train)
     ckpt = checkpointing.TrainCheckpointer(self.workdir / "checkpoints",
                                            save_interval_steps=c.checkpoint.every_steps,
