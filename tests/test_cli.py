@@ -67,7 +67,7 @@ def test_help_lists_every_flag_and_exits_0(tmp_path):
       assert f"--{name}:" in result.stdout, (script, name)
   pod = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh")], capture_output=True, text=True,
                        timeout=60)
-  assert pod.returncode == 2 and "launch/tpu_pod.sh run     NAME ZONE CONFIG WORKDIR" in pod.stdout
+  assert pod.returncode == 2 and "launch/tpu_pod.sh run     NAME ZONE CONFIG WORKDIR" in pod.stderr
   wrong = subprocess.run(["bash", str(REPO / "launch" / "tpu_pod.sh"), "copy", "my-pod"],
                          capture_output=True, text=True, timeout=60)
   assert wrong.returncode == 2 and "'copy' takes 2 argument(s), got 1" in wrong.stderr
@@ -81,7 +81,6 @@ def _train(workdir, *args, config=DEMO):
 ERRORS = [
     # train: unknown key, missing config file, large preset without weights, bad numbers, ...
     (_train("w1", "--config.dmpo.alpah=0.1"), "did you mean 'dmpo.alpha'", "w1"),
-    (_train("w2", "--config.nonexistent=1"), "unknown config key 'nonexistent'", "w2"),
     (_train("w3", config="configs/nope.py"), "config file configs/nope.py not found", "w3"),
     (_train("w4", config=str(REPO / "configs" / "bgpo_math.py")), "--config.model.init=random", "w4"),
     (_train("w5", "--config.optimizer.learning_rate=nan", "--config.eval.batch_size=0",
@@ -95,8 +94,6 @@ ERRORS = [
     (_train("w8", "--config.num_steps=abc"), "--config.num_steps=abc", "w8"),
     (_train("w9", "--config.task.name=gsm8k", "--config.task.train_source=bad.jsonl"),
      "bad.jsonl: line 2 is not valid JSON", "w9"),
-    (_train("w10", "--config.dmpo.alpha=nan", "--config.objective=dmpo"), "alpha must be finite",
-     "w10"),
     # generate
     (("generate", ["--checkpoint=missing", "--prompt=x"]), "model checkpoint missing does not exist",
      None),
