@@ -196,7 +196,7 @@ def run_main(main: Callable[[], Optional[int]], fv: flags.FlagValues,
   if any(arg in HELP_ARGS for arg in argv[1:]):
     print(help_text(fv, doc))
     return 0
-  debug = "--debug" in argv or "--debug=true" in argv
+  debug = any(arg.lower() in ("--debug", "--debug=true", "--debug=1") for arg in argv[1:])
   try:
     extra = parse_flags(fv, argv)
     if len(extra) > 1:

@@ -164,6 +164,10 @@ def _set(config, key, value):
 
 def test_every_numeric_field_is_validated():
   assert sorted(_numeric_leaves(base_config.get_config())) == sorted(loop.NUMERIC_FIELDS)
+  for path in (REPO / "configs").glob("*.py"):
+    module = importlib.import_module(f"configs.{path.stem}")
+    if hasattr(module, "get_config"):
+      assert set(_numeric_leaves(module.get_config())) <= set(loop.NUMERIC_FIELDS), path.name
   demo = importlib.import_module("configs.demo")
   for key, (kind, low, high) in loop.NUMERIC_FIELDS.items():
     bad = [math.nan, math.inf]
