@@ -23,19 +23,20 @@ SCRIPTS = ("train", "generate", "eval", "score", "convert", "plot")
 DEMO = str(REPO / "configs" / "demo.py")
 
 
-def _env():
-  env = dict(os.environ)
+def _env(**extra):
+  env = dict(os.environ, **extra)
   env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
   return env
 
 
-def run_scripts(commands, cwd, parallel=3, timeout=600):
+def run_scripts(commands, cwd, parallel=3, timeout=600, **env):
   """Runs [(script, [args])] from ``cwd``, at most ``parallel`` at once (each one mostly waits on
-  its own imports); returns the CompletedProcesses in order."""
+  its own imports), with ``env`` added to the environment; returns the CompletedProcesses in
+  order."""
   def run(command):
     script, args = command
     return subprocess.run([sys.executable, str(REPO / "launch" / f"{script}.py")] + list(args),
-                          cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+                          cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=timeout)
   with concurrent.futures.ThreadPoolExecutor(parallel) as pool:
     return list(pool.map(run, commands))
 
@@ -284,9 +285,12 @@ def test_relative_workdir_resume_progress_lines_and_finished_run(tmp_path):
            "--config.group_size=2", "--config.eval.every_steps=0", "--config.eval.num_examples=2",
            "--config.eval.batch_size=2", "--config.checkpoint.every_steps=1",
            "--config.log_every_steps=1", "--plot=false"]
-  first, = run_scripts([_train("runs/r", *flags, "--config.num_steps=1")], cwd=tmp_path)
+  # The runs one after the other share jax's compilation cache: the resume compiles nothing new.
+  cache = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+  first, = run_scripts([_train("runs/r", *flags, "--config.num_steps=1")], cwd=tmp_path, **cache)
   assert first.returncode == 0, first.stderr[-3000:]
-  second, = run_scripts([_train("runs/r", *flags, "--config.num_steps=2")], cwd=tmp_path)
+  second, = run_scripts([_train("runs/r", *flags, "--config.num_steps=2")], cwd=tmp_path, **cache)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "resumed from step 1" in second.stderr
   progress = [line for line in second.stderr.splitlines() if "dmpo_jax.progress" in line]
