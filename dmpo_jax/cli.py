@@ -128,9 +128,10 @@ def _config_error(fv: flags.FlagValues, argv: Sequence[str]) -> Optional[str]:
       return f"--{flag_name}: config file {file_part} not found"
     try:
       config = _load_config_file(path)
-    except Exception as e:  # pylint: disable=broad-except
-      return f"--{flag_name}: cannot load {path}: {_one_line(e)}"
-    known = _config_keys(config)
+      known = _config_keys(config)
+    except Exception as e:  # pylint: disable=broad-except  # any failure of the user's file
+      last = (str(e).strip().splitlines() or [type(e).__name__])[-1]  # ml_collections adds the traceback
+      return f"--{flag_name}: cannot load {path}: {last.strip()}"
     for arg in argv:
       prefix = f"--{flag_name}."
       if arg.startswith(prefix) or arg.startswith(f"--no{flag_name}."):
