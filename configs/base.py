@@ -23,10 +23,13 @@ def get_config() -> ml_collections.ConfigDict:
   # mini-batch i mod M (BGPO off-policy: 2 updates on 2 mini-batches of 8 prompts).
   config.minibatches_per_rollout = 1
 
-  # Model: a preset (random init) and/or a checkpoint (HF folder or the project's orbax format).
+  # Model: a checkpoint (HF folder or the project's model format), or a randomly initialised preset.
   config.model = ml_collections.ConfigDict()
   config.model.preset = "llada_8b"
-  config.model.checkpoint = ""      # HF folder (config.json) or trained checkpoint; "" = random
+  config.model.checkpoint = ""      # HF folder (config.json) or trained checkpoint
+  # "auto": the checkpoint; without one, random weights only for the `tiny` preset (a larger
+  # preset without a checkpoint is refused). "random": random weights for any preset.
+  config.model.init = "auto"
   config.model.dtype = ""           # compute dtype override ("" = preset / checkpoint)
   config.model.param_dtype = ""
   config.model.remat = True
@@ -99,7 +102,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.checkpoint = ml_collections.ConfigDict()
   config.checkpoint.every_steps = 50
   config.checkpoint.max_to_keep = 3
-  config.log_every_steps = 1
+  # Without a terminal (log file, nohup, pod job) a plain progress line is logged every
+  # log_every_steps steps or log_every_seconds seconds, whichever comes first.
+  config.log_every_steps = 10
+  config.log_every_seconds = 60.0
   config.wandb = ml_collections.ConfigDict()
   config.wandb.enabled = False
   config.wandb.project = "dmpo_jax"

@@ -15,33 +15,42 @@ without either, a config.json is generated from the `ModelConfig`.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import pathlib
 import shutil
 import sys
 from typing import Optional
 
-from absl import app, flags, logging
+from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dmpo_jax import checkpointing  # noqa: E402
+from dmpo_jax import checkpointing, cli  # noqa: E402
 from dmpo_jax.models import hf_io  # noqa: E402
 
 HF_METADATA_KEY = "hf_checkpoint"
 HF_FILES_DIR = hf_io.HF_FILES_DIR
+_log = logging.getLogger("dmpo_jax.convert")
 
-_DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"], "Conversion direction.")
-_INPUT = flags.DEFINE_string("input", None, "Source folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "Destination folder.")
+FLAGS = flags.FlagValues()
+
+_DIRECTION = flags.DEFINE_enum("direction", None, ["hf_to_orbax", "orbax_to_hf"],
+                               "Conversion direction.", flag_values=FLAGS)
+_INPUT = flags.DEFINE_string("input", None, "Source folder.", flag_values=FLAGS)
+_OUTPUT = flags.DEFINE_string("output", None, "Destination folder.", flag_values=FLAGS)
 _PARAM_DTYPE = flags.DEFINE_enum("param_dtype", None, ["float32", "bfloat16", "float16"],
-                                 "hf_to_orbax: dtype of the stored params (default: the HF dtype).")
+                                 "hf_to_orbax: dtype of the stored params (default: the HF dtype).",
+                                 flag_values=FLAGS)
 _MAX_SHARD_SIZE = flags.DEFINE_string("max_shard_size", None,
-                                      "orbax_to_hf: e.g. '5GB' (default: the original layout).")
+                                      "orbax_to_hf: e.g. '5GB' (default: the original layout).",
+                                      flag_values=FLAGS)
 _REFERENCE_HF = flags.DEFINE_string("reference_hf", None,
-                                    "orbax_to_hf: HF folder giving config.json / tokenizer files.")
+                                    "orbax_to_hf: HF folder giving config.json / tokenizer files.",
+                                    flag_values=FLAGS)
 _TOKENIZER_FROM = flags.DEFINE_string("tokenizer_from", None,
-                                      "orbax_to_hf: folder whose tokenizer files are copied.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output.")
+                                      "orbax_to_hf: folder whose tokenizer files are copied.",
+                                      flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output.", flag_values=FLAGS)
 
 
 def hf_to_orbax(input_dir, output_dir, *, param_dtype: Optional[str] = None,
@@ -55,7 +64,7 @@ def hf_to_orbax(input_dir, output_dir, *, param_dtype: Optional[str] = None,
   copied = hf_io.copy_tokenizer_files(input_dir, out / HF_FILES_DIR)
   # config.json too, so `load_tokenizer(<checkpoint>)` resolves the same special ids.
   shutil.copyfile(pathlib.Path(input_dir) / hf_io.CONFIG_FILE, out / HF_FILES_DIR / hf_io.CONFIG_FILE)
-  logging.info("Wrote %s (%d parameters, %s); copied %s", out, model.config.num_params(),
+  _log.info("Wrote %s (%d parameters, %s); copied %s", out, model.config.num_params(),
                info.tensor_dtype, copied)
   return out
 
@@ -78,20 +87,34 @@ def orbax_to_hf(input_dir, output_dir, *, reference_hf=None, tokenizer_from=None
     info = dataclasses.replace(info, source_path=None, model_config=model.config)
   out = hf_io.save_pretrained(model, output_dir, info=info, tokenizer_files_from=tokenizer_from,
                               max_shard_size=max_shard_size, overwrite=overwrite)
-  logging.info("Wrote %s", out)
+  _log.info("Wrote %s", out)
   return out
 
 
-def main(argv):
-  del argv
-  if _DIRECTION.value == "hf_to_orbax":
-    hf_to_orbax(_INPUT.value, _OUTPUT.value, param_dtype=_PARAM_DTYPE.value, overwrite=_OVERWRITE.value)
-  else:
-    orbax_to_hf(_INPUT.value, _OUTPUT.value, reference_hf=_REFERENCE_HF.value,
-                tokenizer_from=_TOKENIZER_FROM.value, max_shard_size=_MAX_SHARD_SIZE.value,
-                overwrite=_OVERWRITE.value)
+flags.mark_flags_as_required(["direction", "input", "output"], flag_values=FLAGS)
+
+
+def _run() -> int:
+  cli.require_path("input", _INPUT.value, "source folder")
+  if _REFERENCE_HF.value:
+    cli.require_path("reference_hf", _REFERENCE_HF.value, "HF folder")
+  if _TOKENIZER_FROM.value:
+    cli.require_path("tokenizer_from", _TOKENIZER_FROM.value, "tokenizer folder")
+  with cli.user_input(f"--input={_INPUT.value}", ValueError, FileNotFoundError, FileExistsError):
+    if _DIRECTION.value == "hf_to_orbax":
+      out = hf_to_orbax(_INPUT.value, _OUTPUT.value, param_dtype=_PARAM_DTYPE.value,
+                        overwrite=_OVERWRITE.value)
+    else:
+      out = orbax_to_hf(_INPUT.value, _OUTPUT.value, reference_hf=_REFERENCE_HF.value,
+                        tokenizer_from=_TOKENIZER_FROM.value, max_shard_size=_MAX_SHARD_SIZE.value,
+                        overwrite=_OVERWRITE.value)
+  print(out)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["direction", "input", "output"])
-  app.run(main)
+  sys.exit(main())

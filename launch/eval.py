@@ -20,7 +20,6 @@ plus ``DIR/{task}_summary.json`` for all lengths.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import os
@@ -32,11 +31,12 @@ from typing import Any, Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
+from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
-from tqdm import tqdm  # noqa: E402  pylint: disable=wrong-import-position
 
+from dmpo_jax import cli, metrics as metrics_lib  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402  pylint: disable=wrong-import-position
 
 PROMPT_LENGTH_MULTIPLE = 32  # left-pad prompts to a multiple of this to reuse compiled programs
@@ -53,8 +53,10 @@ def load_model(checkpoint: str, dtype: Optional[str] = None):
     from dmpo_jax.models import hf_io  # pylint: disable=import-outside-toplevel
     model, _ = hf_io.load_pretrained(path, param_dtype=dtype)
     return model, model.config
-  raise FileNotFoundError(f"{path} is neither an HF folder (config.json) nor a model checkpoint "
-                          "(model_config.json)")
+  if not path.exists():
+    raise cli.UserError(f"model checkpoint {checkpoint} does not exist")
+  raise cli.UserError(f"{checkpoint} is neither an HF folder (config.json) nor a model checkpoint "
+                      "(model_config.json)")
 
 
 def resolve_steps(steps: str, gen_length: int) -> int:
@@ -106,7 +108,9 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
   prompt_texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
   completions: List[str] = []
   key = jax.random.key(seed)
-  bar = tqdm(total=len(examples), desc=f"{task.name} L={gen_length}", disable=not progress)
+  bar = metrics_lib.ProgressBar(len(examples), desc=f"{task.name} L={gen_length}", unit="example",
+                                disable=None if progress else True,
+                                log_every_steps=max(1, len(examples) // 10))
   for start in range(0, len(examples), batch_size):
     chunk = prompt_ids[start:start + batch_size]
     real = len(chunk)
@@ -116,7 +120,7 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
     output = sampler.generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), subkey, config)
     sequences = np.asarray(output.sequences)[:real]
     completions.extend(rollout.decode_completions(tokenizer, sequences, ids.shape[1]))
-    bar.update(real)
+    bar.update(start + real)
   bar.close()
   scores = task.score_many(completions, examples, **(score_options or {}))
   rows = []
@@ -131,46 +135,76 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
   return rows, summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--checkpoint", required=True)
-  parser.add_argument("--task", required=True, choices=task_names())
-  parser.add_argument("--tokenizer", default=None, help="'byte' or a folder (default: checkpoint)")
-  parser.add_argument("--gen_lengths", default="128,256,512")
-  parser.add_argument("--block_length", type=int, default=32)
-  parser.add_argument("--steps", default="full", help="full (= length), half, or an integer")
-  parser.add_argument("--batch_size", type=int, default=8)
-  parser.add_argument("--eval_source", default=None, help="evaluation file (default: offline copy)")
-  parser.add_argument("--data_dir", default=None)
-  parser.add_argument("--subset_size", type=int, default=-1,
-                      help="-1: the protocol's (256 for countdown/sudoku, seed 42); 0: all")
-  parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N examples")
-  parser.add_argument("--output_dir", default="eval_output")
-  parser.add_argument("--dtype", default=None, help="parameter dtype override (e.g. bfloat16)")
-  parser.add_argument("--use_math_verify", action="store_true")
-  parser.add_argument("--eval_style", default=base.DEFAULT_EVAL_STYLE, choices=base.EVAL_STYLES,
-                      help="fixed (default) or d1: d1's eval/parse_and_get_acc.py, quirks included")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--no_progress", action="store_true")
-  args = parser.parse_args(argv)
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "HF folder or dmpo_jax model checkpoint", flag_values=FLAGS)
+flags.DEFINE_enum("task", None, list(task_names()), "task to evaluate", flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "'byte' or a folder (default: the checkpoint)",
+                    flag_values=FLAGS)
+flags.DEFINE_list("gen_lengths", ["128", "256", "512"], "comma-separated generation lengths",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("block_length", 32, "semi-autoregressive block length", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_string("steps", "full", "full (= length), half, or an integer", flag_values=FLAGS)
+flags.DEFINE_integer("batch_size", 8, "prompts per sampler call", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_string("eval_source", None, "evaluation file (default: the task's file in the data "
+                    "folder)", flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "data folder (default $DMPO_JAX_DATA_DIR)", flag_values=FLAGS)
+flags.DEFINE_integer("subset_size", -1, "-1: the protocol's (256 for countdown/sudoku, seed 42); "
+                     "0: all", lower_bound=-1, flag_values=FLAGS)
+flags.DEFINE_integer("limit", 0, "evaluate only the first N examples (0: all)", lower_bound=0,
+                     flag_values=FLAGS)
+flags.DEFINE_string("output_dir", "eval_output", "where the rows and summaries go",
+                    flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "parameter dtype override (e.g. bfloat16)", flag_values=FLAGS)
+flags.DEFINE_bool("use_math_verify", False, "math: also accept math-verify equivalence",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("eval_style", base.DEFAULT_EVAL_STYLE, list(base.EVAL_STYLES),
+                  "fixed (default) or d1: d1's eval/parse_and_get_acc.py, quirks included",
+                  flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_bool("no_progress", False, "no progress bar", flag_values=FLAGS)
+flags.mark_flags_as_required(["checkpoint", "task"], flag_values=FLAGS)
 
+
+def check_flags(args) -> list[int]:
+  """The generation lengths; raises `cli.UserError` for flags that cannot run."""
+  cli.require_path("checkpoint", args.checkpoint, "model checkpoint")
+  try:
+    lengths = [int(x) for x in args.gen_lengths]
+    for length in lengths:
+      resolve_steps(args.steps, length)
+  except ValueError as e:
+    raise cli.UserError(f"--gen_lengths={','.join(args.gen_lengths)} --steps={args.steps}: {e}") from e
+  for length in lengths:
+    cli.check(length > 0 and length % args.block_length == 0,
+              f"--gen_lengths: {length} is not a positive multiple of --block_length={args.block_length}")
+  return lengths
+
+
+def _run() -> int:
+  args = FLAGS
+  lengths = check_flags(args)
   from dmpo_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   task = get_task(args.task)
-  base.check_eval_style(args.eval_style, task.name)
-  examples = task.load_eval(source=args.eval_source, data_dir=args.data_dir)
+  with cli.user_input(f"--eval_style={args.eval_style}"):
+    base.check_eval_style(args.eval_style, task.name)
+  with cli.user_input(f"{args.task} evaluation data"):
+    examples = task.load_eval(source=args.eval_source, data_dir=args.data_dir)
   size = task.default_eval_size if args.subset_size < 0 else (args.subset_size or None)
   examples = base.select_subset(examples, size, seed=42)
   if args.limit:
     examples = examples[:args.limit]
-  model, model_config = load_model(args.checkpoint, dtype=args.dtype)
-  tokenizer = load_tokenizer(args.tokenizer or args.checkpoint, family=model_config.family)
+  cli.check(len(examples) > 0, f"no {args.task} evaluation examples to evaluate")
+  with cli.user_input(f"--checkpoint={args.checkpoint}"):
+    model, model_config = load_model(args.checkpoint, dtype=args.dtype)
+    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint, family=model_config.family)
   output_dir = pathlib.Path(args.output_dir)
   output_dir.mkdir(parents=True, exist_ok=True)
   score_options = {"use_math_verify": True} if args.use_math_verify else {}
   if args.eval_style != "fixed":
     score_options["eval_style"] = args.eval_style
   summaries = []
-  for gen_length in [int(x) for x in args.gen_lengths.split(",") if x]:
+  for gen_length in lengths:
     start = time.time()
     rows, summary = evaluate(model, tokenizer, task, examples, gen_length, args.block_length,
                              args.steps, args.batch_size, args.seed, score_options,
@@ -186,6 +220,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   with open(output_dir / f"{task.name}_summary.json", "w", encoding="utf-8") as f:
     json.dump(summaries, f, indent=2)
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

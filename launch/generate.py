@@ -18,7 +18,6 @@ as one JSON list per line.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -30,50 +29,61 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dmpo_jax import cli  # noqa: E402
 from dmpo_jax.diffusion.dream_sampler import DREAM_ALGS, DreamSamplerConfig, dream_generate  # noqa: E402
 from dmpo_jax.diffusion.sampler import REMASKING, SamplerConfig, generate  # noqa: E402
 
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("checkpoint", None, "HF folder or dmpo_jax model checkpoint", flag_values=FLAGS)
+flags.DEFINE_string("preset", None, "randomly initialised ModelConfig preset instead of a checkpoint",
+                    flag_values=FLAGS)
+flags.DEFINE_string("tokenizer", None, "tokenizer folder or 'byte' (default: the checkpoint "
+                    "folder, 'byte' for --preset)", flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt", [], "text prompt (repeatable)", flag_values=FLAGS)
+flags.DEFINE_multi_string("prompt_ids", [], "comma-separated token ids (repeatable)",
+                          flag_values=FLAGS)
+flags.DEFINE_bool("no_chat", False, "do not apply the chat template", flag_values=FLAGS)
+flags.DEFINE_bool("output_ids", False, "print full token ids as JSON lists", flag_values=FLAGS)
+flags.DEFINE_integer("num_samples", 1, "completions per prompt", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("seed", 0, "sampling seed", flag_values=FLAGS)
+flags.DEFINE_string("dtype", None, "parameter/compute dtype override (e.g. bfloat16)",
+                    flag_values=FLAGS)
+flags.DEFINE_enum("sampler", None, ["llada", "dream"],
+                  "default: dream for Dream checkpoints, llada otherwise", flag_values=FLAGS)
+flags.DEFINE_integer("gen_length", 128, "tokens to generate", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("steps", 128, "denoising steps", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("block_length", 32, "semi-autoregressive block length", lower_bound=1,
+                     flag_values=FLAGS)
+flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)", lower_bound=0.0,
+                   flag_values=FLAGS)
+flags.DEFINE_enum("remasking", "low_confidence", list(REMASKING), "remasking rule", flag_values=FLAGS)
+flags.DEFINE_float("cfg_scale", 0.0, "classifier-free guidance scale", lower_bound=0.0,
+                   flag_values=FLAGS)
+flags.DEFINE_bool("logits_eos_inf", False, "never sample EOS", flag_values=FLAGS)
+flags.DEFINE_bool("confidence_eos_eot_inf", False, "never commit EOS/EOT by confidence",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("eos_eot_aliased", False,
+                  "reproduce the reference's aliased EOS/EOT confidence assignment", flag_values=FLAGS)
+flags.DEFINE_float("threshold", None, "Fast-dLLM confidence threshold", flag_values=FLAGS)
+flags.DEFINE_bool("prefix_cache", False, "Fast-dLLM per-block prefix KV cache", flag_values=FLAGS)
+flags.DEFINE_enum("alg", "entropy", list(DREAM_ALGS), "Dream reveal order", flag_values=FLAGS)
+flags.DEFINE_float("alg_temp", 0.0, "Dream reveal-order temperature", flag_values=FLAGS)
+flags.DEFINE_float("top_p", None, "Dream nucleus sampling", flag_values=FLAGS)
+flags.DEFINE_integer("top_k", None, "Dream top-k sampling", flag_values=FLAGS)
+flags.DEFINE_float("eps", 1e-3, "Dream time-grid end", flag_values=FLAGS)
 
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  p.add_argument("--checkpoint", help="HF folder or dmpo_jax model checkpoint")
-  p.add_argument("--preset", help="randomly initialised ModelConfig preset instead of a checkpoint")
-  p.add_argument("--tokenizer", help="tokenizer folder or 'byte' (default: the checkpoint folder, "
-                                     "'byte' for --preset)")
-  p.add_argument("--prompt", action="append", default=[], help="text prompt (repeatable)")
-  p.add_argument("--prompt_ids", action="append", default=[], help="comma-separated token ids")
-  p.add_argument("--no_chat", action="store_true", help="do not apply the chat template")
-  p.add_argument("--output_ids", action="store_true", help="print full token ids as JSON lists")
-  p.add_argument("--num_samples", type=int, default=1, help="completions per prompt")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--dtype", default=None, help="parameter/compute dtype override (e.g. bfloat16)")
-  p.add_argument("--sampler", choices=("llada", "dream"), default=None,
-                 help="default: dream for Dream checkpoints, llada otherwise")
-  p.add_argument("--gen_length", type=int, default=128)
-  p.add_argument("--steps", type=int, default=128)
-  p.add_argument("--block_length", type=int, default=32)
-  p.add_argument("--temperature", type=float, default=0.0)
-  p.add_argument("--remasking", choices=REMASKING, default="low_confidence")
-  p.add_argument("--cfg_scale", type=float, default=0.0)
-  p.add_argument("--logits_eos_inf", action="store_true")
-  p.add_argument("--confidence_eos_eot_inf", action="store_true")
-  p.add_argument("--eos_eot_aliased", action="store_true",
-                 help="reproduce the reference's aliased EOS/EOT confidence assignment")
-  p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM confidence threshold")
-  p.add_argument("--prefix_cache", action="store_true", help="Fast-dLLM per-block prefix KV cache")
-  p.add_argument("--alg", choices=DREAM_ALGS, default="entropy", help="Dream reveal order")
-  p.add_argument("--alg_temp", type=float, default=0.0)
-  p.add_argument("--top_p", type=float, default=None)
-  p.add_argument("--top_k", type=int, default=None)
-  p.add_argument("--eps", type=float, default=1e-3, help="Dream time-grid end")
-  args = p.parse_args(argv)
-  if bool(args.checkpoint) == bool(args.preset):
-    p.error("give exactly one of --checkpoint and --preset")
-  if not args.prompt and not args.prompt_ids:
-    p.error("give at least one --prompt or --prompt_ids")
-  return args
+
+def check_flags(args) -> None:
+  """The flag combinations that cannot run; raises `cli.UserError`."""
+  cli.check(bool(args.checkpoint) != bool(args.preset), "give exactly one of --checkpoint and --preset")
+  cli.check(bool(args.prompt or args.prompt_ids), "give at least one --prompt or --prompt_ids")
+  if args.checkpoint:
+    cli.require_path("checkpoint", args.checkpoint, "model checkpoint")
+  cli.check(args.gen_length % args.block_length == 0,
+            f"--gen_length={args.gen_length} is not a multiple of --block_length={args.block_length}")
 
 
 def load(args):
@@ -121,31 +131,36 @@ def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray,
   return ids, mask
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  args = parse_args(argv)
-  model, tokenizer = load(args)
-  mc = model.config
-  prompts = build_prompts(args, tokenizer)
-  for p in prompts:
-    bad = [t for t in p if not 0 <= t < mc.vocab_size]
-    if bad:
-      raise ValueError(f"prompt token ids {bad[:5]} are outside the model vocabulary [0, {mc.vocab_size})")
-  ids, mask = left_pad(prompts, mc.pad_token_id)
-  sampler = args.sampler or ("dream" if mc.family == "dream" else "llada")
-  graphdef, params = nnx.split(model)
+def _sampler_config(args, sampler: str):
+  """(sampler config, sampling function) from the flags."""
   if sampler == "llada":
-    config = SamplerConfig(
+    return SamplerConfig(
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
         temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
         logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
         eos_eot_aliased=args.eos_eot_aliased, threshold=args.threshold,
-        use_prefix_cache=args.prefix_cache)
-    fn = generate
-  else:
-    config = DreamSamplerConfig(gen_length=args.gen_length, steps=args.steps, eps=args.eps,
-                                temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                                alg=args.alg, alg_temp=args.alg_temp)
-    fn = dream_generate
+        use_prefix_cache=args.prefix_cache), generate
+  return DreamSamplerConfig(gen_length=args.gen_length, steps=args.steps, eps=args.eps,
+                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                            alg=args.alg, alg_temp=args.alg_temp), dream_generate
+
+
+def _run() -> int:
+  args = FLAGS
+  check_flags(args)
+  with cli.user_input(f"--checkpoint={args.checkpoint}" if args.checkpoint else f"--preset={args.preset}"):
+    model, tokenizer = load(args)
+  mc = model.config
+  with cli.user_input("prompt", ValueError):
+    prompts = build_prompts(args, tokenizer)
+  for p in prompts:
+    bad = [t for t in p if not 0 <= t < mc.vocab_size]
+    cli.check(not bad, f"prompt token ids {bad[:5]} are outside the model vocabulary [0, {mc.vocab_size})")
+  ids, mask = left_pad(prompts, mc.pad_token_id)
+  sampler = args.sampler or ("dream" if mc.family == "dream" else "llada")
+  graphdef, params = nnx.split(model)
+  with cli.user_input("sampler flags", ValueError):
+    config, fn = _sampler_config(args, sampler)
   start = time.perf_counter()
   out = fn(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(args.seed), config)
   sequences = np.asarray(out.sequences)
@@ -159,6 +174,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   print(f"# {len(prompts)} rows, {int(out.num_forward_passes)} forward passes, {elapsed:.2f} s "
         f"(incl. compile)", file=sys.stderr)
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,18 @@ one panel per available curve. Default output: ``DIR/curves.png``.
 
 from __future__ import annotations
 
-import argparse
 import pathlib
 import sys
 from typing import Optional, Sequence
 
+from absl import flags
+
 try:
-  from dmpo_jax.metrics import METRICS_FILE, read_metrics
+  from dmpo_jax import cli
 except ImportError:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from dmpo_jax.metrics import METRICS_FILE, read_metrics
+  from dmpo_jax import cli
+from dmpo_jax.metrics import METRICS_FILE, read_metrics
 
 REWARD_MEAN = "reward/mean"
 REWARD_STD = "reward/std"
@@ -81,18 +83,21 @@ def plot_curves(workdir: pathlib.Path, output: Optional[pathlib.Path] = None) ->
   return output
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--workdir", required=True, type=pathlib.Path, help="run folder with metrics.jsonl")
-  parser.add_argument("--output", type=pathlib.Path, default=None, help="PNG path (default: WORKDIR/curves.png)")
-  args = parser.parse_args(argv)
-  try:
-    path = plot_curves(args.workdir, args.output)
-  except (FileNotFoundError, ValueError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 1
+FLAGS = flags.FlagValues()
+flags.DEFINE_string("workdir", None, "run folder with metrics.jsonl", flag_values=FLAGS)
+flags.DEFINE_string("output", None, "PNG path (default: WORKDIR/curves.png)", flag_values=FLAGS)
+flags.mark_flags_as_required(["workdir"], flag_values=FLAGS)
+
+
+def _run() -> int:
+  with cli.user_input(f"--workdir={FLAGS.workdir}", FileNotFoundError, ValueError):
+    path = plot_curves(pathlib.Path(FLAGS.workdir), FLAGS.output and pathlib.Path(FLAGS.output))
   print(path)
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ their sum) and a final summary line (JSON, with ``accuracy``).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -22,6 +21,9 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
+
+from dmpo_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import base  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import get_task, read_records, task_names  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -68,27 +70,38 @@ def score_rows(task_name: str, rows: Sequence[Dict[str, Any]], rewards: bool = F
   return results, summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-  parser.add_argument("--task", required=True, choices=task_names())
-  parser.add_argument("--input", required=True, help="JSONL file with a `completion` per row")
-  parser.add_argument("--rewards", action="store_true", help="also compute the training rewards")
-  parser.add_argument("--reward_style", default=base.DEFAULT_REWARD_STYLE, choices=base.REWARD_STYLES)
-  parser.add_argument("--eval_style", default=base.DEFAULT_EVAL_STYLE, choices=base.EVAL_STYLES,
-                      help="fixed (default) or d1: d1's eval/parse_and_get_acc.py, quirks included")
-  parser.add_argument("--use_math_verify", action="store_true",
-                      help="math: also accept math-verify equivalence")
-  parser.add_argument("--data_dir", default=None, help="data folder (default $DMPO_JAX_DATA_DIR)")
-  args = parser.parse_args(argv)
-  rows = read_records(args.input)
-  results, summary = score_rows(args.task, rows, rewards=args.rewards,
-                                reward_style=args.reward_style,
-                                use_math_verify=args.use_math_verify, data_dir=args.data_dir,
-                                eval_style=args.eval_style)
+FLAGS = flags.FlagValues()
+flags.DEFINE_enum("task", None, list(task_names()), "task whose scorer is used", flag_values=FLAGS)
+flags.DEFINE_string("input", None, "JSONL file with a `completion` per row", flag_values=FLAGS)
+flags.DEFINE_bool("rewards", False, "also compute the training rewards", flag_values=FLAGS)
+flags.DEFINE_enum("reward_style", base.DEFAULT_REWARD_STYLE, list(base.REWARD_STYLES),
+                  "reward style of --rewards", flag_values=FLAGS)
+flags.DEFINE_enum("eval_style", base.DEFAULT_EVAL_STYLE, list(base.EVAL_STYLES),
+                  "fixed (default) or d1: d1's eval/parse_and_get_acc.py, quirks included",
+                  flag_values=FLAGS)
+flags.DEFINE_bool("use_math_verify", False, "math: also accept math-verify equivalence",
+                  flag_values=FLAGS)
+flags.DEFINE_string("data_dir", None, "data folder (default $DMPO_JAX_DATA_DIR)", flag_values=FLAGS)
+flags.mark_flags_as_required(["task", "input"], flag_values=FLAGS)
+
+
+def _run() -> int:
+  args = FLAGS
+  cli.require_path("input", args.input, "generations file")
+  with cli.user_input(f"--input={args.input}"):
+    rows = read_records(args.input)
+    results, summary = score_rows(args.task, rows, rewards=args.rewards,
+                                  reward_style=args.reward_style,
+                                  use_math_verify=args.use_math_verify, data_dir=args.data_dir,
+                                  eval_style=args.eval_style)
   for result in results:
     print(json.dumps(result, default=str))
   print(json.dumps(summary))
   return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":

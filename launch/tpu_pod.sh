@@ -14,15 +14,27 @@
 # metrics. Preemption: the trainer saves on SIGTERM; re-running `run` resumes from the latest step.
 set -euo pipefail
 
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 cmd="${1:-}"; shift || true
-name="${1:?TPU name}"; zone="${2:?zone}"; shift 2
+case "$cmd" in  # argument counts after the command: min max (-1: any number of extra flags)
+  create) count=(3 4) ;;
+  copy|install|delete) count=(2 2) ;;
+  run) count=(4 -1) ;;
+  -h|--help|help) usage; exit 0 ;;
+  *) [ -n "$cmd" ] && echo "error: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
+esac
+if [ $# -lt "${count[0]}" ] || { [ "${count[1]}" -ge 0 ] && [ $# -gt "${count[1]}" ]; }; then
+  echo "error: '$cmd' takes $([ "${count[0]}" = "${count[1]}" ] && echo "${count[0]}" || echo "at least ${count[0]}") argument(s), got $#" >&2
+  usage >&2; exit 2
+fi
+name="$1"; zone="$2"; shift 2
 repo_dir="dmpo_jax"
 
 ssh_all() { gcloud compute tpus tpu-vm ssh "$name" --zone="$zone" --worker=all --command="$1"; }
 
 case "$cmd" in
   create)
-    accelerator="${1:?accelerator type, e.g. v4-32}"
+    accelerator="$1"
     runtime="${2:-tpu-ubuntu2204-base}"
     gcloud compute tpus tpu-vm create "$name" --zone="$zone" \
       --accelerator-type="$accelerator" --version="$runtime"
@@ -37,14 +49,11 @@ case "$cmd" in
     ssh_all "cd ~/$repo_dir && python3 -m pip install -q -e '.[tpu]'"
     ;;
   run)
-    config="${1:?config file, e.g. configs/bgpo_math.py}"; workdir="${2:?workdir}"; shift 2
+    config="$1"; workdir="$2"; shift 2
     extra="$*"
     ssh_all "cd ~/$repo_dir && python3 launch/train.py --distributed --config=$config --workdir=$workdir $extra"
     ;;
   delete)
     gcloud compute tpus tpu-vm delete "$name" --zone="$zone" --quiet
-    ;;
-  *)
-    sed -n '2,16p' "$0"; exit 2
     ;;
 esac

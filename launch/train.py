@@ -1,10 +1,12 @@
 """Trains a masked diffusion LLM with RL (DMPO, BGPO or a baseline).
 
   python launch/train.py --config=configs/bgpo_math.py --workdir=runs/bgpo_math \
-      [--config.optimizer.learning_rate=1e-6 ...]
+      --config.model.checkpoint=/models/LLaDA-8B-Instruct [--config.optimizer.learning_rate=1e-6 ...]
 
-Re-running with the same --workdir resumes from the latest checkpoint. The built-in demo
-(no download, 2 CPU cores, a few minutes):
+Any config field can be overridden with --config.KEY=VALUE (e.g. --config.dmpo.alpha=0.05).
+Re-running with the same --workdir resumes from the latest checkpoint; a finished run says so and
+exits 0. A preset other than `tiny` needs --config.model.checkpoint (or --config.model.init=random).
+The built-in demo (no download, 2 CPU cores, a few minutes):
 
   python launch/train.py --config=configs/demo.py --workdir=runs/demo
 """
@@ -16,34 +18,33 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a configs/*.py file.",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, plots).")
-_PLOT = flags.DEFINE_bool("plot", True, "Draw reward/accuracy curves to WORKDIR/curves.png at the end.")
+from dmpo_jax import cli  # noqa: E402
+
+FLAGS = flags.FlagValues()
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a configs/*.py file; override fields with --config.KEY=VALUE.",
+    flag_values=FLAGS, lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, metrics, plots).",
+                               flag_values=FLAGS)
+_PLOT = flags.DEFINE_bool("plot", True, "Draw reward/accuracy curves to WORKDIR/curves.png at the end.",
+                          flag_values=FLAGS)
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
-                                 "Call jax.distributed.initialize() (multi-host TPU/GPU pods).")
-flags.mark_flags_as_required(["config", "workdir"])
+                                 "Call jax.distributed.initialize() (multi-host TPU/GPU pods).",
+                                 flag_values=FLAGS)
+flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
-def main(argv):
-  del argv
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax / jax INFO chatter
-  logging.getLogger("dmpo_jax").setLevel(logging.INFO)
+def _run():
+  config = _CONFIG.value
   import jax  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
-  config = _CONFIG.value
-  try:
-    results = loop.train(config, _WORKDIR.value)
-  except loop.ConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  if _PLOT.value and jax.process_index() == 0:
+  results = loop.train(config, _WORKDIR.value)
+  if _PLOT.value and jax.process_index() == 0 and "finished" not in results:
     from launch import plot  # pylint: disable=import-outside-toplevel
     try:
       out = plot.plot_curves(pathlib.Path(_WORKDIR.value), pathlib.Path(_WORKDIR.value) / "curves.png")
@@ -53,5 +54,9 @@ def main(argv):
   print(json.dumps(results, indent=2, default=float))
 
 
+def main(argv=None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

@@ -224,7 +224,7 @@ def test_plot_cli_writes_png(tmp_path):
 
 def test_plot_errors_and_single_panel(tmp_path, capsys):
   _, plot = _load_plot_module()
-  assert plot.main([f"--workdir={tmp_path}"]) == 1
+  assert plot.main([f"--workdir={tmp_path}"]) == 2
   assert "metrics.jsonl not found" in capsys.readouterr().err
   with M.MetricWriter(tmp_path, tensorboard=False) as writer:
     writer.write(1, {"loss": 1.0})

@@ -50,7 +50,7 @@ def test_validate_config_names_each_problem(tmp_path):
     loop.validate_config(config, num_devices=1)
   message = str(err.value)
   assert "rollout.gen_length=6 is not a multiple of rollout.block_length=4" in message
-  assert "objective: unknown 'nope'" in message
+  assert "objective='nope' is unknown" in message and "\n" not in message
   assert "model.checkpoint" in message and "does not exist" in message
   config = small_config(**{"eval.gen_length": 10, "eval.steps": 7})
   with pytest.raises(loop.ConfigError, match="eval.steps=7"):
@@ -107,6 +107,10 @@ def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
 def test_every_published_config_validates(name):
   import importlib  # pylint: disable=import-outside-toplevel
   config = importlib.import_module(f"configs.{name}").get_config()
+  if name != "demo":  # the published settings need their weights (or an explicit random init)
+    with pytest.raises(loop.ConfigError, match="model.checkpoint is not set"):
+      loop.validate_config(config, num_devices=8)
+    config.model.init = "random"
   loop.validate_config(config, num_devices=8 if name != "demo" else 1)
 
 

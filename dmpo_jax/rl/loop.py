@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
+import math
 import pathlib
 from typing import Any, Optional
 
@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmpo_jax import checkpointing, metrics as metrics_lib, sharding
+from dmpo_jax import checkpointing, cli, metrics as metrics_lib, sharding
 from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
@@ -38,7 +38,7 @@ from dmpo_jax.tasks import digit_sort
 _log = logging.getLogger("dmpo_jax.train")
 
 
-class ConfigError(ValueError):
+class ConfigError(cli.UserError, ValueError):
   """A training config that cannot run (the message names the key and the problem)."""
 
 
@@ -46,11 +46,99 @@ class ConfigError(ValueError):
 # Config validation and model loading
 # ------------------------------------------------------------------------------------------------
 
-def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
-  """Checks everything that can be checked before any work; raises `ConfigError`."""
+MODEL_INIT = ("auto", "random")
+RANDOM_INIT_PRESETS = ("tiny",)  # presets `model.init=auto` may randomly initialise
+INF = float("inf")
+
+# Every numeric field of `configs/base.py` outside the objective blocks (which their own config
+# classes validate): (type, lowest, highest); -1 in a mesh axis means "the remaining devices".
+NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
+    "seed": (int, 0, INF),
+    "num_steps": (int, 1, INF),
+    "updates_per_rollout": (int, 1, INF),
+    "minibatches_per_rollout": (int, 1, INF),
+    "prompts_per_step": (int, 1, INF),
+    "group_size": (int, 1, INF),
+    "model.lora_rank": (int, 0, INF),
+    "model.lora_alpha": (float, 0, INF),
+    "task.prompt_length": (int, 1, INF),
+    "task.reward_workers": (int, 0, INF),
+    "task.reward_timeout_s": (float, 0, INF),    # 0: the task's default wall limit
+    "rollout.gen_length": (int, 1, INF),
+    "rollout.block_length": (int, 1, INF),
+    "rollout.steps": (int, 1, INF),
+    "rollout.temperature": (float, 0, INF),
+    "rollout.cfg_scale": (float, 0, INF),
+    "rollout.threshold": (float, -INF, 1),       # < 0: off
+    "optimizer.learning_rate": (float, 0, INF),  # > 0, checked below
+    "optimizer.weight_decay": (float, 0, INF),
+    "optimizer.b1": (float, 0, 1),
+    "optimizer.b2": (float, 0, 1),
+    "optimizer.max_grad_norm": (float, 0, INF),  # 0: no clipping
+    "optimizer.warmup_steps": (int, 0, INF),
+    "sft.num_steps": (int, 0, INF),
+    "sft.batch_size": (int, 1, INF),
+    "sft.learning_rate": (float, 0, INF),        # > 0, checked below
+    "sft.ascending_fraction": (float, 0, 1),
+    "mesh.data": (int, -1, INF),
+    "mesh.fsdp": (int, -1, INF),
+    "mesh.tensor": (int, -1, INF),
+    "eval.every_steps": (int, 0, INF),           # 0: no evaluation during RL
+    "eval.num_examples": (int, 1, INF),
+    "eval.gen_length": (int, 1, INF),
+    "eval.block_length": (int, 1, INF),
+    "eval.steps": (int, 1, INF),
+    "eval.batch_size": (int, 1, INF),
+    "checkpoint.every_steps": (int, 1, INF),
+    "checkpoint.max_to_keep": (int, 1, INF),
+    "log_every_steps": (int, 1, INF),
+    "log_every_seconds": (float, 0, INF),
+}
+
+
+def _get(config, dotted: str):
+  for part in dotted.split("."):
+    config = config[part]
+  return config
+
+
+def numeric_errors(config: ml_collections.ConfigDict) -> list[str]:
+  """Type, finiteness and range of every field in `NUMERIC_FIELDS` (a missing field is skipped:
+  configs written before the field existed keep working)."""
   errors = []
+  for key, (kind, low, high) in NUMERIC_FIELDS.items():
+    try:
+      value = _get(config, key)
+    except (KeyError, AttributeError):
+      continue
+    ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+      ok_type = ok_type and float(value).is_integer()
+    if not ok_type:
+      errors.append(f"{key}={value!r} must be {'an integer' if kind is int else 'a number'}")
+    elif not math.isfinite(value):
+      errors.append(f"{key}={value} must be finite")
+    elif not low <= value <= high:
+      bound = f">= {low}" if high == INF else f"in [{low}, {high}]"
+      errors.append(f"{key}={value} must be {bound}")
+  for key in ("optimizer.learning_rate", "sft.learning_rate"):
+    value = _get(config, key)
+    if isinstance(value, (int, float)) and value == 0:
+      errors.append(f"{key}=0 must be > 0")
+  for axis in sharding.MESH_AXES:
+    if config.mesh[axis] == 0:
+      errors.append(f"mesh.{axis}=0 must be >= 1 or -1 (the remaining devices)")
+  return errors
+
+
+def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int] = None) -> None:
+  """Checks everything that can be checked before any work; raises `ConfigError` (one line
+  naming every bad key)."""
+  errors = numeric_errors(config)
+  if errors:  # the checks below assume sane numbers
+    raise ConfigError("invalid config: " + "; ".join(errors))
   if config.objective not in registry.objective_names():
-    errors.append(f"objective: unknown {config.objective!r}; known {list(registry.objective_names())}")
+    errors.append(f"objective={config.objective!r} is unknown; known {list(registry.objective_names())}")
   else:
     objective = registry.get_objective(config.objective)
     try:
@@ -61,28 +149,23 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
                       f"{config.objective!r} supports with this config")
     except ValueError as e:
       errors.append(f"{config.objective}: {e}")
+    if objective.uses_group_statistics and config.group_size < 2:
+      errors.append(f"group_size={config.group_size} must be >= 2: {config.objective!r} normalises "
+                    "rewards over the completions of a prompt")
   if config.task.name not in task_base.task_names():
-    errors.append(f"task.name: unknown {config.task.name!r}; known {task_base.task_names()}")
+    errors.append(f"task.name={config.task.name!r} is unknown; known {task_base.task_names()}")
   else:
     try:
       task_base.check_eval_style(config.eval.get("style", "fixed"), config.task.name)
     except ValueError as e:
       errors.append(f"eval.style: {e}")
-  if config.task.get("reward_timeout_s", 0.0) < 0:
-    errors.append(f"task.reward_timeout_s must be >= 0, got {config.task.reward_timeout_s}")
   for block, prefix in ((config.rollout, "rollout"), (config.eval, "eval")):
     gen, blk, steps = block.gen_length, block.block_length, block.steps
-    if gen <= 0 or blk <= 0 or steps <= 0:
-      errors.append(f"{prefix}: gen_length, block_length and steps must be positive")
-    elif gen % blk:
+    if gen % blk:
       errors.append(f"{prefix}.gen_length={gen} is not a multiple of {prefix}.block_length={blk}")
     elif steps % (gen // blk):
       errors.append(f"{prefix}.steps={steps} is not a multiple of the number of blocks {gen // blk}")
-  for name in ("num_steps", "prompts_per_step", "group_size", "updates_per_rollout",
-               "minibatches_per_rollout"):
-    if config[name] <= 0:
-      errors.append(f"{name} must be positive, got {config[name]}")
-  if config.minibatches_per_rollout > 0 and config.prompts_per_step % config.minibatches_per_rollout:
+  if config.prompts_per_step % config.minibatches_per_rollout:
     errors.append(f"prompts_per_step={config.prompts_per_step} is not divisible by "
                   f"minibatches_per_rollout={config.minibatches_per_rollout} (mini-batches hold "
                   "whole groups)")
@@ -94,12 +177,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     errors.append(f"{config.objective}.reference_micro_batch_size={reference_micro} does not divide "
                   f"the update batch prompts_per_step*group_size/minibatches_per_rollout="
                   f"{update_batch}")
-  if config.task.prompt_length <= 0:
-    errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
-  if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():
-    errors.append(f"model.checkpoint: {config.model.checkpoint} does not exist")
-  if not config.model.checkpoint and config.model.preset not in model_config_lib.PRESET_NAMES:
-    errors.append(f"model.preset: unknown {config.model.preset!r}; known {model_config_lib.PRESET_NAMES}")
+  errors += _model_errors(config.model)
   if num_devices is not None and not errors:
     try:
       mesh_shape = _mesh_shape(config, num_devices)
@@ -113,7 +191,28 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     except ValueError as e:
       errors.append(f"mesh: {e}")
   if errors:
-    raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+    raise ConfigError("invalid config: " + "; ".join(errors))
+
+
+def _model_errors(model) -> list[str]:
+  """Where the weights come from: a checkpoint, or random weights only when asked for."""
+  init = model.get("init", "auto")
+  if init not in MODEL_INIT:
+    return [f"model.init={init!r} must be one of {MODEL_INIT}"]
+  if model.checkpoint:
+    if init == "random":
+      return [f"model.init='random' contradicts model.checkpoint={model.checkpoint!r}: give one"]
+    if not pathlib.Path(model.checkpoint).exists():
+      return [f"model.checkpoint={model.checkpoint} does not exist"]
+    return []
+  if model.preset not in model_config_lib.PRESET_NAMES:
+    return [f"model.preset={model.preset!r} is unknown; known {model_config_lib.PRESET_NAMES}"]
+  if init == "auto" and model.preset not in RANDOM_INIT_PRESETS:
+    return [f"model.checkpoint is not set: give the {model.preset} weights with "
+            "--config.model.checkpoint=/path/to/the/model (an HF folder or a trained checkpoint), "
+            "or pass --config.model.init=random to train a randomly initialised "
+            f"{model.preset} on purpose"]
+  return []
 
 
 def _mesh_shape(config, num_devices: int) -> dict[str, int]:
@@ -166,10 +265,16 @@ class Trainer:
   def __post_init__(self):
     config = self.config
     self.workdir = pathlib.Path(self.workdir)
-    self.workdir.mkdir(parents=True, exist_ok=True)
     validate_config(config, jax.device_count())
+    self.task = task_base.get_task(config.task.name)
+    with cli.user_input(f"task {config.task.name} data"):  # before the (slow) model load
+      self.data = self.load_data()
+    cli.check(len(self.data[0]) > 0 and len(self.data[2]) > 0,
+              f"task {config.task.name}: no training or no held-out examples (task.train_source="
+              f"{config.task.train_source!r}, task.eval_source={config.task.eval_source!r})")
     self.mesh = sharding.create_mesh(_mesh_shape(config, jax.device_count()))
-    self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
+    with cli.user_input(f"model {config.model.checkpoint or config.model.preset}"):
+      self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
     if config.model.lora_rank:
       self.model = lora.add_adapters(self.model, rank=config.model.lora_rank,
                                      alpha=config.model.lora_alpha,
@@ -177,7 +282,6 @@ class Trainer:
     self.graphdef, params = nnx.split(self.model)
     self.param_shardings = sharding.state_shardings(params, self.mesh)
     params = jax.device_put(params, self.param_shardings)
-    self.task = task_base.get_task(config.task.name)
     self.objective = registry.get_objective(config.objective)
     self.objective_config = self.objective.make_config(config.get(config.objective, {}))
     self.optimizer = ts.make_optimizer(
@@ -258,7 +362,10 @@ class Trainer:
     step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0)
     rng = np.random.default_rng(c.seed)
     progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
-                                       disable=None if bar_enabled else True)
+                                       disable=None if bar_enabled else True,
+                                       process_index=jax.process_index(),
+                                       log_every_steps=max(c.log_every_steps, c.sft.num_steps // 10),
+                                       log_every_seconds=c.log_every_seconds)
     loss = float("nan")
     for step in range(c.sft.num_steps):
       chunk = [examples[i] for i in rng.integers(0, len(examples), c.sft.batch_size)]
@@ -334,7 +441,9 @@ class Trainer:
     self._train_step, info = train_step.compile_ahead_of_time(
         jitted, train_step.abstract(self.state), batch, per_example, train_step.SCALAR_INT32,
         train_step.SCALAR_INT32)
-    _log.info("train step compiled ahead of time: %s", json.dumps(info))
+    _log.info("train step compiled ahead of time: %s",
+              ", ".join(f"{k.removeprefix('compile/').removesuffix('_size_in_bytes')} memory "
+                        f"{v / 2**20:,.1f} MiB" for k, v in info.items()) or "no memory analysis")
     return info
 
   def update_batches(self, batch_np: dict[str, np.ndarray], per_example_np: dict[str, np.ndarray]):
@@ -358,7 +467,8 @@ class Trainer:
   # -- the loop ---------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
     c = self.config
-    train, warmup_examples, held_out = self.load_data()
+    train, warmup_examples, held_out = self.data
+    self.workdir.mkdir(parents=True, exist_ok=True)  # only once config, data and model are good
     iterator = self.make_iterator(train)
     ckpt = checkpointing.TrainCheckpointer(self.workdir / "checkpoints",
                                            save_interval_steps=c.checkpoint.every_steps,
@@ -401,7 +511,10 @@ class Trainer:
                                      timeout_s=c.task.get("reward_timeout_s", 0.0) or None)
     timer = metrics_lib.PhaseTimer()
     progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
-                                       disable=None if bar_enabled else True)
+                                       disable=None if bar_enabled else True,
+                                       process_index=jax.process_index(),
+                                       log_every_steps=c.log_every_steps,
+                                       log_every_seconds=c.log_every_seconds)
     preemption = checkpointing.PreemptionHandler().install()
     last_metrics: dict[str, float] = {}
     step = start_step
@@ -421,10 +534,11 @@ class Trainer:
         example_ids = (step * jax.process_count() + jax.process_index()) * batch_size + np.arange(batch_size)
         batch_np = rollout.rl_batch(sequences, mask, rewards, element["group_ids"], example_ids)
         batch = self.put_batch(batch_np)
-        with timer.phase("train"):
+        with timer.phase("prepare"):
           prepared = self._prepare(self.state.params, ref_params, batch, self.state.key,
                                    jnp.int32(step))
           per_example_np = {k: self.local_rows(v) for k, v in prepared.per_example.items()}
+        with timer.phase("update"):
           update_metrics = []
           for iteration, (mb, pe) in enumerate(self.update_batches(batch_np, per_example_np)):
             self.state, m = self._train_step(self.state, mb, pe, jnp.int32(step),
@@ -448,8 +562,10 @@ class Trainer:
         writer.write(done, step_metrics)
         last_metrics = step_metrics
         progress.update(done, {"reward": step_metrics["reward/mean"],
-                               **({"acc": step_metrics["eval/accuracy"]}
-                                  if "eval/accuracy" in step_metrics else {})})
+                               "correct": step_metrics["reward/accuracy"],
+                               **({"eval_acc": step_metrics["eval/accuracy"]}
+                                  if "eval/accuracy" in step_metrics else {})},
+                        phases={k.removeprefix("time/"): v for k, v in times.items()})
         ckpt.save(done, self.state, iterator_state=iterator.get_state(),
                   consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
                   force=done == c.num_steps)
@@ -480,6 +596,28 @@ class Trainer:
     return results
 
 
+def finished_step(config: ml_collections.ConfigDict, workdir: str) -> Optional[int]:
+  """The step of the last checkpoint in ``workdir`` when it is ``config.num_steps`` or later and
+  the final model is written (the run is finished), else None."""
+  workdir = pathlib.Path(workdir)
+  if not (workdir / "checkpoints").is_dir() or not (workdir / "final_model").is_dir():
+    return None
+  ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints")
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  return step if step is not None and step >= config.num_steps else None
+
+
 def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Runs (or resumes) training in ``workdir``; returns summary numbers."""
+  """Runs (or resumes) training in ``workdir``; returns summary numbers. A finished run (its last
+  checkpoint at ``num_steps``) is left as it is: ``{"finished": step, "final_model": ...}``."""
+  validate_config(config, jax.device_count())
+  step = finished_step(config, workdir)
+  if step is not None:
+    final = pathlib.Path(workdir) / "final_model"
+    _log.info("the run in %s is finished (step %d of num_steps=%d); its final model is %s. Raise "
+              "--config.num_steps to train further.", workdir, step, config.num_steps, final)
+    return {"finished": step, "final_model": str(final)}
   return Trainer(config, pathlib.Path(workdir)).run()

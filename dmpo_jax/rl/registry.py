@@ -30,6 +30,9 @@ class Objective:
   """One RL objective: its config class and its two pure functions.
 
   uses_reference: whether ``prepare`` reads ``ref_params`` (else it may be None).
+  uses_group_statistics: whether the loss normalises over the G completions of a prompt (group
+    z-scores, mean-centred advantages, group-softmax weights): such an objective needs G >= 2
+    (with G = 1 every advantage is 0 and every softmax weight 1). True for every registered one.
   config_defaults: overrides of the config class defaults for this registry name.
   """
   name: str
@@ -40,6 +43,7 @@ class Objective:
   description: str
   config_defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   max_updates_fn: Optional[Callable[[Any], Optional[int]]] = None
+  uses_group_statistics: bool = True
 
   def default_config(self) -> dict[str, Any]:
     """The defaults as a plain dict (ml_collections-compatible)."""

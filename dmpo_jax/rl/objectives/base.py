@@ -9,6 +9,7 @@ and registers them in `dmpo_jax.rl.registry`.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
@@ -41,6 +42,10 @@ class ObjectiveConfig:
 
   def validation_errors(self) -> list[str]:
     errors = []
+    for f in dataclasses.fields(self):  # NaN / inf pass every `<` check below: refuse them here
+      value = getattr(self, f.name)
+      if isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isfinite(value):
+        errors.append(f"{f.name} must be finite, got {value}")
     if self.micro_batch_size is not None and self.micro_batch_size <= 0:
       errors.append(f"micro_batch_size must be positive or None, got {self.micro_batch_size}")
     return errors
