@@ -16,12 +16,19 @@ Two formats (`jax_patterns.md` §10):
   ``get_state()`` as JSON) and ``metadata`` (consumed-prompt count + the run config as JSON).
   Orbax writes every step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so
   a crash mid-save leaves the previous checkpoint as the latest one.
+
+Integrity: both formats store a checksum of every array and of every JSON file, computed at save
+time and verified at restore (`array_checksum`); a mismatch raises `CheckpointIntegrityError`
+naming the step (training checkpoints), the item / file and the array. A model checkpoint keeps
+them in ``checksums.json``; a training step in its fourth item ``checksums``. Checksums are taken
+from the logical (global) value of each array, so they do not depend on how it is sharded.
 """
 
 from __future__ import annotations
 
 import base64
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +44,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dmpo_jax.models.config import ModelConfig
+from dmpo_jax.models.hf_io import CheckpointError
 from dmpo_jax.models.transformer import Transformer
 
 PathLike = Union[str, os.PathLike]
@@ -44,6 +52,7 @@ PathLike = Union[str, os.PathLike]
 MODEL_CONFIG_FILE = "model_config.json"
 MODEL_METADATA_FILE = "metadata.json"
 MODEL_PARAMS_DIR = "params"
+MODEL_CHECKSUMS_FILE = "checksums.json"
 
 _log = logging.getLogger(__name__)
 
@@ -101,6 +110,124 @@ def _model_config_from_json(data: Mapping[str, Any], source: PathLike) -> ModelC
 
 
 # ------------------------------------------------------------------------------------------------
+# Integrity: checksums written at save time, verified at restore
+# ------------------------------------------------------------------------------------------------
+
+class CheckpointIntegrityError(CheckpointError):
+  """A saved array or JSON file does not match the checksum written with it (or cannot be read):
+  the checkpoint's files were changed or damaged after the save."""
+
+
+def _uint32_words(x: jax.Array) -> jax.Array:
+  """The raw bits of ``x`` as uint32 words (one per element; 8-byte dtypes give two)."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = np.dtype(x.dtype).itemsize
+  if size == 8:
+    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # adds a trailing axis of 2 words
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(size)
+  if unsigned is None or jnp.issubdtype(x.dtype, jnp.complexfloating):
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _fletcher_words(words: jax.Array) -> jax.Array:
+  """``[s1, s2]`` (uint32, mod 2^32) with s1 = sum_i w_i and s2 = sum_i (i + 1) w_i over the
+  row-major word index i (Fletcher-style). Any change of one word changes s1 (the difference is a
+  non-zero multiple of a power of two below 2^32); s2 also sees reordered words. The linear index
+  is built from per-axis iotas, so a sharded array is hashed where it lives (only the two sums
+  cross devices) and the result does not depend on the sharding."""
+  index = jnp.zeros(words.shape, jnp.uint32)
+  stride = 1
+  for axis in reversed(range(words.ndim)):
+    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
+    stride *= words.shape[axis]
+  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
+                    jnp.sum(words * (index + jnp.uint32(1)), dtype=jnp.uint32)])
+
+
+@jax.jit
+def _device_checksums(leaves: list) -> jax.Array:
+  """``[n_leaves, 2]`` uint32 Fletcher sums of a list of arrays, in one compiled call."""
+  return jnp.stack([_fletcher_words(_uint32_words(x)) for x in leaves]) if leaves else \
+      jnp.zeros((0, 2), jnp.uint32)
+
+
+def _host_checksum(x) -> np.ndarray:
+  """The same sums as `_fletcher_words` for a host (numpy) value."""
+  arr = np.asarray(x)
+  if arr.dtype == np.bool_:
+    words = arr.astype(np.uint32)
+  else:
+    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}.get(arr.dtype.itemsize)
+    if unsigned is None or np.issubdtype(arr.dtype, np.complexfloating):
+      raise TypeError(f"no checksum for dtype {arr.dtype}")
+    words = np.ascontiguousarray(arr).view(unsigned).astype(np.uint32)
+  words = words.reshape(-1).astype(np.uint64)
+  index = np.arange(1, words.size + 1, dtype=np.uint64) % np.uint64(2**32)
+  mask = np.uint64(2**32 - 1)
+  return np.array([int(words.sum()) & 0xFFFFFFFF, int(((words * index) & mask).sum()) & 0xFFFFFFFF],
+                  np.uint32)
+
+
+def _format_checksum(sums) -> str:
+  return "fletcher32x2:" + "".join(f"{int(v):08x}" for v in np.asarray(sums).reshape(-1))
+
+
+def array_checksums(tree) -> dict[str, dict[str, Any]]:
+  """``{leaf path: {"dtype", "shape", "checksum"}}`` for every array leaf of ``tree``.
+
+  jax.Arrays (sharded or not) are hashed on device in one jitted call over their global values
+  (a collective: call it on every process, like the save itself); numpy / Python leaves on the
+  host with the identical formula. Typed PRNG keys must be converted to ``key_data`` first.
+  """
+  flat = _flatten_with_names(tree)
+  device_names = [n for n, x in flat.items() if isinstance(x, jax.Array)]
+  sums = {}
+  if device_names:
+    values = np.asarray(jax.device_get(_device_checksums([flat[n] for n in device_names])))
+    sums.update(zip(device_names, values))
+  out = {}
+  for name, leaf in flat.items():
+    value = sums[name] if name in sums else _host_checksum(leaf)
+    out[name] = {"dtype": str(np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype),
+                 "shape": list(np.shape(leaf)), "checksum": _format_checksum(value)}
+  return out
+
+
+def verify_array_checksums(tree, saved: Mapping[str, Mapping[str, Any]], where: str) -> None:
+  """Recomputes `array_checksums` of the restored ``tree`` and compares with ``saved``; raises
+  `CheckpointIntegrityError` naming ``where`` and every differing array."""
+  got = array_checksums(tree)
+  problems = []
+  for name in sorted(set(got) | set(saved)):
+    if name not in saved:
+      problems.append(f"array {name!r} has no saved checksum")
+    elif name not in got:
+      problems.append(f"array {name!r} was not restored")
+    elif got[name]["checksum"] != saved[name]["checksum"]:
+      problems.append(f"array {name!r} ({saved[name]['dtype']}{tuple(saved[name]['shape'])}): "
+                      f"checksum {got[name]['checksum']} != saved {saved[name]['checksum']}")
+  if problems:
+    raise CheckpointIntegrityError(f"{where}: " + "; ".join(problems) +
+                                   " (the files were changed or damaged after the save)")
+
+
+def json_checksum(value: Any) -> str:
+  """SHA-256 of the canonical JSON text of ``value`` (sorted keys, no spaces)."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _read_json_file(path: pathlib.Path) -> Any:
+  """JSON file contents; unreadable or broken JSON raises `CheckpointIntegrityError` naming it."""
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise CheckpointIntegrityError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
 # Model checkpoints (the project's own model format)
 # ------------------------------------------------------------------------------------------------
 
@@ -126,13 +253,19 @@ def save_model_checkpoint(path: PathLike, model_or_state, config: ModelConfig,
   if params_dir.exists() and not overwrite:
     raise FileExistsError(f"Model checkpoint {path} already exists (pass overwrite=True to replace it)")
   path.mkdir(parents=True, exist_ok=True)
+  checksums = {"params": array_checksums(params), "model_config": json_checksum(config_json),
+               "metadata": None if extra_metadata is None else json_checksum(json.loads(metadata_text))}
   # Checkpointer (synchronous): the files exist when this function returns.
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
     checkpointer.save(params_dir, args=ocp.args.StandardSave(params), force=overwrite)
   if jax.process_index() == 0:
-    _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True))
+    # model_config.json last: its presence marks a complete checkpoint.
+    _write_text_atomic(path / MODEL_CHECKSUMS_FILE, json.dumps(checksums, indent=2, sort_keys=True))
     if extra_metadata is not None:
       _write_text_atomic(path / MODEL_METADATA_FILE, metadata_text)
+    elif (path / MODEL_METADATA_FILE).exists():
+      (path / MODEL_METADATA_FILE).unlink()  # overwrite: no stale metadata beside new weights
+    _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True))
   return path
 
 
@@ -152,19 +285,46 @@ def load_model_config(path: PathLike) -> ModelConfig:
     raise FileNotFoundError(
         f"{config_path} not found: {path} is not a dmpo_jax model checkpoint (expected "
         f"{MODEL_CONFIG_FILE} and {MODEL_PARAMS_DIR}/)")
-  try:
-    data = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+  data = _read_json_file(config_path)
+  _verify_model_json(path, "model_config", data, config_path)
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
   return _model_config_from_json(data, config_path)
+
+
+def _model_checksums(path: pathlib.Path) -> Optional[dict]:
+  """The folder's ``checksums.json`` (None, with a warning, for checkpoints saved without one)."""
+  checksums_path = path / MODEL_CHECKSUMS_FILE
+  if not checksums_path.is_file():
+    _log.warning("%s has no %s (saved by an older version): its arrays are not verified", path,
+                 MODEL_CHECKSUMS_FILE)
+    return None
+  checksums = _read_json_file(checksums_path)
+  if not isinstance(checksums, dict) or not isinstance(checksums.get("params"), dict):
+    raise CheckpointIntegrityError(f"{checksums_path} does not hold a 'params' checksum table")
+  return checksums
+
+
+def _verify_model_json(path: pathlib.Path, key: str, data: Any, file: pathlib.Path) -> None:
+  checksums = _model_checksums(path)
+  if checksums is None:
+    return
+  saved = checksums.get(key)
+  if saved != json_checksum(data):
+    raise CheckpointIntegrityError(f"{file}: checksum {json_checksum(data)} != saved {saved} in "
+                                   f"{path / MODEL_CHECKSUMS_FILE} (the file was changed or damaged; after a deliberate "
+                                   f"edit, delete {MODEL_CHECKSUMS_FILE} to load it unverified)")
 
 
 def load_model_metadata(path: PathLike) -> dict:
   """The ``extra_metadata`` saved with a model checkpoint ({} when none was saved)."""
-  metadata_path = pathlib.Path(path).absolute() / MODEL_METADATA_FILE
+  path = pathlib.Path(path).absolute()
+  metadata_path = path / MODEL_METADATA_FILE
   if not metadata_path.is_file():
     return {}
-  return json.loads(metadata_path.read_text())
+  data = _read_json_file(metadata_path)
+  _verify_model_json(path, "metadata", data, metadata_path)
+  return data
 
 
 def _check_saved_shapes(params_dir: pathlib.Path, abstract: dict) -> None:
@@ -232,8 +392,22 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+  checksums = _model_checksums(path)
+  if checksums is not None and dtype is not None:
+    # Verify the stored bits, then cast (orbax would cast while reading).
+    stored_dtypes = {name: entry["dtype"] for name, entry in checksums["params"].items()}
+    target = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, stored_dtypes.get(_key_path_str(p), x.dtype),
+                                          sharding=x.sharding), target)
+  try:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+  except (ValueError, OSError) as e:
+    raise CheckpointIntegrityError(f"Model checkpoint {path}: cannot read {params_dir}: {e}") from e
+  if checksums is not None:
+    verify_array_checksums(restored, checksums["params"], f"Model checkpoint {path}, {MODEL_PARAMS_DIR}/")
+    restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+                            restored, abstract)
   abstract_state.replace_by_pure_dict(restored)
   return nnx.merge(graphdef, abstract_state)
 
@@ -245,6 +419,8 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
 STATE_ITEM = "state"
 ITERATOR_ITEM = "iterator"
 METADATA_ITEM = "metadata"
+CHECKSUMS_ITEM = "checksums"
+CORRUPT_PREFIX = "corrupt-"
 _RESERVED_METADATA_KEYS = ("consumed_prompts", "checkpoint_step", "prng_key_impls")
 
 
@@ -324,6 +500,20 @@ def _decode_iterator_state(encoded: Mapping[str, Any]):
   raise ValueError(f"Unknown iterator state encoding {kind!r} in checkpoint")
 
 
+def _check_target_matches(target, saved_arrays: Mapping[str, Mapping[str, Any]], where: str) -> None:
+  """Compares the restore target's leaf names and shapes with the saved checksum table."""
+  flat = _flatten_with_names(target)
+  problems = [f"{name!r} is not in the checkpoint" for name in sorted(set(flat) - set(saved_arrays))]
+  problems += [f"checkpoint has {name!r}, abstract_state does not"
+               for name in sorted(set(saved_arrays) - set(flat))]
+  problems += [f"{name!r}: checkpoint shape {tuple(saved_arrays[name]['shape'])} != "
+               f"abstract_state shape {tuple(flat[name].shape)}"
+               for name in sorted(set(flat) & set(saved_arrays))
+               if tuple(saved_arrays[name]["shape"]) != tuple(flat[name].shape)]
+  if problems:
+    raise ValueError(f"{where} does not match abstract_state: " + "; ".join(problems))
+
+
 class RestoredCheckpoint(NamedTuple):
   """What `TrainCheckpointer.restore` returns; unpacks as ``state, iterator_state, metadata``.
 
@@ -369,7 +559,8 @@ class TrainCheckpointer:
         create=create,
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM))
+        self.directory, options=options,
+        item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM, CHECKSUMS_ITEM))
 
   # -- queries -----------------------------------------------------------------------------------
   def all_steps(self) -> list[int]:
@@ -414,16 +605,24 @@ class TrainCheckpointer:
       json.dumps(meta)
     except TypeError as e:
       raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
+    encoded_iterator = _encode_iterator_state(iterator_state)
+    # Checksums of the values being saved (on device, before the asynchronous write starts); the
+    # JSON item is written by the primary process, like the other JSON items.
+    checksums = {STATE_ITEM: array_checksums(state_data),
+                 ITERATOR_ITEM: json_checksum(encoded_iterator),
+                 METADATA_ITEM: json_checksum(meta)}
     return bool(self._manager.save(
         step,
         args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state_data),
-            ITERATOR_ITEM: ocp.args.JsonSave(_encode_iterator_state(iterator_state)),
+            ITERATOR_ITEM: ocp.args.JsonSave(encoded_iterator),
             METADATA_ITEM: ocp.args.JsonSave(meta),
+            CHECKSUMS_ITEM: ocp.args.JsonSave(checksums),
         }),
         force=True))
 
-  def restore(self, step: Optional[int] = None, *, abstract_state=None) -> RestoredCheckpoint:
+  def restore(self, step: Optional[int] = None, *, abstract_state=None,
+              fallback: bool = False) -> RestoredCheckpoint:
     """Restores ``step`` (default: the latest) -> (state, iterator_state, metadata).
 
     ``abstract_state``: the state pytree as arrays or `jax.ShapeDtypeStruct`s (e.g. the freshly
@@ -431,25 +630,103 @@ class TrainCheckpointer:
     optax states, `nnx.State`), dtypes and target shardings, and typed PRNG key leaves are
     re-wrapped with the implementation they were saved with. Without it the raw saved tree is
     returned (nested dicts/lists, keys as uint32 data).
+
+    Every array and JSON item is checked against the checksums saved with the step; a mismatch
+    or an unreadable file raises `CheckpointIntegrityError` naming the step, item and array.
+    ``fallback=True`` (only with ``step=None``) instead logs the error and tries the next older
+    step; the damaged newer steps are renamed ``corrupt-<step>`` (kept for inspection, ignored
+    by orbax) so the run can save those steps again. ``metadata["checkpoint_step"]`` says which
+    step was restored.
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
     if step is None:
       if not steps:
         raise FileNotFoundError(f"No complete checkpoint in {self.directory}")
+      if fallback:
+        return self._restore_newest_intact(steps, abstract_state)
       step = steps[-1]
     elif step not in steps:
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available: {steps}")
-    aux = self._manager.restore(step, args=ocp.args.Composite(**{
-        ITERATOR_ITEM: ocp.args.JsonRestore(), METADATA_ITEM: ocp.args.JsonRestore()}))
-    meta = dict(aux[METADATA_ITEM])
+    return self._restore_step(step, abstract_state)
+
+  def _restore_newest_intact(self, steps: list[int], abstract_state) -> RestoredCheckpoint:
+    damaged = []
+    for step in reversed(steps):
+      try:
+        restored = self._restore_step(step, abstract_state)
+      except CheckpointIntegrityError as e:
+        _log.error("checkpoint step %d is damaged, trying the previous one: %s", step, e)
+        damaged.append((step, e))
+        continue
+      if damaged:
+        self._set_aside([s for s, _ in damaged])
+      return restored
+    raise CheckpointIntegrityError(
+        f"Every checkpoint in {self.directory} is damaged: " +
+        "; ".join(f"step {s}: {e}" for s, e in damaged)) from damaged[0][1]
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged step folders to ``corrupt-<step>`` and reloads the manager's step list."""
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.directory / f"{CORRUPT_PREFIX}{step}"
+        suffix = 0
+        while target.exists():
+          suffix += 1
+          target = self.directory / f"{CORRUPT_PREFIX}{step}.{suffix}"
+        os.replace(self.directory / str(step), target)
+        _log.warning("moved the damaged checkpoint %s aside to %s", self.directory / str(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("dmpo_jax.checkpointing.set_aside")
+    self._manager.reload()
+
+  def _item_path(self, step: int, item: str) -> pathlib.Path:
+    return self.directory / str(step) / item
+
+  def _restore_json_item(self, step: int, item: str, saved_checksum: Optional[str]) -> Any:
+    where = f"Checkpoint step {step} in {self.directory}, item {item!r}"
+    item_dir = self._item_path(step, item)
+    files = sorted(p for p in item_dir.glob("*") if p.is_file() and p.name != "commit_success.txt") \
+        if item_dir.is_dir() else []
+    try:
+      value = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
+      names = ", ".join(str(p) for p in files) or str(item_dir)
+      raise CheckpointIntegrityError(f"{where}: cannot read {names}: {type(e).__name__}: {e}") from e
+    if saved_checksum is not None and json_checksum(value) != saved_checksum:
+      names = ", ".join(str(p) for p in files) or str(item_dir)
+      raise CheckpointIntegrityError(f"{where} ({names}): checksum {json_checksum(value)} != saved "
+                                     f"{saved_checksum} (the file was changed or damaged)")
+    return value
+
+  def _restore_step(self, step: int, abstract_state) -> RestoredCheckpoint:
+    where = f"Checkpoint step {step} in {self.directory}"
+    if (self._item_path(step, CHECKSUMS_ITEM)).is_dir():
+      checksums = self._restore_json_item(step, CHECKSUMS_ITEM, None)
+      if not isinstance(checksums, dict) or not isinstance(checksums.get(STATE_ITEM), dict):
+        raise CheckpointIntegrityError(f"{where}, item {CHECKSUMS_ITEM!r}: not a checksum table")
+    else:
+      _log.warning("%s has no checksums (saved by an older version): not verified", where)
+      checksums = {}
+    meta = self._restore_json_item(step, METADATA_ITEM, checksums.get(METADATA_ITEM))
+    encoded_iterator = self._restore_json_item(step, ITERATOR_ITEM, checksums.get(ITERATOR_ITEM))
+    if not isinstance(meta, dict) or not isinstance(encoded_iterator, dict):
+      raise CheckpointIntegrityError(f"{where}: the metadata and iterator items must be JSON objects")
+    meta = dict(meta)
     key_impls = meta.pop("prng_key_impls", {})
-    iterator_state = _decode_iterator_state(aux[ITERATOR_ITEM])
+    try:
+      iterator_state = _decode_iterator_state(encoded_iterator)
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointIntegrityError(f"{where}, item {ITERATOR_ITEM!r}: {e}") from e
+    saved_arrays = checksums.get(STATE_ITEM)
 
     if abstract_state is None:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore()}))
-      return RestoredCheckpoint(restored[STATE_ITEM], iterator_state, meta)
+      restored = self._restore_state(step, None)
+      if saved_arrays is not None:
+        verify_array_checksums(restored, saved_arrays, f"{where}, item {STATE_ITEM!r}")
+      return RestoredCheckpoint(restored, iterator_state, meta)
 
     target_keys: dict[str, Any] = {}
 
@@ -457,18 +734,28 @@ class TrainCheckpointer:
       name = _key_path_str(path)
       if _is_prng_key(leaf):
         if name not in key_impls:
-          raise ValueError(f"Checkpoint step {step} in {self.directory}: state leaf {name!r} is a "
-                           "PRNG key in abstract_state but was not saved as one")
+          raise ValueError(f"{where}: state leaf {name!r} is a PRNG key in abstract_state but was "
+                           "not saved as one")
         target_keys[name] = leaf
         return _abstract_key_data(leaf)
       return _abstract_leaf(leaf)
 
     target = jax.tree_util.tree_map_with_path(to_target, abstract_state)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"Checkpoint step {step} in {self.directory} does not match abstract_state: {e}") from e
+    stored_target = target
+    if saved_arrays is not None:
+      _check_target_matches(target, saved_arrays, where)
+      # Read the stored dtype (verify the stored bits), cast to the requested one afterwards.
+      def stored(path, leaf):
+        entry = saved_arrays.get(_key_path_str(path))
+        if entry is None or entry["dtype"] == str(np.dtype(leaf.dtype)):
+          return leaf
+        return jax.ShapeDtypeStruct(leaf.shape, np.dtype(entry["dtype"]), sharding=leaf.sharding)
+      stored_target = jax.tree_util.tree_map_with_path(stored, target)
+    restored = self._restore_state(step, stored_target)
+    if saved_arrays is not None:
+      verify_array_checksums(restored, saved_arrays, f"{where}, item {STATE_ITEM!r}")
+      restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+                              restored, target)
 
     def from_data(path, leaf):
       name = _key_path_str(path)
@@ -478,6 +765,22 @@ class TrainCheckpointer:
 
     state = jax.tree_util.tree_map_with_path(from_data, restored)
     return RestoredCheckpoint(state, iterator_state, meta)
+
+  def _restore_state(self, step: int, target) -> Any:
+    """The ``state`` item; orbax read errors (e.g. damaged compressed chunks) become
+    `CheckpointIntegrityError`, a tree/shape mismatch with ``target`` a ValueError."""
+    args = ocp.args.StandardRestore() if target is None else ocp.args.StandardRestore(target)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+    except (ValueError, KeyError, TypeError) as e:
+      if target is not None and not self._item_path(step, CHECKSUMS_ITEM).is_dir():
+        # Without the checksum table the tree was not compared beforehand.
+        raise ValueError(f"Checkpoint step {step} in {self.directory} does not match abstract_state: {e}") from e
+      raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}, item {STATE_ITEM!r}: "
+                                     f"cannot read {self._item_path(step, STATE_ITEM)}: {e}") from e
+    except OSError as e:
+      raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}, item {STATE_ITEM!r}: "
+                                     f"cannot read {self._item_path(step, STATE_ITEM)}: {e}") from e
 
   # -- lifecycle ---------------------------------------------------------------------------------
   def wait_until_finished(self) -> None:

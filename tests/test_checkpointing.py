@@ -109,6 +109,11 @@ def test_model_checkpoint_errors(tmp_path, tiny_model):
   stored = json.loads((out / ckpt.MODEL_CONFIG_FILE).read_text())
   stored["mlp_hidden_size"] = 48
   (out / ckpt.MODEL_CONFIG_FILE).write_text(json.dumps(stored))
+  # The edit is caught by the config checksum; without checksums.json (older checkpoints) by
+  # the shape comparison.
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"model_config.json: checksum"):
+    ckpt.load_model_checkpoint(out)
+  (out / ckpt.MODEL_CHECKSUMS_FILE).unlink()
   with pytest.raises(ValueError, match=r"'blocks.gate_proj': checkpoint shape \(1, 32, 64\) != model shape \(1, 32, 48\)"):
     ckpt.load_model_checkpoint(out)
   stored["mlp_hidden_size"] = 64
