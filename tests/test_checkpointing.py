@@ -301,3 +301,122 @@ def test_preemption_handler_second_signal_goes_to_previous_handler():
     assert manual.should_stop()
   finally:
     signal.signal(signal.SIGUSR1, original)
+
+
+# -- integrity -------------------------------------------------------------------------------------
+
+def _flip_byte_of(folder: pathlib.Path, array: np.ndarray) -> pathlib.Path:
+  """Finds ``array``'s raw bytes in a file under ``folder`` and flips one bit of one byte there.
+
+  The array must be incompressible (random bits) so that zstd stores it verbatim."""
+  raw = np.ascontiguousarray(array).tobytes()
+  needle = raw[len(raw) // 2:len(raw) // 2 + 64]
+  hits = []
+  for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    data = file.read_bytes()
+    offset = data.find(needle)
+    if offset >= 0:
+      hits.append((file, offset))
+  assert len(hits) == 1, f"expected the array's bytes in exactly one file, found {hits}"
+  file, offset = hits[0]
+  data = bytearray(file.read_bytes())
+  data[offset + 17] ^= 0x04
+  file.write_bytes(bytes(data))
+  return file
+
+
+def _random_bits(shape, dtype, seed):
+  rng = np.random.default_rng(seed)
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  return np.frombuffer(rng.bytes(size), dtype=dtype).reshape(shape).copy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_byte_flip_in_saved_adam_moment_is_detected(tmp_path, dtype):
+  """A real one-bit change inside a saved Adam moment's bytes: restore names step, item, array."""
+  dtype = jnp.dtype(dtype)
+  params = {"embed": jnp.asarray(_random_bits((64, 32), dtype, 0)), "norm": jnp.ones((32,), dtype)}
+  opt_state = optax.adam(1e-3).init(params)
+  mu = _random_bits((64, 32), dtype, 1)
+  opt_state = (opt_state[0]._replace(mu={"embed": jnp.asarray(mu), "norm": opt_state[0].mu["norm"]}),
+               opt_state[1])
+  state = {"params": params, "opt_state": opt_state, "step": jnp.int32(3)}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt", max_to_keep=None) as checkpointer:
+    checkpointer.save(2, state, iterator_state=b'{"i": 1}', force=True)
+    checkpointer.save(3, state, iterator_state=b'{"i": 2}', force=True)
+  _flip_byte_of(tmp_path / "ckpt" / "3" / ckpt.STATE_ITEM, mu)
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt", max_to_keep=None) as checkpointer:
+    with pytest.raises(ckpt.CheckpointIntegrityError,
+                       match=r"step 3 .* item 'state': array 'opt_state\.0\.mu\.embed' "
+                             rf"\({dtype.name}\(64, 32\)\): checksum") as error:
+      checkpointer.restore(abstract_state=state)
+    assert "params.embed" not in str(error.value)  # only the damaged array is named
+    # Without abstract_state (raw tree) the same check applies.
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=r"opt_state\.0\.mu\.embed"):
+      checkpointer.restore(3)
+    # Opt-in fallback: the newest intact step (2) is restored, bit-exact; step 3 is set aside.
+    restored = checkpointer.restore(abstract_state=state, fallback=True)
+    assert restored.metadata["checkpoint_step"] == 2 and restored.iterator_state == b'{"i": 1}'
+    _assert_trees_bit_equal(state, restored.state)
+    assert checkpointer.all_steps() == [2]
+    assert (tmp_path / "ckpt" / f"{ckpt.CORRUPT_PREFIX}3").is_dir()
+    assert checkpointer.save(3, state, force=True)  # the step can be written again
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [2, 3]
+    _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
+
+
+def test_byte_flip_in_model_checkpoint_and_broken_json_name_the_file(tmp_path, tiny_model):
+  config, _ = tiny_model
+  state = {"embed": _random_bits((config.vocab_size, config.d_model), np.float32, 3)}
+  model = _random_model(config, seed=1)
+  params = _params(model)
+  params["embed"] = jnp.asarray(state["embed"])
+  out = ckpt.save_model_checkpoint(tmp_path / "m", params, config, {"step": 1})
+  _flip_byte_of(out / ckpt.MODEL_PARAMS_DIR, state["embed"])
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"params/: array 'embed' \(float32"):
+    ckpt.load_model_checkpoint(out)
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"params/: array 'embed'"):
+    ckpt.load_model_checkpoint(out, dtype="bfloat16")  # verified before the cast
+  (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 1')
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json is not valid JSON"):
+    ckpt.load_model_metadata(out)
+  (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 2}')
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json: checksum"):
+    ckpt.load_model_metadata(out)
+
+
+@pytest.mark.parametrize("item", [ckpt.METADATA_ITEM, ckpt.ITERATOR_ITEM])
+def test_train_checkpoint_json_damage_names_step_item_and_file(tmp_path, item):
+  state = {"w": jnp.arange(4.0)}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    checkpointer.save(1, state, iterator_state={"next": 7}, metadata={"config": "{}"}, force=True)
+  file = tmp_path / "ckpt" / "1" / item / "metadata"
+  text = file.read_text()
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    file.write_text(text[:-3])
+    with pytest.raises(ckpt.CheckpointIntegrityError,
+                       match=rf"step 1 .* item '{item}': cannot read .*1/{item}/metadata"):
+      checkpointer.restore(abstract_state=state)
+    file.write_text(text.replace("7", "8") if item == ckpt.ITERATOR_ITEM else text.replace("{}", "[]"))
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"step 1 .* item '{item}' .*: checksum"):
+      checkpointer.restore(abstract_state=state)
+    with pytest.raises(ckpt.CheckpointIntegrityError, match="Every checkpoint .* is damaged"):
+      checkpointer.restore(abstract_state=state, fallback=True)
+
+
+def test_checksums_do_not_depend_on_sharding_and_match_numpy():
+  """The device checksum of a sharded array equals the host (numpy) formula on its value."""
+  x = _random_bits((8, 6), np.float32, 5)
+  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
+  device = ckpt.array_checksums({"x": sharded, "b": jnp.asarray(x).astype(jnp.bfloat16)})
+  host = ckpt.array_checksums({"x": x, "b": np.asarray(jnp.asarray(x).astype(jnp.bfloat16))})
+  assert device == host
+  words = x.view(np.uint32).reshape(-1).astype(np.uint64)
+  s1 = int(words.sum()) % 2**32
+  s2 = sum(int(w) * (i + 1) for i, w in enumerate(words)) % 2**32
+  assert device["x"]["checksum"] == f"fletcher32x2:{s1:08x}{s2:08x}"
+  y = x.copy()
+  y.view(np.uint8)[5] ^= 1
+  assert ckpt.array_checksums({"x": y})["x"]["checksum"] != device["x"]["checksum"]
