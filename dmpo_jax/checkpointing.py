@@ -563,12 +563,16 @@ class TrainCheckpointer:
         item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM, CHECKSUMS_ITEM))
 
   # -- queries -----------------------------------------------------------------------------------
+  @staticmethod
+  def steps_in(directory: PathLike) -> list[int]:
+    """Finalized checkpoint steps in ``directory`` without opening a manager (ascending)."""
+    directory = pathlib.Path(directory).absolute()
+    return sorted(ocp.step.checkpoint_steps(directory)) if directory.is_dir() else []
+
   def all_steps(self) -> list[int]:
     """Steps of finalized checkpoints on disk, ascending (an in-flight async save appears once
     it is complete; interrupted ``*.orbax-checkpoint-tmp*`` folders never do)."""
-    if not self.directory.is_dir():
-      return []
-    return sorted(ocp.step.checkpoint_steps(self.directory))
+    return self.steps_in(self.directory)
 
   def latest_step(self) -> Optional[int]:
     """Newest finalized checkpoint step on disk, or None when there is none."""

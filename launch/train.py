@@ -25,6 +25,13 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, met
 _PLOT = flags.DEFINE_bool("plot", True, "Draw reward/accuracy curves to WORKDIR/curves.png at the end.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host TPU/GPU pods).")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Start from scratch in a --workdir that holds metrics but no checkpoint "
+    "(its metrics.jsonl rows are discarded); without it such a workdir is an error.")
+_FALLBACK = flags.DEFINE_bool(
+    "fallback_to_previous_checkpoint", False, "If the latest checkpoint fails its checksums, "
+    "resume from the newest intact one (the damaged steps are renamed corrupt-<step>); without "
+    "it the damage is an error.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -39,7 +46,8 @@ def main(argv):
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   try:
-    results = loop.train(config, _WORKDIR.value)
+    results = loop.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                         fallback_to_previous_checkpoint=_FALLBACK.value)
   except loop.ConfigError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
