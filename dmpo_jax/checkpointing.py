@@ -27,7 +27,9 @@ from the logical (global) value of each array, so they do not depend on how it i
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -118,80 +120,105 @@ class CheckpointIntegrityError(CheckpointError):
   the checkpoint's files were changed or damaged after the save."""
 
 
-def _uint32_words(x: jax.Array) -> jax.Array:
-  """The raw bits of ``x`` as uint32 words (one per element; 8-byte dtypes give two)."""
-  if x.dtype == jnp.bool_:
-    return x.astype(jnp.uint32)
-  size = np.dtype(x.dtype).itemsize
+_MASK64 = (1 << 64) - 1
+
+
+def _word_view(tile: np.ndarray) -> np.ndarray:
+  """A host array's raw bits as unsigned words, without copying: one word per element (uint8 /
+  uint16 / uint32 for 1-, 2-, 4-byte dtypes); 8-byte dtypes give a trailing axis of two uint32
+  words (low word first on little-endian hosts)."""
+  tile = np.ascontiguousarray(tile)
+  size = tile.dtype.itemsize
+  if tile.dtype.kind == "c" or size not in (1, 2, 4, 8):
+    raise TypeError(f"no checksum for dtype {tile.dtype}")
   if size == 8:
-    return jax.lax.bitcast_convert_type(x, jnp.uint32)  # adds a trailing axis of 2 words
-  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(size)
-  if unsigned is None or jnp.issubdtype(x.dtype, jnp.complexfloating):
-    raise TypeError(f"no checksum for dtype {x.dtype}")
-  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+    return tile.view(np.uint32).reshape(tile.shape + (2,))
+  return tile.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
 
 
-def _fletcher_words(words: jax.Array) -> jax.Array:
-  """``[s1, s2]`` (uint32, mod 2^32) with s1 = sum_i w_i and s2 = sum_i (i + 1) w_i over the
-  row-major word index i (Fletcher-style). Any change of one word changes s1 (the difference is a
-  non-zero multiple of a power of two below 2^32); s2 also sees reordered words. The linear index
-  is built from per-axis iotas, so a sharded array is hashed where it lives (only the two sums
-  cross devices) and the result does not depend on the sharding."""
-  index = jnp.zeros(words.shape, jnp.uint32)
-  stride = 1
-  for axis in reversed(range(words.ndim)):
-    index = index + jax.lax.broadcasted_iota(jnp.uint32, words.shape, axis) * jnp.uint32(stride % 2**32)
-    stride *= words.shape[axis]
-  return jnp.stack([jnp.sum(words, dtype=jnp.uint32),
-                    jnp.sum(words * (index + jnp.uint32(1)), dtype=jnp.uint32)])
+def _tile_sums(tile: np.ndarray, start: tuple[int, ...], global_shape: tuple[int, ...]) -> tuple[int, int]:
+  """This tile's share of (s1, s2) = (sum_i w_i, sum_i (i + 1) w_i) mod 2^64 over the global
+  row-major word index i, for a tile at offset ``start`` of an array of ``global_shape``.
+
+  With strides S_k, i = sum_k (start_k + j_k) S_k, so the weighted sum splits into the tile sum
+  times (1 + sum_k start_k S_k) plus, per axis k, S_k * sum_j j * (marginal sum of words at local
+  index j along k): one vectorised pass per axis, no index array."""
+  words = _word_view(tile)
+  shape = tuple(global_shape) + words.shape[len(global_shape):]
+  start = tuple(start) + (0,) * (len(shape) - len(start))
+  strides, stride = [], 1
+  for n in reversed(shape):
+    strides.append(stride)
+    stride *= n
+  strides.reverse()
+  if words.ndim == 0:
+    s1 = int(words)
+    return s1, s1
+  if words.size == 0:
+    return 0, 0
+  s1, weighted = None, 0
+  for axis in range(words.ndim):
+    if words.shape[axis] == 1:
+      continue
+    others = tuple(a for a in range(words.ndim) if a != axis)
+    marginal = words.sum(axis=others, dtype=np.uint64) if others else words.astype(np.uint64)
+    if s1 is None:
+      s1 = int(marginal.sum(dtype=np.uint64))
+    weighted += strides[axis] * int(np.dot(marginal, np.arange(words.shape[axis], dtype=np.uint64)))
+  if s1 is None:  # a single element
+    s1 = int(words.sum(dtype=np.uint64))
+  base = 1 + sum(b * s for b, s in zip(start, strides))
+  return s1 & _MASK64, (s1 * base + weighted) & _MASK64
 
 
-@jax.jit
-def _device_checksums(leaves: list) -> jax.Array:
-  """``[n_leaves, 2]`` uint32 Fletcher sums of a list of arrays, in one compiled call."""
-  return jnp.stack([_fletcher_words(_uint32_words(x)) for x in leaves]) if leaves else \
-      jnp.zeros((0, 2), jnp.uint32)
-
-
-def _host_checksum(x) -> np.ndarray:
-  """The same sums as `_fletcher_words` for a host (numpy) value."""
-  arr = np.asarray(x)
-  if arr.dtype == np.bool_:
-    words = arr.astype(np.uint32)
-  else:
-    unsigned = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint32}.get(arr.dtype.itemsize)
-    if unsigned is None or np.issubdtype(arr.dtype, np.complexfloating):
-      raise TypeError(f"no checksum for dtype {arr.dtype}")
-    words = np.ascontiguousarray(arr).view(unsigned).astype(np.uint32)
-  words = words.reshape(-1).astype(np.uint64)
-  index = np.arange(1, words.size + 1, dtype=np.uint64) % np.uint64(2**32)
-  mask = np.uint64(2**32 - 1)
-  return np.array([int(words.sum()) & 0xFFFFFFFF, int(((words * index) & mask).sum()) & 0xFFFFFFFF],
-                  np.uint32)
-
-
-def _format_checksum(sums) -> str:
-  return "fletcher32x2:" + "".join(f"{int(v):08x}" for v in np.asarray(sums).reshape(-1))
+def _tiles(leaf) -> list[tuple[Any, tuple[int, ...]]]:
+  """(function returning a host tile, its start offset) for pieces that together cover ``leaf``
+  exactly once: for a jax.Array this process's addressable shards with ``replica_id == 0``
+  (every element is owned by exactly one replica-0 shard over all processes); a host value is
+  one tile."""
+  if isinstance(leaf, jax.Array):
+    return [(functools.partial(lambda shard: np.asarray(shard.data), shard),
+             tuple(sl.start or 0 for sl in shard.index))
+            for shard in leaf.addressable_shards if shard.replica_id == 0]
+  return [(functools.partial(np.asarray, leaf), (0,) * np.ndim(leaf))]
 
 
 def array_checksums(tree) -> dict[str, dict[str, Any]]:
   """``{leaf path: {"dtype", "shape", "checksum"}}`` for every array leaf of ``tree``.
 
-  jax.Arrays (sharded or not) are hashed on device in one jitted call over their global values
-  (a collective: call it on every process, like the save itself); numpy / Python leaves on the
-  host with the identical formula. Typed PRNG keys must be converted to ``key_data`` first.
+  The checksum is Fletcher-style over the raw bits as words w_i in global row-major order:
+  s1 = sum_i w_i and s2 = sum_i (i + 1) w_i, both mod 2^32. Changing any one word changes s1 (by
+  a non-zero multiple of a power of two below 2^32); s2 also sees moved words. Both are sums, so
+  every process adds up the shares of its own replica-0 shards on the host (`_tile_sums`, in a
+  thread pool: numpy releases the GIL) and the shares of all processes are added: the result is
+  the checksum of the global value, whatever the sharding it is saved from or restored into.
+  With several processes this is a collective (an all-gather): call it on every process, like
+  the save itself. Typed PRNG keys must be converted to ``key_data`` first.
   """
   flat = _flatten_with_names(tree)
-  device_names = [n for n, x in flat.items() if isinstance(x, jax.Array)]
-  sums = {}
-  if device_names:
-    values = np.asarray(jax.device_get(_device_checksums([flat[n] for n in device_names])))
-    sums.update(zip(device_names, values))
+  names = list(flat)
+  jobs = [(i, tile, start) for i, name in enumerate(names) for tile, start in _tiles(flat[name])]
+
+  def run(job):
+    i, host_tile, start = job
+    return i, _tile_sums(host_tile(), start, np.shape(flat[names[i]]))
+
+  sums = np.zeros((len(names), 2), np.uint64)
+  workers = max(1, min(len(jobs), os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for i, (s1, s2) in pool.map(run, jobs):
+      sums[i] += np.array([s1, s2], np.uint64)
+  if jax.process_count() > 1:  # uint32 shares (jax may lack 64-bit types), added mod 2^32
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    shares = (sums & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    sums = np.asarray(multihost_utils.process_allgather(shares)).sum(axis=0, dtype=np.uint64)
   out = {}
-  for name, leaf in flat.items():
-    value = sums[name] if name in sums else _host_checksum(leaf)
-    out[name] = {"dtype": str(np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype),
-                 "shape": list(np.shape(leaf)), "checksum": _format_checksum(value)}
+  for i, name in enumerate(names):
+    leaf = flat[name]
+    dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    s1, s2 = (int(v) & 0xFFFFFFFF for v in sums[i])
+    out[name] = {"dtype": str(dtype), "shape": list(np.shape(leaf)),
+                 "checksum": f"fletcher32x2:{s1:08x}{s2:08x}"}
   return out
 
 
