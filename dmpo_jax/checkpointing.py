@@ -29,7 +29,6 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import dataclasses
-import functools
 import hashlib
 import json
 import logging
@@ -120,13 +119,10 @@ class CheckpointIntegrityError(CheckpointError):
   the checkpoint's files were changed or damaged after the save."""
 
 
-_MASK64 = (1 << 64) - 1
-
-
 def _word_view(tile: np.ndarray) -> np.ndarray:
-  """A host array's raw bits as unsigned words, without copying: one word per element (uint8 /
-  uint16 / uint32 for 1-, 2-, 4-byte dtypes); 8-byte dtypes give a trailing axis of two uint32
-  words (low word first on little-endian hosts)."""
+  """A host array's raw bits as unsigned words, without copying (unless the tile is not
+  contiguous): one word per element (uint8 / uint16 / uint32 for 1-, 2-, 4-byte dtypes); 8-byte
+  dtypes give a trailing axis of two uint32 words (low word first on little-endian hosts)."""
   tile = np.ascontiguousarray(tile)
   size = tile.dtype.itemsize
   if tile.dtype.kind == "c" or size not in (1, 2, 4, 8):
@@ -137,86 +133,88 @@ def _word_view(tile: np.ndarray) -> np.ndarray:
 
 
 def _tile_sums(tile: np.ndarray, start: tuple[int, ...], global_shape: tuple[int, ...]) -> tuple[int, int]:
-  """This tile's share of (s1, s2) = (sum_i w_i, sum_i (i + 1) w_i) mod 2^64 over the global
-  row-major word index i, for a tile at offset ``start`` of an array of ``global_shape``.
-
-  With strides S_k, i = sum_k (start_k + j_k) S_k, so the weighted sum splits into the tile sum
-  times (1 + sum_k start_k S_k) plus, per axis k, S_k * sum_j j * (marginal sum of words at local
-  index j along k): one vectorised pass per axis, no index array."""
+  """This tile's share of (s1, s2) mod 2^32 (see `array_checksums`) for a tile at offset
+  ``start`` of an array of ``global_shape``: one vectorised pass (row sums along the contiguous
+  last axis, accumulated in uint32, i.e. mod 2^32), then a small weighted sum over the rows."""
   words = _word_view(tile)
   shape = tuple(global_shape) + words.shape[len(global_shape):]
   start = tuple(start) + (0,) * (len(shape) - len(start))
-  strides, stride = [], 1
-  for n in reversed(shape):
-    strides.append(stride)
-    stride *= n
-  strides.reverse()
   if words.ndim == 0:
-    s1 = int(words)
-    return s1, s1
+    words, shape, start = words.reshape(1), (1,), (0,)
   if words.size == 0:
     return 0, 0
-  s1, weighted = None, 0
-  for axis in range(words.ndim):
-    if words.shape[axis] == 1:
-      continue
-    others = tuple(a for a in range(words.ndim) if a != axis)
-    marginal = words.sum(axis=others, dtype=np.uint64) if others else words.astype(np.uint64)
-    if s1 is None:
-      s1 = int(marginal.sum(dtype=np.uint64))
-    weighted += strides[axis] * int(np.dot(marginal, np.arange(words.shape[axis], dtype=np.uint64)))
-  if s1 is None:  # a single element
-    s1 = int(words.sum(dtype=np.uint64))
-  base = 1 + sum(b * s for b, s in zip(start, strides))
-  return s1 & _MASK64, (s1 * base + weighted) & _MASK64
+  row_sums = words.sum(axis=-1, dtype=np.uint32)  # shape: the tile's leading axes
+  row_index = np.zeros(row_sums.shape, np.uint64)
+  stride = 1
+  for axis in reversed(range(len(shape) - 1)):
+    positions = np.arange(start[axis], start[axis] + words.shape[axis], dtype=np.uint64)
+    row_index = row_index + (positions * np.uint64(stride)).reshape(
+        (-1,) + (1,) * (len(shape) - 2 - axis))
+    stride *= shape[axis]
+  s1 = int(row_sums.sum(dtype=np.uint64))
+  s2 = int(((row_index + np.uint64(1)) * row_sums.astype(np.uint64)).sum(dtype=np.uint64))
+  return s1 & 0xFFFFFFFF, s2 & 0xFFFFFFFF
 
 
-def _tiles(leaf) -> list[tuple[Any, tuple[int, ...]]]:
-  """(function returning a host tile, its start offset) for pieces that together cover ``leaf``
-  exactly once: for a jax.Array this process's addressable shards with ``replica_id == 0``
-  (every element is owned by exactly one replica-0 shard over all processes); a host value is
-  one tile."""
+# Tiles larger than this are checksummed in row blocks on several threads.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def _host_pieces(leaf):
+  """Yields (host tile, start offset) pieces that together cover ``leaf`` exactly once: for a
+  jax.Array this process's addressable shards with ``replica_id == 0`` (every element is owned by
+  exactly one replica-0 shard over all processes), copied to the host one at a time (zero-copy
+  on CPU); a host value is one piece, on process 0."""
   if isinstance(leaf, jax.Array):
-    return [(functools.partial(lambda shard: np.asarray(shard.data), shard),
-             tuple(sl.start or 0 for sl in shard.index))
-            for shard in leaf.addressable_shards if shard.replica_id == 0]
-  return [(functools.partial(np.asarray, leaf), (0,) * np.ndim(leaf))]
+    for shard in leaf.addressable_shards:
+      if shard.replica_id == 0:
+        yield np.asarray(shard.data), tuple(sl.start or 0 for sl in shard.index)
+  elif jax.process_index() == 0:  # the same host value on every process: counted once
+    yield np.asarray(leaf), (0,) * np.ndim(leaf)
+
+
+def _row_blocks(tile: np.ndarray, start: tuple[int, ...]):
+  """Splits a large tile along axis 0 into blocks of about `_CHUNK_BYTES` (views, no copy)."""
+  if tile.ndim == 0 or tile.nbytes <= _CHUNK_BYTES or tile.shape[0] < 2:
+    return [(tile, start)]
+  rows = max(1, _CHUNK_BYTES * tile.shape[0] // tile.nbytes)
+  return [(tile[i:i + rows], (start[0] + i,) + tuple(start[1:])) for i in range(0, tile.shape[0], rows)]
 
 
 def array_checksums(tree) -> dict[str, dict[str, Any]]:
   """``{leaf path: {"dtype", "shape", "checksum"}}`` for every array leaf of ``tree``.
 
-  The checksum is Fletcher-style over the raw bits as words w_i in global row-major order:
-  s1 = sum_i w_i and s2 = sum_i (i + 1) w_i, both mod 2^32. Changing any one word changes s1 (by
-  a non-zero multiple of a power of two below 2^32); s2 also sees moved words. Both are sums, so
-  every process adds up the shares of its own replica-0 shards on the host (`_tile_sums`, in a
-  thread pool: numpy releases the GIL) and the shares of all processes are added: the result is
-  the checksum of the global value, whatever the sharding it is saved from or restored into.
-  With several processes this is a collective (an all-gather): call it on every process, like
-  the save itself. Typed PRNG keys must be converted to ``key_data`` first.
+  Over the raw bits as words (one per element: uint8/16/32 for 1-, 2-, 4-byte dtypes, two uint32
+  for 8-byte ones), grouped in rows along the last axis (row r = the r-th index over the leading
+  axes, row-major), the checksum is the pair s1 = sum of all words and s2 = sum_r (r + 1) *
+  (sum of row r), both mod 2^32. Changing any one word changes s1 (by a non-zero multiple of a
+  power of two below 2^32); s2 also changes when rows are moved. Both are sums, so each process
+  adds up the shares of its own replica-0 shards on the host (in row blocks on a thread pool:
+  numpy releases the GIL) and the shares of all processes are added: the result is the checksum
+  of the global value, whatever sharding it is saved from or restored into. With several
+  processes this is a collective (an all-gather): call it on every process, like the save itself.
+  Typed PRNG keys must be converted to ``key_data`` first.
   """
   flat = _flatten_with_names(tree)
   names = list(flat)
-  jobs = [(i, tile, start) for i, name in enumerate(names) for tile, start in _tiles(flat[name])]
-
-  def run(job):
-    i, host_tile, start = job
-    return i, _tile_sums(host_tile(), start, np.shape(flat[names[i]]))
-
   sums = np.zeros((len(names), 2), np.uint64)
-  workers = max(1, min(len(jobs), os.cpu_count() or 1))
-  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
-    for i, (s1, s2) in pool.map(run, jobs):
-      sums[i] += np.array([s1, s2], np.uint64)
+  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+    for i, name in enumerate(names):
+      global_shape = np.shape(flat[name])
+      for tile, start in _host_pieces(flat[name]):
+        blocks = _row_blocks(tile, start)
+        for s1, s2 in pool.map(lambda block, shape=global_shape: _tile_sums(*block, shape), blocks):
+          sums[i] += np.array([s1, s2], np.uint64)
+  sums &= np.uint64(0xFFFFFFFF)
   if jax.process_count() > 1:  # uint32 shares (jax may lack 64-bit types), added mod 2^32
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    shares = (sums & np.uint64(0xFFFFFFFF)).astype(np.uint32)
-    sums = np.asarray(multihost_utils.process_allgather(shares)).sum(axis=0, dtype=np.uint64)
+    shares = multihost_utils.process_allgather(sums.astype(np.uint32))
+    sums = np.asarray(shares).sum(axis=0, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
   out = {}
   for i, name in enumerate(names):
     leaf = flat[name]
     dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-    s1, s2 = (int(v) & 0xFFFFFFFF for v in sums[i])
+    s1, s2 = (int(v) for v in sums[i])
     out[name] = {"dtype": str(dtype), "shape": list(np.shape(leaf)),
                  "checksum": f"fletcher32x2:{s1:08x}{s2:08x}"}
   return out

@@ -405,18 +405,33 @@ def test_train_checkpoint_json_damage_names_step_item_and_file(tmp_path, item):
       checkpointer.restore(abstract_state=state, fallback=True)
 
 
-def test_checksums_match_a_plain_computation():
-  """The device checksum of a sharded array equals the host (numpy) formula on its value."""
-  x = _random_bits((8, 6), np.float32, 5)
-  mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("fsdp",))
-  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("fsdp")))
-  device = ckpt.array_checksums({"x": sharded, "b": jnp.asarray(x).astype(jnp.bfloat16)})
-  host = ckpt.array_checksums({"x": x, "b": np.asarray(jnp.asarray(x).astype(jnp.bfloat16))})
-  assert device == host
-  words = x.view(np.uint32).reshape(-1).astype(np.uint64)
-  s1 = int(words.sum()) % 2**32
-  s2 = sum(int(w) * (i + 1) for i, w in enumerate(words)) % 2**32
-  assert device["x"]["checksum"] == f"fletcher32x2:{s1:08x}{s2:08x}"
+def test_checksums_match_a_plain_computation(monkeypatch):
+  """`array_checksums` (row blocks on threads, numpy) equals s1 = sum of words, s2 = sum over rows
+  of (row + 1) * row sum, mod 2^32, computed with Python integers; a one-bit change is seen."""
+  monkeypatch.setattr(ckpt, "_CHUNK_BYTES", 64)  # many row blocks even for small arrays
+
+  def by_hand(words):
+    rows = [[int(w) for w in row] for row in words.reshape(-1, words.shape[-1] if words.ndim else 1)]
+    s1 = sum(sum(row) for row in rows) % 2**32
+    s2 = sum((r + 1) * sum(row) for r, row in enumerate(rows)) % 2**32
+    return f"fletcher32x2:{s1:08x}{s2:08x}"
+
+  x = _random_bits((8, 6, 5), np.float32, 5)
+  b = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+  tree = {"x": jnp.asarray(x), "b": jnp.asarray(b), "flags": np.array([True, False, True]),
+          "scalar": jnp.int32(-7), "i8": np.arange(-5, 5, dtype=np.int8)}
+  sums = ckpt.array_checksums(tree)
+  assert sums["x"]["checksum"] == by_hand(x.view(np.uint32))
+  assert sums["b"]["checksum"] == by_hand(b.view(np.uint16))
+  assert sums["flags"]["checksum"] == by_hand(np.array([1, 0, 1]))
+  assert sums["scalar"]["checksum"] == by_hand(np.array(-7, np.int32).view(np.uint32))
+  assert sums["i8"]["checksum"] == by_hand(np.arange(-5, 5, dtype=np.int8).view(np.uint8))
+  assert sums["b"] == {"dtype": "bfloat16", "shape": [8, 6, 5], "checksum": sums["b"]["checksum"]}
+  assert ckpt.array_checksums({"x": x})["x"] == sums["x"]  # host and device values agree
   y = x.copy()
-  y.view(np.uint8)[5] ^= 1
-  assert ckpt.array_checksums({"x": y})["x"]["checksum"] != device["x"]["checksum"]
+  y.view(np.uint8).reshape(-1)[123] ^= 1
+  assert ckpt.array_checksums({"x": y})["x"]["checksum"] != sums["x"]["checksum"]
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]  # rows moved: s1 equal, s2 differs
+  assert ckpt.array_checksums({"x": swapped})["x"]["checksum"][:21] == sums["x"]["checksum"][:21]
+  assert ckpt.array_checksums({"x": swapped})["x"]["checksum"] != sums["x"]["checksum"]

@@ -21,9 +21,10 @@ def test_sharded_checksums_are_layout_independent(tmp_path):
 
 
 def _fletcher_by_hand(words) -> str:
-  words = [int(w) for w in words]
-  s1 = sum(words) % 2**32
-  s2 = sum((i + 1) * w for i, w in enumerate(words)) % 2**32
+  """s1 = sum of all words, s2 = sum over rows (last axis) of (row + 1) * row sum, mod 2^32."""
+  rows = [[int(w) for w in row] for row in words.reshape(-1, words.shape[-1])]
+  s1 = sum(sum(row) for row in rows) % 2**32
+  s2 = sum((r + 1) * sum(row) for r, row in enumerate(rows)) % 2**32
   return f"fletcher32x2:{s1:08x}{s2:08x}"
 
 
@@ -44,8 +45,7 @@ def _run_checks(workdir: pathlib.Path) -> None:
   y = rng.standard_normal((4, 6, 8)).astype(jnp.bfloat16)
   layouts = {"2d": NamedSharding(mesh, P("data", "fsdp")), "rows": NamedSharding(mesh, P("fsdp")),
              "replicated": NamedSharding(mesh, P())}
-  expected = {"x": _fletcher_by_hand(x.view(np.uint32).reshape(-1)),
-              "y": _fletcher_by_hand(y.view(np.uint16).reshape(-1))}
+  expected = {"x": _fletcher_by_hand(x.view(np.uint32)), "y": _fletcher_by_hand(y.view(np.uint16))}
   for layout in layouts.values():
     sums = ckpt.array_checksums({"x": jax.device_put(x, layout), "y": jax.device_put(y, layout)})
     assert {k: v["checksum"] for k, v in sums.items()} == expected, layout
