@@ -18,7 +18,7 @@ Two formats (`jax_patterns.md` §10):
   a crash mid-save leaves the previous checkpoint as the latest one.
 
 Integrity: both formats store a checksum of every array and of every JSON file, computed at save
-time and verified at restore (`array_checksum`); a mismatch raises `CheckpointIntegrityError`
+time and verified at restore (`array_checksums`); a mismatch raises `CheckpointIntegrityError`
 naming the step (training checkpoints), the item / file and the array. A model checkpoint keeps
 them in ``checksums.json``; a training step in its fourth item ``checksums``. Checksums are taken
 from the logical (global) value of each array, so they do not depend on how it is sharded.
@@ -552,9 +552,10 @@ class RestoredCheckpoint(NamedTuple):
 class TrainCheckpointer:
   """Periodic, asynchronous, pruned training checkpoints around `ocp.CheckpointManager`.
 
-  Layout: ``directory/<step>/{state,iterator,metadata}``. A save runs in the background after the
-  device-to-host copy (``async_save=True``); call `wait_until_finished` before reading the files
-  and `close` at the end. Only the newest ``max_to_keep`` steps are kept. An interrupted save
+  Layout: ``directory/<step>/{state,iterator,metadata,checksums}``. A save runs in the background
+  after the device-to-host copy (``async_save=True``); call `wait_until_finished` before reading
+  the files and `close` at the end. The checksums are computed before the background write
+  starts, from the values being saved. Only the newest ``max_to_keep`` steps are kept. An interrupted save
   stays a ``<step>.orbax-checkpoint-tmp*`` folder, which `latest_step`/`all_steps` ignore and the
   next save deletes.
 
