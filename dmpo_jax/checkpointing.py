@@ -107,7 +107,10 @@ def _model_config_from_json(data: Mapping[str, Any], source: PathLike) -> ModelC
   unknown = sorted(set(data) - known)
   if unknown:
     raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-  return ModelConfig(**data)
+  try:
+    return ModelConfig(**data)
+  except ValueError as e:
+    raise CheckpointError(f"{source}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -132,7 +135,8 @@ def _word_view(tile: np.ndarray) -> np.ndarray:
   return tile.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
 
 
-def _tile_sums(tile: np.ndarray, start: tuple[int, ...], global_shape: tuple[int, ...]) -> tuple[int, int]:
+def _tile_sums(tile: np.ndarray, start: tuple[int, ...],
+               global_shape: tuple[int, ...]) -> tuple[int, int]:
   """This tile's share of (s1, s2) mod 2^32 (see `array_checksums`) for a tile at offset
   ``start`` of an array of ``global_shape``: one vectorised pass (row sums along the contiguous
   last axis, accumulated in uint32, i.e. mod 2^32), then a small weighted sum over the rows."""
@@ -178,7 +182,8 @@ def _row_blocks(tile: np.ndarray, start: tuple[int, ...]):
   if tile.ndim == 0 or tile.nbytes <= _CHUNK_BYTES or tile.shape[0] < 2:
     return [(tile, start)]
   rows = max(1, _CHUNK_BYTES * tile.shape[0] // tile.nbytes)
-  return [(tile[i:i + rows], (start[0] + i,) + tuple(start[1:])) for i in range(0, tile.shape[0], rows)]
+  return [(tile[i:i + rows], (start[0] + i,) + tuple(start[1:]))
+          for i in range(0, tile.shape[0], rows)]
 
 
 def array_checksums(tree) -> dict[str, dict[str, Any]]:
@@ -336,9 +341,10 @@ def _verify_model_json(path: pathlib.Path, key: str, data: Any, file: pathlib.Pa
     return
   saved = checksums.get(key)
   if saved != json_checksum(data):
-    raise CheckpointIntegrityError(f"{file}: checksum {json_checksum(data)} != saved {saved} in "
-                                   f"{path / MODEL_CHECKSUMS_FILE} (the file was changed or damaged; after a deliberate "
-                                   f"edit, delete {MODEL_CHECKSUMS_FILE} to load it unverified)")
+    raise CheckpointIntegrityError(
+        f"{file}: checksum {json_checksum(data)} != saved {saved} in {path / MODEL_CHECKSUMS_FILE} "
+        f"(the file was changed or damaged; after a deliberate edit, delete {MODEL_CHECKSUMS_FILE} "
+        "to load it unverified)")
 
 
 def load_model_metadata(path: PathLike) -> dict:
@@ -555,9 +561,9 @@ class TrainCheckpointer:
   Layout: ``directory/<step>/{state,iterator,metadata,checksums}``. A save runs in the background
   after the device-to-host copy (``async_save=True``); call `wait_until_finished` before reading
   the files and `close` at the end. The checksums are computed before the background write
-  starts, from the values being saved. Only the newest ``max_to_keep`` steps are kept. An interrupted save
-  stays a ``<step>.orbax-checkpoint-tmp*`` folder, which `latest_step`/`all_steps` ignore and the
-  next save deletes.
+  starts, from the values being saved. Only the newest ``max_to_keep`` steps are kept. An
+  interrupted save stays a ``<step>.orbax-checkpoint-tmp*`` folder, which
+  `latest_step`/`all_steps` ignore and the next save deletes.
 
   Typical loop::
 

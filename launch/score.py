@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from dmpo_jax.tasks import base  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax.tasks import BadRow, get_task, read_rows, task_names  # noqa: E402  pylint: disable=wrong-import-position
+from dmpo_jax.tasks import BadRow, get_task, map_rows, read_rows, task_names  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def reference_example(task: base.Task, row: Dict[str, Any], row_index: int,
@@ -34,6 +34,8 @@ def reference_example(task: base.Task, row: Dict[str, Any], row_index: int,
   if missing:
     raise KeyError(f"row {row_index} lacks field(s) {missing} needed by task {task.name}; "
                    f"has {sorted(row)}")
+  if not isinstance(row["completion"], str):
+    raise TypeError(f"completion must be a string, got {type(row['completion']).__name__}")
   if task.name in ("humaneval", "mbpp"):
     return task.lookup(row["task_id"], data_dir=data_dir)
   return task.normalize(row)
@@ -46,20 +48,11 @@ def score_rows(task_name: str, rows: Sequence[Dict[str, Any]], rewards: bool = F
   """(per-row results, summary); results keep ``task_id``/``index`` for reference. Rows that
   cannot be scored (and ``bad_rows`` from `read_rows`) become ``{"index", "skipped"}`` results."""
   task = get_task(task_name)
-  indices = list(range(len(rows))) if indices is None else list(indices)
-  skipped = list(bad_rows)
-  kept_rows, kept_indices, examples = [], [], []
-  for index, row in zip(indices, rows):
-    try:
-      if "completion" in row and not isinstance(row["completion"], str):
-        raise TypeError(f"completion must be a string, got {type(row['completion']).__name__}")
-      examples.append(reference_example(task, row, index, data_dir))
-      kept_rows.append(row)
-      kept_indices.append(index)
-    except (KeyError, ValueError, TypeError) as e:
-      message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its text
-      skipped.append(BadRow(index, None, f"{type(e).__name__}: {message}"))
-  rows, indices = kept_rows, kept_indices
+  indices = range(len(rows)) if indices is None else indices
+  kept, skipped = map_rows(list(zip(indices, rows)),
+                           lambda index, row: (row, reference_example(task, row, index, data_dir)))
+  skipped = sorted(list(bad_rows) + skipped, key=lambda b: b.index)
+  indices, rows, examples = [i for i, _ in kept], [r for _, (r, _) in kept], [e for _, (_, e) in kept]
   completions = [row["completion"] for row in rows]
   options = {"use_math_verify": use_math_verify} if use_math_verify else {}
   scores = task.score_many(completions, examples, **options)

@@ -223,6 +223,21 @@ def read_rows(source: os.PathLike | str, split: Optional[str] = None,
   return RowTable(str(source), rows, bad)
 
 
+def map_rows(rows: Sequence[Tuple[int, Example]], fn: Callable[[int, Example], Any]
+             ) -> Tuple[List[Tuple[int, Any]], List[BadRow]]:
+  """``fn(index, row)`` for each (index, row) pair, one row at a time: a KeyError, ValueError or
+  TypeError skips that row, recorded as a `BadRow` with the reason. Returns ((index, result)
+  pairs, bad rows)."""
+  done, bad = [], []
+  for index, row in rows:
+    try:
+      done.append((index, fn(index, row)))
+    except (KeyError, ValueError, TypeError) as e:
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its text
+      bad.append(BadRow(index, None, f"{type(e).__name__}: {message}"))
+  return done, bad
+
+
 def read_records(source: os.PathLike | str, split: Optional[str] = None,
                  hf_config: Optional[str] = None) -> List[Example]:
   """All rows of ``source`` (`read_rows`); the first unusable row is a ValueError naming it."""
@@ -281,14 +296,9 @@ class Task:
     is skipped with a warning naming it and the reason (``strict``: a ValueError instead); a
     file without a single usable row is an error."""
     table = read_rows(source, split=split, hf_config=hf_config)
-    out, bad = [], list(table.bad)
-    for index, row in table.rows:
-      try:
-        out.append(self.normalize(row))
-      except (KeyError, ValueError, TypeError) as e:
-        bad.append(BadRow(index, None, f"cannot be read as a {self.name} example: "
-                                       f"{type(e).__name__}: {e}"))
-    bad.sort(key=lambda b: b.index)
+    normalized, bad = map_rows(table.rows, lambda _, row: self.normalize(row))
+    out = [example for _, example in normalized]
+    bad = sorted(table.bad + bad, key=lambda b: b.index)
     if bad and (strict or not out):
       raise ValueError(f"{source}: {len(bad)} of {table.num_rows} row(s) unusable; first: "
                        f"{bad[0].describe()}" if table.num_rows else f"{source}: no rows")
