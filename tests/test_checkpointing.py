@@ -366,18 +366,21 @@ def test_byte_flip_in_saved_adam_moment_is_detected(tmp_path, dtype):
     _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
 
 
-def test_byte_flip_in_model_checkpoint_and_broken_json_name_the_file(tmp_path, tiny_model):
-  config, _ = tiny_model
-  state = {"embed": _random_bits((config.vocab_size, config.d_model), np.float32, 3)}
-  model = _random_model(config, seed=1)
-  params = _params(model)
-  params["embed"] = jnp.asarray(state["embed"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_byte_flip_in_model_checkpoint_and_broken_json_name_the_file(tmp_path, tiny_model, dtype):
+  config, model = tiny_model
+  config = config.replace(param_dtype=dtype)
+  embed = _random_bits((config.vocab_size, config.d_model), jnp.dtype(dtype), 3)
+  params = jax.tree.map(lambda x: x.astype(dtype), _params(model))
+  params["embed"] = jnp.asarray(embed)
   out = ckpt.save_model_checkpoint(tmp_path / "m", params, config, {"step": 1})
-  _flip_byte_of(out / ckpt.MODEL_PARAMS_DIR, state["embed"])
-  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"params/: array 'embed' \(float32"):
+  _assert_trees_bit_equal(params, _params(ckpt.load_model_checkpoint(out)))  # intact: loads
+  _flip_byte_of(out / ckpt.MODEL_PARAMS_DIR, embed)
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"params/: array 'embed' \({dtype}"):
     ckpt.load_model_checkpoint(out)
+  other = "float32" if dtype == "bfloat16" else "bfloat16"
   with pytest.raises(ckpt.CheckpointIntegrityError, match=r"params/: array 'embed'"):
-    ckpt.load_model_checkpoint(out, dtype="bfloat16")  # verified before the cast
+    ckpt.load_model_checkpoint(out, dtype=other)  # verified before the cast
   (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 1')
   with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json is not valid JSON"):
     ckpt.load_model_metadata(out)
