@@ -16,12 +16,20 @@ Two formats (`jax_patterns.md` §10):
   ``get_state()`` as JSON) and ``metadata`` (consumed-prompt count + the run config as JSON).
   Orbax writes every step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so
   a crash mid-save leaves the previous checkpoint as the latest one.
+
+Integrity: both formats store a checksum of every array and of every JSON file, computed at save
+time and verified at restore (`array_checksums`); a mismatch raises `CheckpointIntegrityError`
+naming the step (training checkpoints), the item / file and the array. A model checkpoint keeps
+them in ``checksums.json``; a training step in its fourth item ``checksums``. Checksums are taken
+from the logical (global) value of each array, so they do not depend on how it is sharded.
 """
 
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -37,6 +45,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from dmpo_jax.models.config import ModelConfig
+from dmpo_jax.models.hf_io import CheckpointError
 from dmpo_jax.models.transformer import Transformer
 
 PathLike = Union[str, os.PathLike]
@@ -44,6 +53,7 @@ PathLike = Union[str, os.PathLike]
 MODEL_CONFIG_FILE = "model_config.json"
 MODEL_METADATA_FILE = "metadata.json"
 MODEL_PARAMS_DIR = "params"
+MODEL_CHECKSUMS_FILE = "checksums.json"
 
 _log = logging.getLogger(__name__)
 
@@ -97,7 +107,154 @@ def _model_config_from_json(data: Mapping[str, Any], source: PathLike) -> ModelC
   unknown = sorted(set(data) - known)
   if unknown:
     raise ValueError(f"{source}: unknown ModelConfig field(s) {unknown}; known fields: {sorted(known)}")
-  return ModelConfig(**data)
+  try:
+    return ModelConfig(**data)
+  except ValueError as e:
+    raise CheckpointError(f"{source}: {e}") from e
+
+
+# ------------------------------------------------------------------------------------------------
+# Integrity: checksums written at save time, verified at restore
+# ------------------------------------------------------------------------------------------------
+
+class CheckpointIntegrityError(CheckpointError):
+  """A saved array or JSON file does not match the checksum written with it (or cannot be read):
+  the checkpoint's files were changed or damaged after the save."""
+
+
+def _word_view(tile: np.ndarray) -> np.ndarray:
+  """A host array's raw bits as unsigned words, without copying (unless the tile is not
+  contiguous): one word per element (uint8 / uint16 / uint32 for 1-, 2-, 4-byte dtypes); 8-byte
+  dtypes give a trailing axis of two uint32 words (low word first on little-endian hosts)."""
+  tile = np.ascontiguousarray(tile)
+  size = tile.dtype.itemsize
+  if tile.dtype.kind == "c" or size not in (1, 2, 4, 8):
+    raise TypeError(f"no checksum for dtype {tile.dtype}")
+  if size == 8:
+    return tile.view(np.uint32).reshape(tile.shape + (2,))
+  return tile.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
+
+
+def _tile_sums(tile: np.ndarray, start: tuple[int, ...],
+               global_shape: tuple[int, ...]) -> tuple[int, int]:
+  """This tile's share of (s1, s2) mod 2^32 (see `array_checksums`) for a tile at offset
+  ``start`` of an array of ``global_shape``: one vectorised pass (row sums along the contiguous
+  last axis, accumulated in uint32, i.e. mod 2^32), then a small weighted sum over the rows."""
+  words = _word_view(tile)
+  shape = tuple(global_shape) + words.shape[len(global_shape):]
+  start = tuple(start) + (0,) * (len(shape) - len(start))
+  if words.ndim == 0:
+    words, shape, start = words.reshape(1), (1,), (0,)
+  if words.size == 0:
+    return 0, 0
+  row_sums = words.sum(axis=-1, dtype=np.uint32)  # shape: the tile's leading axes
+  row_index = np.zeros(row_sums.shape, np.uint64)
+  stride = 1
+  for axis in reversed(range(len(shape) - 1)):
+    positions = np.arange(start[axis], start[axis] + words.shape[axis], dtype=np.uint64)
+    row_index = row_index + (positions * np.uint64(stride)).reshape(
+        (-1,) + (1,) * (len(shape) - 2 - axis))
+    stride *= shape[axis]
+  s1 = int(row_sums.sum(dtype=np.uint64))
+  s2 = int(((row_index + np.uint64(1)) * row_sums.astype(np.uint64)).sum(dtype=np.uint64))
+  return s1 & 0xFFFFFFFF, s2 & 0xFFFFFFFF
+
+
+# Tiles larger than this are checksummed in row blocks on several threads.
+_CHUNK_BYTES = 32 * 2**20
+
+
+def _host_pieces(leaf):
+  """Yields (host tile, start offset) pieces that together cover ``leaf`` exactly once: for a
+  jax.Array this process's addressable shards with ``replica_id == 0`` (every element is owned by
+  exactly one replica-0 shard over all processes), copied to the host one at a time (zero-copy
+  on CPU); a host value is one piece, on process 0."""
+  if isinstance(leaf, jax.Array):
+    for shard in leaf.addressable_shards:
+      if shard.replica_id == 0:
+        yield np.asarray(shard.data), tuple(sl.start or 0 for sl in shard.index)
+  elif jax.process_index() == 0:  # the same host value on every process: counted once
+    yield np.asarray(leaf), (0,) * np.ndim(leaf)
+
+
+def _row_blocks(tile: np.ndarray, start: tuple[int, ...]):
+  """Splits a large tile along axis 0 into blocks of about `_CHUNK_BYTES` (views, no copy)."""
+  if tile.ndim == 0 or tile.nbytes <= _CHUNK_BYTES or tile.shape[0] < 2:
+    return [(tile, start)]
+  rows = max(1, _CHUNK_BYTES * tile.shape[0] // tile.nbytes)
+  return [(tile[i:i + rows], (start[0] + i,) + tuple(start[1:]))
+          for i in range(0, tile.shape[0], rows)]
+
+
+def array_checksums(tree) -> dict[str, dict[str, Any]]:
+  """``{leaf path: {"dtype", "shape", "checksum"}}`` for every array leaf of ``tree``.
+
+  Over the raw bits as words (one per element: uint8/16/32 for 1-, 2-, 4-byte dtypes, two uint32
+  for 8-byte ones), grouped in rows along the last axis (row r = the r-th index over the leading
+  axes, row-major), the checksum is the pair s1 = sum of all words and s2 = sum_r (r + 1) *
+  (sum of row r), both mod 2^32. Changing any one word changes s1 (by a non-zero multiple of a
+  power of two below 2^32); s2 also changes when rows are moved. Both are sums, so each process
+  adds up the shares of its own replica-0 shards on the host (in row blocks on a thread pool:
+  numpy releases the GIL) and the shares of all processes are added: the result is the checksum
+  of the global value, whatever sharding it is saved from or restored into. With several
+  processes this is a collective (an all-gather): call it on every process, like the save itself.
+  Typed PRNG keys must be converted to ``key_data`` first.
+  """
+  flat = _flatten_with_names(tree)
+  names = list(flat)
+  sums = np.zeros((len(names), 2), np.uint64)
+  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+    for i, name in enumerate(names):
+      global_shape = np.shape(flat[name])
+      for tile, start in _host_pieces(flat[name]):
+        blocks = _row_blocks(tile, start)
+        for s1, s2 in pool.map(lambda block, shape=global_shape: _tile_sums(*block, shape), blocks):
+          sums[i] += np.array([s1, s2], np.uint64)
+  sums &= np.uint64(0xFFFFFFFF)
+  if jax.process_count() > 1:  # uint32 shares (jax may lack 64-bit types), added mod 2^32
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    shares = multihost_utils.process_allgather(sums.astype(np.uint32))
+    sums = np.asarray(shares).sum(axis=0, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
+  out = {}
+  for i, name in enumerate(names):
+    leaf = flat[name]
+    dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
+    s1, s2 = (int(v) for v in sums[i])
+    out[name] = {"dtype": str(dtype), "shape": list(np.shape(leaf)),
+                 "checksum": f"fletcher32x2:{s1:08x}{s2:08x}"}
+  return out
+
+
+def verify_array_checksums(tree, saved: Mapping[str, Mapping[str, Any]], where: str) -> None:
+  """Recomputes `array_checksums` of the restored ``tree`` and compares with ``saved``; raises
+  `CheckpointIntegrityError` naming ``where`` and every differing array."""
+  got = array_checksums(tree)
+  problems = []
+  for name in sorted(set(got) | set(saved)):
+    if name not in saved:
+      problems.append(f"array {name!r} has no saved checksum")
+    elif name not in got:
+      problems.append(f"array {name!r} was not restored")
+    elif got[name]["checksum"] != saved[name]["checksum"]:
+      problems.append(f"array {name!r} ({saved[name]['dtype']}{tuple(saved[name]['shape'])}): "
+                      f"checksum {got[name]['checksum']} != saved {saved[name]['checksum']}")
+  if problems:
+    raise CheckpointIntegrityError(f"{where}: " + "; ".join(problems) +
+                                   " (the files were changed or damaged after the save)")
+
+
+def json_checksum(value: Any) -> str:
+  """SHA-256 of the canonical JSON text of ``value`` (sorted keys, no spaces)."""
+  text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+  return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def _read_json_file(path: pathlib.Path) -> Any:
+  """JSON file contents; unreadable or broken JSON raises `CheckpointIntegrityError` naming it."""
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise CheckpointIntegrityError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from e
 
 
 # ------------------------------------------------------------------------------------------------
@@ -126,13 +283,19 @@ def save_model_checkpoint(path: PathLike, model_or_state, config: ModelConfig,
   if params_dir.exists() and not overwrite:
     raise FileExistsError(f"Model checkpoint {path} already exists (pass overwrite=True to replace it)")
   path.mkdir(parents=True, exist_ok=True)
+  checksums = {"params": array_checksums(params), "model_config": json_checksum(config_json),
+               "metadata": None if extra_metadata is None else json_checksum(json.loads(metadata_text))}
   # Checkpointer (synchronous): the files exist when this function returns.
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
     checkpointer.save(params_dir, args=ocp.args.StandardSave(params), force=overwrite)
   if jax.process_index() == 0:
-    _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True))
+    # model_config.json last: its presence marks a complete checkpoint.
+    _write_text_atomic(path / MODEL_CHECKSUMS_FILE, json.dumps(checksums, indent=2, sort_keys=True))
     if extra_metadata is not None:
       _write_text_atomic(path / MODEL_METADATA_FILE, metadata_text)
+    elif (path / MODEL_METADATA_FILE).exists():
+      (path / MODEL_METADATA_FILE).unlink()  # overwrite: no stale metadata beside new weights
+    _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True))
   return path
 
 
@@ -152,19 +315,47 @@ def load_model_config(path: PathLike) -> ModelConfig:
     raise FileNotFoundError(
         f"{config_path} not found: {path} is not a dmpo_jax model checkpoint (expected "
         f"{MODEL_CONFIG_FILE} and {MODEL_PARAMS_DIR}/)")
-  try:
-    data = json.loads(config_path.read_text())
-  except json.JSONDecodeError as e:
-    raise ValueError(f"{config_path} is not valid JSON: {e}") from e
+  data = _read_json_file(config_path)
+  _verify_model_json(path, "model_config", data, config_path)
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
   return _model_config_from_json(data, config_path)
+
+
+def _model_checksums(path: pathlib.Path) -> Optional[dict]:
+  """The folder's ``checksums.json`` (None, with a warning, for checkpoints saved without one)."""
+  checksums_path = path / MODEL_CHECKSUMS_FILE
+  if not checksums_path.is_file():
+    _log.warning("%s has no %s (saved by an older version): its arrays are not verified", path,
+                 MODEL_CHECKSUMS_FILE)
+    return None
+  checksums = _read_json_file(checksums_path)
+  if not isinstance(checksums, dict) or not isinstance(checksums.get("params"), dict):
+    raise CheckpointIntegrityError(f"{checksums_path} does not hold a 'params' checksum table")
+  return checksums
+
+
+def _verify_model_json(path: pathlib.Path, key: str, data: Any, file: pathlib.Path) -> None:
+  checksums = _model_checksums(path)
+  if checksums is None:
+    return
+  saved = checksums.get(key)
+  if saved != json_checksum(data):
+    raise CheckpointIntegrityError(
+        f"{file}: checksum {json_checksum(data)} != saved {saved} in {path / MODEL_CHECKSUMS_FILE} "
+        f"(the file was changed or damaged; after a deliberate edit, delete {MODEL_CHECKSUMS_FILE} "
+        "to load it unverified)")
 
 
 def load_model_metadata(path: PathLike) -> dict:
   """The ``extra_metadata`` saved with a model checkpoint ({} when none was saved)."""
-  metadata_path = pathlib.Path(path).absolute() / MODEL_METADATA_FILE
+  path = pathlib.Path(path).absolute()
+  metadata_path = path / MODEL_METADATA_FILE
   if not metadata_path.is_file():
     return {}
-  return json.loads(metadata_path.read_text())
+  data = _read_json_file(metadata_path)
+  _verify_model_json(path, "metadata", data, metadata_path)
+  return data
 
 
 def _check_saved_shapes(params_dir: pathlib.Path, abstract: dict) -> None:
@@ -232,8 +423,22 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
       sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+  checksums = _model_checksums(path)
+  if checksums is not None and dtype is not None:
+    # Verify the stored bits, then cast (orbax would cast while reading).
+    stored_dtypes = {name: entry["dtype"] for name, entry in checksums["params"].items()}
+    target = jax.tree_util.tree_map_with_path(
+        lambda p, x: jax.ShapeDtypeStruct(x.shape, stored_dtypes.get(_key_path_str(p), x.dtype),
+                                          sharding=x.sharding), target)
+  try:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+      restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
+  except (ValueError, OSError) as e:
+    raise CheckpointIntegrityError(f"Model checkpoint {path}: cannot read {params_dir}: {e}") from e
+  if checksums is not None:
+    verify_array_checksums(restored, checksums["params"], f"Model checkpoint {path}, {MODEL_PARAMS_DIR}/")
+    restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+                            restored, abstract)
   abstract_state.replace_by_pure_dict(restored)
   return nnx.merge(graphdef, abstract_state)
 
@@ -245,6 +450,8 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
 STATE_ITEM = "state"
 ITERATOR_ITEM = "iterator"
 METADATA_ITEM = "metadata"
+CHECKSUMS_ITEM = "checksums"
+CORRUPT_PREFIX = "corrupt-"
 _RESERVED_METADATA_KEYS = ("consumed_prompts", "checkpoint_step", "prng_key_impls")
 
 
@@ -324,6 +531,20 @@ def _decode_iterator_state(encoded: Mapping[str, Any]):
   raise ValueError(f"Unknown iterator state encoding {kind!r} in checkpoint")
 
 
+def _check_target_matches(target, saved_arrays: Mapping[str, Mapping[str, Any]], where: str) -> None:
+  """Compares the restore target's leaf names and shapes with the saved checksum table."""
+  flat = _flatten_with_names(target)
+  problems = [f"{name!r} is not in the checkpoint" for name in sorted(set(flat) - set(saved_arrays))]
+  problems += [f"checkpoint has {name!r}, abstract_state does not"
+               for name in sorted(set(saved_arrays) - set(flat))]
+  problems += [f"{name!r}: checkpoint shape {tuple(saved_arrays[name]['shape'])} != "
+               f"abstract_state shape {tuple(flat[name].shape)}"
+               for name in sorted(set(flat) & set(saved_arrays))
+               if tuple(saved_arrays[name]["shape"]) != tuple(flat[name].shape)]
+  if problems:
+    raise ValueError(f"{where} does not match abstract_state: " + "; ".join(problems))
+
+
 class RestoredCheckpoint(NamedTuple):
   """What `TrainCheckpointer.restore` returns; unpacks as ``state, iterator_state, metadata``.
 
@@ -337,11 +558,12 @@ class RestoredCheckpoint(NamedTuple):
 class TrainCheckpointer:
   """Periodic, asynchronous, pruned training checkpoints around `ocp.CheckpointManager`.
 
-  Layout: ``directory/<step>/{state,iterator,metadata}``. A save runs in the background after the
-  device-to-host copy (``async_save=True``); call `wait_until_finished` before reading the files
-  and `close` at the end. Only the newest ``max_to_keep`` steps are kept. An interrupted save
-  stays a ``<step>.orbax-checkpoint-tmp*`` folder, which `latest_step`/`all_steps` ignore and the
-  next save deletes.
+  Layout: ``directory/<step>/{state,iterator,metadata,checksums}``. A save runs in the background
+  after the device-to-host copy (``async_save=True``); call `wait_until_finished` before reading
+  the files and `close` at the end. The checksums are computed before the background write
+  starts, from the values being saved. Only the newest ``max_to_keep`` steps are kept. An
+  interrupted save stays a ``<step>.orbax-checkpoint-tmp*`` folder, which
+  `latest_step`/`all_steps` ignore and the next save deletes.
 
   Typical loop::
 
@@ -369,15 +591,20 @@ class TrainCheckpointer:
         create=create,
         cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM))
+        self.directory, options=options,
+        item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM, CHECKSUMS_ITEM))
 
   # -- queries -----------------------------------------------------------------------------------
+  @staticmethod
+  def steps_in(directory: PathLike) -> list[int]:
+    """Finalized checkpoint steps in ``directory`` without opening a manager (ascending)."""
+    directory = pathlib.Path(directory).absolute()
+    return sorted(ocp.step.checkpoint_steps(directory)) if directory.is_dir() else []
+
   def all_steps(self) -> list[int]:
     """Steps of finalized checkpoints on disk, ascending (an in-flight async save appears once
     it is complete; interrupted ``*.orbax-checkpoint-tmp*`` folders never do)."""
-    if not self.directory.is_dir():
-      return []
-    return sorted(ocp.step.checkpoint_steps(self.directory))
+    return self.steps_in(self.directory)
 
   def latest_step(self) -> Optional[int]:
     """Newest finalized checkpoint step on disk, or None when there is none."""
@@ -414,16 +641,24 @@ class TrainCheckpointer:
       json.dumps(meta)
     except TypeError as e:
       raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
+    encoded_iterator = _encode_iterator_state(iterator_state)
+    # Checksums of the values being saved (on device, before the asynchronous write starts); the
+    # JSON item is written by the primary process, like the other JSON items.
+    checksums = {STATE_ITEM: array_checksums(state_data),
+                 ITERATOR_ITEM: json_checksum(encoded_iterator),
+                 METADATA_ITEM: json_checksum(meta)}
     return bool(self._manager.save(
         step,
         args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state_data),
-            ITERATOR_ITEM: ocp.args.JsonSave(_encode_iterator_state(iterator_state)),
+            ITERATOR_ITEM: ocp.args.JsonSave(encoded_iterator),
             METADATA_ITEM: ocp.args.JsonSave(meta),
+            CHECKSUMS_ITEM: ocp.args.JsonSave(checksums),
         }),
         force=True))
 
-  def restore(self, step: Optional[int] = None, *, abstract_state=None) -> RestoredCheckpoint:
+  def restore(self, step: Optional[int] = None, *, abstract_state=None,
+              fallback: bool = False) -> RestoredCheckpoint:
     """Restores ``step`` (default: the latest) -> (state, iterator_state, metadata).
 
     ``abstract_state``: the state pytree as arrays or `jax.ShapeDtypeStruct`s (e.g. the freshly
@@ -431,25 +666,103 @@ class TrainCheckpointer:
     optax states, `nnx.State`), dtypes and target shardings, and typed PRNG key leaves are
     re-wrapped with the implementation they were saved with. Without it the raw saved tree is
     returned (nested dicts/lists, keys as uint32 data).
+
+    Every array and JSON item is checked against the checksums saved with the step; a mismatch
+    or an unreadable file raises `CheckpointIntegrityError` naming the step, item and array.
+    ``fallback=True`` (only with ``step=None``) instead logs the error and tries the next older
+    step; the damaged newer steps are renamed ``corrupt-<step>`` (kept for inspection, ignored
+    by orbax) so the run can save those steps again. ``metadata["checkpoint_step"]`` says which
+    step was restored.
     """
     self._manager.wait_until_finished()
     steps = self.all_steps()
     if step is None:
       if not steps:
         raise FileNotFoundError(f"No complete checkpoint in {self.directory}")
+      if fallback:
+        return self._restore_newest_intact(steps, abstract_state)
       step = steps[-1]
     elif step not in steps:
       raise FileNotFoundError(f"No checkpoint for step {step} in {self.directory}; available: {steps}")
-    aux = self._manager.restore(step, args=ocp.args.Composite(**{
-        ITERATOR_ITEM: ocp.args.JsonRestore(), METADATA_ITEM: ocp.args.JsonRestore()}))
-    meta = dict(aux[METADATA_ITEM])
+    return self._restore_step(step, abstract_state)
+
+  def _restore_newest_intact(self, steps: list[int], abstract_state) -> RestoredCheckpoint:
+    damaged = []
+    for step in reversed(steps):
+      try:
+        restored = self._restore_step(step, abstract_state)
+      except CheckpointIntegrityError as e:
+        _log.error("checkpoint step %d is damaged, trying the previous one: %s", step, e)
+        damaged.append((step, e))
+        continue
+      if damaged:
+        self._set_aside([s for s, _ in damaged])
+      return restored
+    raise CheckpointIntegrityError(
+        f"Every checkpoint in {self.directory} is damaged: " +
+        "; ".join(f"step {s}: {e}" for s, e in damaged)) from damaged[0][1]
+
+  def _set_aside(self, steps: list[int]) -> None:
+    """Renames damaged step folders to ``corrupt-<step>`` and reloads the manager's step list."""
+    if jax.process_index() == 0:
+      for step in steps:
+        target = self.directory / f"{CORRUPT_PREFIX}{step}"
+        suffix = 0
+        while target.exists():
+          suffix += 1
+          target = self.directory / f"{CORRUPT_PREFIX}{step}.{suffix}"
+        os.replace(self.directory / str(step), target)
+        _log.warning("moved the damaged checkpoint %s aside to %s", self.directory / str(step), target)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("dmpo_jax.checkpointing.set_aside")
+    self._manager.reload()
+
+  def _item_path(self, step: int, item: str) -> pathlib.Path:
+    return self.directory / str(step) / item
+
+  def _restore_json_item(self, step: int, item: str, saved_checksum: Optional[str]) -> Any:
+    where = f"Checkpoint step {step} in {self.directory}, item {item!r}"
+    item_dir = self._item_path(step, item)
+    files = sorted(p for p in item_dir.glob("*") if p.is_file() and p.name != "commit_success.txt") \
+        if item_dir.is_dir() else []
+    try:
+      value = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+    except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
+      names = ", ".join(str(p) for p in files) or str(item_dir)
+      raise CheckpointIntegrityError(f"{where}: cannot read {names}: {type(e).__name__}: {e}") from e
+    if saved_checksum is not None and json_checksum(value) != saved_checksum:
+      names = ", ".join(str(p) for p in files) or str(item_dir)
+      raise CheckpointIntegrityError(f"{where} ({names}): checksum {json_checksum(value)} != saved "
+                                     f"{saved_checksum} (the file was changed or damaged)")
+    return value
+
+  def _restore_step(self, step: int, abstract_state) -> RestoredCheckpoint:
+    where = f"Checkpoint step {step} in {self.directory}"
+    if (self._item_path(step, CHECKSUMS_ITEM)).is_dir():
+      checksums = self._restore_json_item(step, CHECKSUMS_ITEM, None)
+      if not isinstance(checksums, dict) or not isinstance(checksums.get(STATE_ITEM), dict):
+        raise CheckpointIntegrityError(f"{where}, item {CHECKSUMS_ITEM!r}: not a checksum table")
+    else:
+      _log.warning("%s has no checksums (saved by an older version): not verified", where)
+      checksums = {}
+    meta = self._restore_json_item(step, METADATA_ITEM, checksums.get(METADATA_ITEM))
+    encoded_iterator = self._restore_json_item(step, ITERATOR_ITEM, checksums.get(ITERATOR_ITEM))
+    if not isinstance(meta, dict) or not isinstance(encoded_iterator, dict):
+      raise CheckpointIntegrityError(f"{where}: the metadata and iterator items must be JSON objects")
+    meta = dict(meta)
     key_impls = meta.pop("prng_key_impls", {})
-    iterator_state = _decode_iterator_state(aux[ITERATOR_ITEM])
+    try:
+      iterator_state = _decode_iterator_state(encoded_iterator)
+    except (ValueError, KeyError, TypeError) as e:
+      raise CheckpointIntegrityError(f"{where}, item {ITERATOR_ITEM!r}: {e}") from e
+    saved_arrays = checksums.get(STATE_ITEM)
 
     if abstract_state is None:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore()}))
-      return RestoredCheckpoint(restored[STATE_ITEM], iterator_state, meta)
+      restored = self._restore_state(step, None)
+      if saved_arrays is not None:
+        verify_array_checksums(restored, saved_arrays, f"{where}, item {STATE_ITEM!r}")
+      return RestoredCheckpoint(restored, iterator_state, meta)
 
     target_keys: dict[str, Any] = {}
 
@@ -457,18 +770,28 @@ class TrainCheckpointer:
       name = _key_path_str(path)
       if _is_prng_key(leaf):
         if name not in key_impls:
-          raise ValueError(f"Checkpoint step {step} in {self.directory}: state leaf {name!r} is a "
-                           "PRNG key in abstract_state but was not saved as one")
+          raise ValueError(f"{where}: state leaf {name!r} is a PRNG key in abstract_state but was "
+                           "not saved as one")
         target_keys[name] = leaf
         return _abstract_key_data(leaf)
       return _abstract_leaf(leaf)
 
     target = jax.tree_util.tree_map_with_path(to_target, abstract_state)
-    try:
-      restored = self._manager.restore(step, args=ocp.args.Composite(**{
-          STATE_ITEM: ocp.args.StandardRestore(target)}))[STATE_ITEM]
-    except (ValueError, KeyError, TypeError) as e:
-      raise ValueError(f"Checkpoint step {step} in {self.directory} does not match abstract_state: {e}") from e
+    stored_target = target
+    if saved_arrays is not None:
+      _check_target_matches(target, saved_arrays, where)
+      # Read the stored dtype (verify the stored bits), cast to the requested one afterwards.
+      def stored(path, leaf):
+        entry = saved_arrays.get(_key_path_str(path))
+        if entry is None or entry["dtype"] == str(np.dtype(leaf.dtype)):
+          return leaf
+        return jax.ShapeDtypeStruct(leaf.shape, np.dtype(entry["dtype"]), sharding=leaf.sharding)
+      stored_target = jax.tree_util.tree_map_with_path(stored, target)
+    restored = self._restore_state(step, stored_target)
+    if saved_arrays is not None:
+      verify_array_checksums(restored, saved_arrays, f"{where}, item {STATE_ITEM!r}")
+      restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
+                              restored, target)
 
     def from_data(path, leaf):
       name = _key_path_str(path)
@@ -478,6 +801,22 @@ class TrainCheckpointer:
 
     state = jax.tree_util.tree_map_with_path(from_data, restored)
     return RestoredCheckpoint(state, iterator_state, meta)
+
+  def _restore_state(self, step: int, target) -> Any:
+    """The ``state`` item; orbax read errors (e.g. damaged compressed chunks) become
+    `CheckpointIntegrityError`, a tree/shape mismatch with ``target`` a ValueError."""
+    args = ocp.args.StandardRestore() if target is None else ocp.args.StandardRestore(target)
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
+    except (ValueError, KeyError, TypeError) as e:
+      if target is not None and not self._item_path(step, CHECKSUMS_ITEM).is_dir():
+        # Without the checksum table the tree was not compared beforehand.
+        raise ValueError(f"Checkpoint step {step} in {self.directory} does not match abstract_state: {e}") from e
+      raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}, item {STATE_ITEM!r}: "
+                                     f"cannot read {self._item_path(step, STATE_ITEM)}: {e}") from e
+    except OSError as e:
+      raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}, item {STATE_ITEM!r}: "
+                                     f"cannot read {self._item_path(step, STATE_ITEM)}: {e}") from e
 
   # -- lifecycle ---------------------------------------------------------------------------------
   def wait_until_finished(self) -> None:

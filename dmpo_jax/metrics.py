@@ -152,7 +152,8 @@ class MetricWriter:
     workdir: run folder (created). metrics.jsonl and tensorboard/ live here.
     process_index: `jax.process_index()` of the caller; non-zero processes write nothing.
     resume_step: when resuming from a checkpoint at this step, drops metrics.jsonl lines with a
-      larger step. None keeps the file as it is (torn lines are still removed) and appends.
+      larger step (-1: a fresh start that drops every earlier line). None keeps the file as it
+      is (torn lines are still removed) and appends.
     tensorboard: also write TensorBoard event files.
     wandb: also log to Weights & Biases (skipped with a warning when `wandb` is not installed).
     wandb_project, wandb_run_name: W&B project and display name.
@@ -177,7 +178,7 @@ class MetricWriter:
     if tensorboard:
       self._tensorboard = _TensorBoardWriter(self.workdir / TENSORBOARD_DIR, resume_step)
       if config is not None:
-        self._tensorboard.text(0 if resume_step is None else int(resume_step), "config",
+        self._tensorboard.text(0 if resume_step is None else max(int(resume_step), 0), "config",
                                "```\n" + json.dumps(dict(config), indent=2, sort_keys=True, default=str) + "\n```")
     if wandb:
       self._wandb_run = self._init_wandb(wandb_project, wandb_run_name, config)

@@ -34,6 +34,14 @@ _PLOT = flags.DEFINE_bool("plot", True, "Draw reward/accuracy curves to WORKDIR/
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host TPU/GPU pods).",
                                  flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Start from scratch in a --workdir that holds metrics but no checkpoint "
+    "(its metrics.jsonl rows are discarded); without it such a workdir is an error.",
+    flag_values=FLAGS)
+_FALLBACK = flags.DEFINE_bool(
+    "fallback_to_previous_checkpoint", False, "If the latest checkpoint fails its checksums, "
+    "resume from the newest intact one (the damaged steps are renamed corrupt-<step>); without "
+    "it the damage is an error.", flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
@@ -43,7 +51,8 @@ def _run():
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
-  results = loop.train(config, _WORKDIR.value)
+  results = loop.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                       fallback_to_previous_checkpoint=_FALLBACK.value)
   if _PLOT.value and jax.process_index() == 0 and "finished" not in results:
     from launch import plot  # pylint: disable=import-outside-toplevel
     try:

@@ -109,6 +109,11 @@ def test_model_checkpoint_errors(tmp_path, tiny_model):
   stored = json.loads((out / ckpt.MODEL_CONFIG_FILE).read_text())
   stored["mlp_hidden_size"] = 48
   (out / ckpt.MODEL_CONFIG_FILE).write_text(json.dumps(stored))
+  # The edit is caught by the config checksum; without checksums.json (older checkpoints) by
+  # the shape comparison.
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"model_config.json: checksum"):
+    ckpt.load_model_checkpoint(out)
+  (out / ckpt.MODEL_CHECKSUMS_FILE).unlink()
   with pytest.raises(ValueError, match=r"'blocks.gate_proj': checkpoint shape \(1, 32, 64\) != model shape \(1, 32, 48\)"):
     ckpt.load_model_checkpoint(out)
   stored["mlp_hidden_size"] = 64
@@ -296,3 +301,140 @@ def test_preemption_handler_second_signal_goes_to_previous_handler():
     assert manual.should_stop()
   finally:
     signal.signal(signal.SIGUSR1, original)
+
+
+# -- integrity -------------------------------------------------------------------------------------
+
+def _flip_byte_of(folder: pathlib.Path, array: np.ndarray) -> pathlib.Path:
+  """Finds ``array``'s raw bytes in a file under ``folder`` and flips one bit of one byte there.
+
+  The array must be incompressible (random bits) so that zstd stores it verbatim."""
+  raw = np.ascontiguousarray(array).tobytes()
+  needle = raw[len(raw) // 2:len(raw) // 2 + 64]
+  hits = []
+  for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+    data = file.read_bytes()
+    offset = data.find(needle)
+    if offset >= 0:
+      hits.append((file, offset))
+  assert len(hits) == 1, f"expected the array's bytes in exactly one file, found {hits}"
+  file, offset = hits[0]
+  data = bytearray(file.read_bytes())
+  data[offset + 17] ^= 0x04
+  file.write_bytes(bytes(data))
+  return file
+
+
+def _random_bits(shape, dtype, seed):
+  rng = np.random.default_rng(seed)
+  size = int(np.prod(shape)) * np.dtype(dtype).itemsize
+  return np.frombuffer(rng.bytes(size), dtype=dtype).reshape(shape).copy()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_byte_flip_in_saved_adam_moment_is_detected(tmp_path, dtype):
+  """A real one-bit change inside a saved Adam moment's bytes: restore names step, item, array."""
+  dtype = jnp.dtype(dtype)
+  params = {"embed": jnp.asarray(_random_bits((64, 32), dtype, 0)), "norm": jnp.ones((32,), dtype)}
+  opt_state = optax.adam(1e-3).init(params)
+  mu = _random_bits((64, 32), dtype, 1)
+  opt_state = (opt_state[0]._replace(mu={"embed": jnp.asarray(mu), "norm": opt_state[0].mu["norm"]}),
+               opt_state[1])
+  state = {"params": params, "opt_state": opt_state, "step": jnp.int32(3)}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt", max_to_keep=None) as checkpointer:
+    checkpointer.save(2, state, iterator_state=b'{"i": 1}', force=True)
+    checkpointer.save(3, state, iterator_state=b'{"i": 2}', force=True)
+  _flip_byte_of(tmp_path / "ckpt" / "3" / ckpt.STATE_ITEM, mu)
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt", max_to_keep=None) as checkpointer:
+    with pytest.raises(ckpt.CheckpointIntegrityError,
+                       match=r"step 3 .* item 'state': array 'opt_state\.0\.mu\.embed' "
+                             rf"\({dtype.name}\(64, 32\)\): checksum") as error:
+      checkpointer.restore(abstract_state=state)
+    assert "params.embed" not in str(error.value)  # only the damaged array is named
+    # Without abstract_state (raw tree) the same check applies.
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=r"opt_state\.0\.mu\.embed"):
+      checkpointer.restore(3)
+    # Opt-in fallback: the newest intact step (2) is restored, bit-exact; step 3 is set aside.
+    restored = checkpointer.restore(abstract_state=state, fallback=True)
+    assert restored.metadata["checkpoint_step"] == 2 and restored.iterator_state == b'{"i": 1}'
+    _assert_trees_bit_equal(state, restored.state)
+    assert checkpointer.all_steps() == [2]
+    assert (tmp_path / "ckpt" / f"{ckpt.CORRUPT_PREFIX}3").is_dir()
+    assert checkpointer.save(3, state, force=True)  # the step can be written again
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [2, 3]
+    _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_byte_flip_in_model_checkpoint_and_broken_json_name_the_file(tmp_path, tiny_model, dtype):
+  config, model = tiny_model
+  config = config.replace(param_dtype=dtype)
+  embed = _random_bits((config.vocab_size, config.d_model), jnp.dtype(dtype), 3)
+  params = jax.tree.map(lambda x: x.astype(dtype), _params(model))
+  params["embed"] = jnp.asarray(embed)
+  out = ckpt.save_model_checkpoint(tmp_path / "m", params, config, {"step": 1})
+  _assert_trees_bit_equal(params, _params(ckpt.load_model_checkpoint(out)))  # intact: loads
+  _flip_byte_of(out / ckpt.MODEL_PARAMS_DIR, embed)
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"params/: array 'embed' \({dtype}"):
+    ckpt.load_model_checkpoint(out)
+  other = "float32" if dtype == "bfloat16" else "bfloat16"
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"params/: array 'embed'"):
+    ckpt.load_model_checkpoint(out, dtype=other)  # verified before the cast
+  (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 1')
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json is not valid JSON"):
+    ckpt.load_model_metadata(out)
+  (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 2}')
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json: checksum"):
+    ckpt.load_model_metadata(out)
+
+
+@pytest.mark.parametrize("item", [ckpt.METADATA_ITEM, ckpt.ITERATOR_ITEM])
+def test_train_checkpoint_json_damage_names_step_item_and_file(tmp_path, item):
+  state = {"w": jnp.arange(4.0)}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    checkpointer.save(1, state, iterator_state={"next": 7}, metadata={"config": "{}"}, force=True)
+  file = tmp_path / "ckpt" / "1" / item / "metadata"
+  text = file.read_text()
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    file.write_text(text[:-3])
+    with pytest.raises(ckpt.CheckpointIntegrityError,
+                       match=rf"step 1 .* item '{item}': cannot read .*1/{item}/metadata"):
+      checkpointer.restore(abstract_state=state)
+    file.write_text(text.replace("7", "8") if item == ckpt.ITERATOR_ITEM else text.replace("{}", "[]"))
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"step 1 .* item '{item}' .*: checksum"):
+      checkpointer.restore(abstract_state=state)
+    with pytest.raises(ckpt.CheckpointIntegrityError, match="Every checkpoint .* is damaged"):
+      checkpointer.restore(abstract_state=state, fallback=True)
+
+
+def test_checksums_match_a_plain_computation(monkeypatch):
+  """`array_checksums` (row blocks on threads, numpy) equals s1 = sum of words, s2 = sum over rows
+  of (row + 1) * row sum, mod 2^32, computed with Python integers; a one-bit change is seen."""
+  monkeypatch.setattr(ckpt, "_CHUNK_BYTES", 64)  # many row blocks even for small arrays
+
+  def by_hand(words):
+    rows = [[int(w) for w in row] for row in words.reshape(-1, words.shape[-1] if words.ndim else 1)]
+    s1 = sum(sum(row) for row in rows) % 2**32
+    s2 = sum((r + 1) * sum(row) for r, row in enumerate(rows)) % 2**32
+    return f"fletcher32x2:{s1:08x}{s2:08x}"
+
+  x = _random_bits((8, 6, 5), np.float32, 5)
+  b = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
+  tree = {"x": jnp.asarray(x), "b": jnp.asarray(b), "flags": np.array([True, False, True]),
+          "scalar": jnp.int32(-7), "i8": np.arange(-5, 5, dtype=np.int8)}
+  sums = ckpt.array_checksums(tree)
+  assert sums["x"]["checksum"] == by_hand(x.view(np.uint32))
+  assert sums["b"]["checksum"] == by_hand(b.view(np.uint16))
+  assert sums["flags"]["checksum"] == by_hand(np.array([1, 0, 1]))
+  assert sums["scalar"]["checksum"] == by_hand(np.array(-7, np.int32).view(np.uint32))
+  assert sums["i8"]["checksum"] == by_hand(np.arange(-5, 5, dtype=np.int8).view(np.uint8))
+  assert sums["b"] == {"dtype": "bfloat16", "shape": [8, 6, 5], "checksum": sums["b"]["checksum"]}
+  assert ckpt.array_checksums({"x": x})["x"] == sums["x"]  # host and device values agree
+  y = x.copy()
+  y.view(np.uint8).reshape(-1)[123] ^= 1
+  assert ckpt.array_checksums({"x": y})["x"]["checksum"] != sums["x"]["checksum"]
+  swapped = x.copy()
+  swapped[[0, 1]] = swapped[[1, 0]]  # rows moved: s1 equal, s2 differs
+  assert ckpt.array_checksums({"x": swapped})["x"]["checksum"][:21] == sums["x"]["checksum"][:21]
+  assert ckpt.array_checksums({"x": swapped})["x"]["checksum"] != sums["x"]["checksum"]

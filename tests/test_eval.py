@@ -75,8 +75,10 @@ def test_score_rows_sudoku_and_mbpp(fixture_data_dir):
                {"completion": "[BEGIN]\n 'def larger(a, b):\n  return min(a, b)' \n[DONE]", "task_id": 2}],
       data_dir=str(fixture_data_dir))
   assert [r["score"] for r in results] == [1.0, 0.0] and summary["accuracy"] == 50.0
-  with pytest.raises(KeyError, match="lacks field"):
-    score_script.score_rows("gsm8k", [{"completion": "x"}])
+  results, summary = score_script.score_rows("gsm8k", [{"completion": "x"}])
+  assert results == [{"index": 0, "skipped": "KeyError: row 0 lacks field(s) ['answer'] needed by "
+                                             "task gsm8k; has ['completion']"}]
+  assert summary["skipped_rows"] == 1 and summary["num_examples"] == 0
 
 
 def test_score_rows_mbpp_benchmark_file(benchmark_data_dir):
@@ -103,3 +105,45 @@ def test_eval_script_eval_style_d1(tiny_checkpoint, tmp_path, fixture_data_dir):
     assert row["correct_cells"] == expected["correct_cells"]
     assert row["extracted"] == expected["extracted"]
   assert json.loads((out / "sudoku_L32_summary.json").read_text())["eval_style"] == "d1"
+
+
+def test_score_script_scores_each_row_on_its_own(tmp_path):
+  """Every kind of bad row is skipped with its row number and reason, counted in the summary;
+  the good rows are scored as if alone; the exit status is non-zero only with --strict."""
+  good = {"completion": "<answer>3*5+7</answer>", "numbers": [3, 5, 7], "target": 22}
+  lines = [json.dumps(good).encode(),
+           b"\xff\xfe\x00binary\x9c",                                       # binary data
+           b'{"completion": "\\ud800", "numbers": [3, 5, 7], "target": 22}',  # lone surrogate
+           b"42",                                                            # bare number
+           b"[" * 5000 + b"]" * 5000,                                        # deep nesting
+           b'{"completion": "x", "numbers": [3, 5, 7], "target": NaN}',      # NaN target
+           b'{"completion": "x", "numbers": [3, 5, 7]}',                     # missing field
+           b'{"completion": 7, "numbers": [3, 5, 7], "target": 22}',         # not a string
+           b'{"completion": "x", "numbers": "a,b", "target": 22}',           # unparsable numbers
+           b"{oops",                                                          # broken JSON
+           b"",
+           json.dumps(dict(good, completion="<answer>3+5+7</answer>")).encode()]
+  path = tmp_path / "gen.jsonl"
+  path.write_bytes(b"\n".join(lines) + b"\n")
+  command = [sys.executable, str(REPO / "launch" / "score.py"), "--task=countdown", f"--input={path}"]
+  result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  out = [json.loads(l) for l in result.stdout.splitlines()]
+  rows, summary = out[:-1], out[-1]
+  assert [r["index"] for r in rows] == list(range(11))
+  assert [r.get("score") for r in rows] == [1.0] + [None] * 9 + [0.0]
+  reasons = {r["index"]: r["skipped"] for r in rows if "skipped" in r}
+  assert reasons[1].startswith("binary data: not UTF-8 text (byte 0xff at offset 0)")
+  assert reasons[2] == "field 'completion' is not valid Unicode (lone surrogate)"
+  assert reasons[3] == "expected a JSON object, got int 42"
+  assert reasons[4].startswith("JSON nested too deeply")
+  assert reasons[5] == "field 'target' is nan (not a finite number)"
+  assert "lacks field(s) ['target']" in reasons[6]
+  assert reasons[7] == "TypeError: completion must be a string, got int"
+  assert reasons[8].startswith("ValueError: invalid literal for int()")
+  assert reasons[9].startswith("not valid JSON")
+  assert rows[1]["line"] == 2 and rows[9]["line"] == 10  # file lines, 1-based (blank line 11)
+  assert summary["input_rows"] == 11 and summary["skipped_rows"] == 9
+  assert summary["num_examples"] == 2 and summary["accuracy"] == 50.0
+  strict = subprocess.run(command + ["--strict"], capture_output=True, text=True, timeout=120)
+  assert strict.returncode == 1 and strict.stdout == result.stdout

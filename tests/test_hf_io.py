@@ -320,3 +320,136 @@ def test_convert_hf_to_orbax_and_back_is_bit_exact(llada_dir, tmp_path):
   from dmpo_jax.models.tokenizer import load_tokenizer
   tok = load_tokenizer(tmp_path / "orbax")  # found in <checkpoint>/hf_files
   assert (tok.mask_token_id, tok.eot_token_id, tok.bos_token_id) == (126336, 126348, 126080)
+
+
+# ------------------------------------------------------------------------------------------------
+# Hostile / broken folders: every config field, every shard path, every parse failure
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family,key,value,message", [
+    ("llada", "n_heads", 0, "n_heads must be >= 1, got 0"),
+    ("llada", "d_model", "big", "d_model must be an integer, got 'big'"),
+    ("llada", "d_model", 30, "d_model=30 is not a multiple of n_heads=4"),
+    ("llada", "n_layers", -1, "n_layers must be >= 1"),
+    ("llada", "n_layers", True, "n_layers must be an integer, got True"),
+    ("llada", "n_kv_heads", 2.5, "n_kv_heads must be an integer, got 2.5"),
+    ("llada", "mlp_hidden_size", [64], "mlp_hidden_size must be an integer"),
+    ("llada", "rope_theta", "NaN", "rope_theta must be a finite number"),
+    ("llada", "rope_theta", 0, "rope_theta must be > 0"),
+    ("llada", "rms_norm_eps", -1e-5, "rms_norm_eps must be > 0"),
+    ("llada", "include_qkv_bias", "yes", "include_qkv_bias must be true or false"),
+    ("llada", "max_sequence_length", 0, "max_sequence_length must be >= 1"),
+    ("llada", "embedding_size", 1e400, "embedding_size must be an integer"),
+    ("llada", "mask_token_id", -3, "mask_token_id must be >= 0"),
+    ("llada", "model_type", 7, "model_type must be a string"),
+    ("dream", "num_attention_heads", 0, "num_attention_heads must be >= 1, got 0"),
+    ("dream", "hidden_size", "big", "hidden_size must be an integer"),
+    ("dream", "num_key_value_heads", 3, "n_heads \\(4\\) must be a multiple of n_kv_heads \\(3\\)"),
+    ("dream", "head_dim", 0, "head_dim must be >= 1"),
+    ("dream", "intermediate_size", None, "missing required key 'intermediate_size'"),
+    ("dream", "eos_token_id", "</s>", "eos_token_id must be an integer"),
+])
+def test_every_bad_config_field_is_a_checkpoint_error_naming_the_file(tmp_path, family, key, value, message):
+  hf_config = hf_fixtures.llada_config() if family == "llada" else hf_fixtures.dream_config()
+  hf_config[key] = value
+  hf_fixtures.write_config(tmp_path, hf_config)
+  (tmp_path / "config.json").write_text((tmp_path / "config.json").read_text().replace('"NaN"', "NaN"))
+  with pytest.raises(CheckpointError, match=rf"{tmp_path / 'config.json'}.*{message}"):
+    hf_io.model_config_from_hf(tmp_path)
+
+
+def test_model_config_rejects_wrong_types_without_bare_exceptions():
+  with pytest.raises(ValueError, match="d_model must be an integer, got 'big'"):
+    get_preset("tiny", d_model="big")
+  with pytest.raises(ValueError, match="n_heads must be positive, got 0"):
+    get_preset("tiny", n_heads=0)
+  with pytest.raises(ValueError, match="norm_eps must be a finite number, got inf"):
+    get_preset("tiny", norm_eps=float("inf"))
+  with pytest.raises(ValueError, match="remat must be true or false"):
+    get_preset("tiny", remat="no")
+
+
+def _llada_with_index(folder, edit):
+  hf_fixtures.make_llada_checkpoint(folder, sharded=True)
+  index = json.loads((folder / "model.safetensors.index.json").read_text())
+  edit(folder, index)
+  (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+  return folder
+
+
+def test_shard_paths_outside_the_folder_are_refused(tmp_path):
+  shard = "model-00002-of-00002.safetensors"
+
+  def to_outside(folder, index):  # a complete shard one level up: it would load
+    (folder.parent / "outside.safetensors").write_bytes((folder / shard).read_bytes())
+    index["weight_map"] = {k: "../outside.safetensors" if v == shard else v
+                           for k, v in index["weight_map"].items()}
+  folder = _llada_with_index(tmp_path / "up", to_outside)
+  with pytest.raises(CheckpointError, match=r"index.json: shard path '../outside.safetensors' must be "
+                                            "a relative path inside"):
+    load_pretrained(folder)
+
+  def absolute(folder, index):
+    index["weight_map"] = {k: str(folder / v) for k, v in index["weight_map"].items()}
+  with pytest.raises(CheckpointError, match="must be a relative path inside"):
+    load_pretrained(_llada_with_index(tmp_path / "abs", absolute))
+
+  def link_out(folder, index):
+    outside = tmp_path / "elsewhere.safetensors"
+    (folder / shard).rename(outside)
+    (folder / shard).symlink_to(outside)
+  with pytest.raises(CheckpointError, match=rf"shard '{shard}' resolves to .*elsewhere.safetensors, "
+                                            "outside"):
+    load_pretrained(_llada_with_index(tmp_path / "link", link_out))
+
+  def not_a_name(folder, index):
+    index["weight_map"][next(iter(index["weight_map"]))] = 3
+  with pytest.raises(CheckpointError, match="weight_map values must be shard file names"):
+    load_pretrained(_llada_with_index(tmp_path / "int", not_a_name))
+
+
+def test_hub_cache_snapshot_links_into_its_blobs_still_load(tmp_path):
+  """HF hub cache layout: snapshots/<rev>/<file> -> ../../blobs/<sha> is inside the repository."""
+  source = tmp_path / "source"
+  hf_fixtures.make_llada_checkpoint(source, sharded=True)
+  snapshot = tmp_path / "models--x--y" / "snapshots" / "abc123"
+  blobs = tmp_path / "models--x--y" / "blobs"
+  snapshot.mkdir(parents=True)
+  blobs.mkdir()
+  for i, file in enumerate(sorted(source.iterdir())):
+    (blobs / f"blob{i}").write_bytes(file.read_bytes())
+    (snapshot / file.name).symlink_to(pathlib.Path("..", "..", "blobs", f"blob{i}"))
+  _assert_same_params(load_pretrained(snapshot)[0], load_pretrained(source)[0])
+
+
+def test_parse_failures_are_checkpoint_errors_naming_the_file(tmp_path, dream_dir):
+  folder = _copy_dream(dream_dir, tmp_path / "deep")
+  header = ("[" * 100000 + "]" * 100000).encode()
+  data = (folder / "model.safetensors").read_bytes()
+  (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8:])
+  with pytest.raises(CheckpointError, match=r"model.safetensors: safetensors header is not valid JSON: "
+                                            "RecursionError"):
+    load_pretrained(folder)
+  header = b'{"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}'
+  (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
+  with pytest.raises(CheckpointError, match="model.safetensors: malformed header entry for tensor 'a'"):
+    load_pretrained(folder)
+  header = b'[1, 2]'
+  (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+  with pytest.raises(CheckpointError, match="header must be a JSON object"):
+    load_pretrained(folder)
+
+  for name, text in (("config.json", '{"model_type": "Dream",'), ("config.json", "[" * 100000),
+                     ("config.json", b"\xff\xfe{}")):
+    bad = _copy_dream(dream_dir, tmp_path / f"bad{len(text)}")
+    (bad / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    with pytest.raises(CheckpointError, match=rf"{bad / name} is not valid JSON"):
+      load_pretrained(bad)
+  index_folder = _llada_with_index(tmp_path / "index", lambda folder, index: None)
+  (index_folder / "model.safetensors.index.json").write_text('{"weight_map": ')
+  with pytest.raises(CheckpointError, match=r"model.safetensors.index.json is not valid JSON"):
+    load_pretrained(index_folder)
+  tok = _copy_dream(dream_dir, tmp_path / "tok")
+  (tok / "tokenizer.json").write_text('{"version": ')
+  with pytest.raises(CheckpointError, match=rf"{tok / 'tokenizer.json'} cannot be parsed"):
+    load_pretrained(tok)

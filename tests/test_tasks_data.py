@@ -253,3 +253,34 @@ def test_countdown_generator_solvable_and_disjoint():
   for numbers in ([3, 5, 7], [1, 1, 1], [10, 2, 5], [0, 4, 9]):
     assert generators.reachable_values(numbers) == brute(numbers)
   assert not generators.is_solvable([1, 1, 1], 7)
+
+
+def test_loaders_skip_each_bad_row_with_its_reason(tmp_path, caplog):
+  path = tmp_path / "cd.jsonl"
+  path.write_bytes(b"\n".join([
+      b'{"input": "30,100,93", "output": "23"}',
+      b"\x80\x81 binary",
+      b'{"numbers": [1, 2, 3], "target": NaN}',
+      b'{"numbers": [1, 2, 3], "target": "\\udc00"}',
+      b"7",
+      b"[" * 3000 + b"]" * 3000,
+      b'{"numbers": [1, 2], "nope": 1}',
+      b'{"numbers": [4, 5, 6], "target": 15}']) + b"\n")
+  task = get_task("countdown")
+  with caplog.at_level("WARNING"):
+    examples = task.load_eval(str(path))
+  assert examples == [{"numbers": [30, 100, 93], "target": 23}, {"numbers": [4, 5, 6], "target": 15}]
+  message = caplog.text
+  assert "skipped 6 of 8 row(s)" in message
+  assert "row 1 (line 2): binary data" in message and "row 2 (line 3): field 'target' is nan" in message
+  assert "row 3 (line 4): field 'target' is not valid Unicode" in message
+  assert "row 4 (line 5): expected a JSON object, got int 7" in message
+  assert "row 5 (line 6): JSON nested too deeply" in message  # the first five are listed
+  with pytest.raises(ValueError, match=r"6 of 8 row\(s\) unusable; first: row 1 \(line 2\): binary"):
+    task.load_rows(str(path), strict=True)
+  table = base.read_rows(path)
+  assert [i for i, _ in table.rows] == [0, 6, 7] and [b.index for b in table.bad] == [1, 2, 3, 4, 5]
+  # Only bad rows: an error, not an empty dataset.
+  path.write_bytes(b"1\n2\n")
+  with pytest.raises(ValueError, match="2 of 2 row"):
+    task.load_eval(str(path))

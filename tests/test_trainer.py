@@ -214,3 +214,71 @@ def test_minibatches_split_each_rollout_into_disjoint_whole_groups(tmp_path, mon
         np.testing.assert_allclose(advantages[rows], z, rtol=1e-5, atol=1e-6)
   with pytest.raises(loop.ConfigError, match="minibatches_per_rollout=3"):
     loop.validate_config(small_config(minibatches_per_rollout=3), num_devices=1)
+
+
+def _metric_steps(workdir):
+  return [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+          if line.strip()]
+
+
+def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkeypatch):
+  """`launch/train.py` with a relative --workdir (DMPO with alpha > 0: reference model saved in
+  the workdir) is killed (SIGKILL) after its second checkpoint; the latest checkpoint is then
+  damaged: resuming with the same relative path fails naming it, `fallback_to_previous_checkpoint`
+  resumes from the intact step before it, and metrics.jsonl ends with each step exactly once.
+  Emptying checkpoints/ then makes a restart refuse (metrics without a checkpoint) unless
+  `overwrite`, which starts clean."""
+  overrides = {"num_steps": 8, "eval.every_steps": 0, "checkpoint.every_steps": 2,
+               "checkpoint.max_to_keep": 3}
+  process = subprocess.Popen(
+      [sys.executable, str(REPO / "launch" / "train.py"), f"--config={REPO / 'configs' / 'demo.py'}",
+       "--workdir=run", "--plot=false"] + small_config_flags(**overrides),
+      cwd=tmp_path, env={**__import__("os").environ, "PYTHONPATH": str(REPO)},
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  run = tmp_path / "run"
+  deadline = time.monotonic() + 240
+  while time.monotonic() < deadline and process.poll() is None:
+    if (run / "checkpoints" / "4").is_dir():
+      break
+    time.sleep(0.01)
+  process.kill()
+  _, stderr = process.communicate(timeout=60)
+  steps = checkpointing.TrainCheckpointer.steps_in(run / "checkpoints")
+  assert steps[:2] == [2, 4] and 8 not in steps, stderr[-3000:]
+  assert (run / "reference_model" / checkpointing.MODEL_CHECKSUMS_FILE).is_file()
+  latest = steps[-1]
+  iterator_file = run / "checkpoints" / str(latest) / checkpointing.ITERATOR_ITEM / "metadata"
+  iterator_file.write_text(iterator_file.read_text().replace("{", "{ ", 1)[:-2])  # torn JSON
+
+  monkeypatch.chdir(tmp_path)  # the same relative path as the killed command line
+  config = small_config(**overrides)
+  with pytest.raises(checkpointing.CheckpointIntegrityError,
+                     match=rf"step {latest} .*item 'iterator': cannot read .*{latest}/iterator/metadata"):
+    loop.train(config, "run")
+  results = loop.train(config, "run", fallback_to_previous_checkpoint=True)
+  assert "final_model" in results
+  assert _metric_steps(run) == list(range(9))  # each step once: the rows after the fallback
+  assert (run / "checkpoints" / f"{checkpointing.CORRUPT_PREFIX}{latest}").is_dir()
+  restored = _final_params(run)
+  assert int(restored["step"]) == 8 * 2
+
+  # Metrics but no checkpoint (checkpoints/ emptied, or a kill before the first save).
+  for step in checkpointing.TrainCheckpointer.steps_in(run / "checkpoints"):
+    __import__("shutil").rmtree(run / "checkpoints" / str(step))
+  before = (run / "metrics.jsonl").read_text()
+  with pytest.raises(loop.WorkdirError, match=r"metrics.jsonl holds metrics .* pass --overwrite"):
+    loop.train(config, "run")
+  assert (run / "metrics.jsonl").read_text() == before  # refused before touching anything
+  loop.train(small_config(**{**overrides, "num_steps": 2}), "run", overwrite=True)
+  assert _metric_steps(run) == [0, 1, 2]
+
+
+def test_cli_refuses_fresh_start_over_old_metrics(tmp_path):
+  (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 1.0}\n{"step": 1, "x": 2.0}\n')
+  result = subprocess.run(
+      [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/demo.py",
+       f"--workdir={tmp_path}", "--plot=false"] + small_config_flags(),
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "no checkpoint to resume from; pass --overwrite" in result.stderr
+  assert not (tmp_path / "checkpoints").exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Optional
 
 import jax.numpy as jnp
@@ -26,6 +27,16 @@ DTYPES = ("float32", "bfloat16", "float16")
 LORA_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "attn_out": "o_proj",
                 "ff_proj": "gate_proj", "up_proj": "up_proj", "ff_out": "down_proj"}
 LORA_TARGET_ALIASES = {"o_proj": "attn_out", "gate_proj": "ff_proj", "down_proj": "ff_out"}
+
+
+ATTENTION_IMPLS = (None, "cudnn", "xla")
+_INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+               "mlp_hidden_size", "max_seq_len", "mask_token_id", "eos_token_id", "pad_token_id",
+               "logprob_chunk_size", "lora_rank")
+_OPTIONAL_INT_FIELDS = ("eot_token_id", "bos_token_id")
+_FLOAT_FIELDS = ("rope_theta", "norm_eps", "initializer_range", "lora_alpha")
+_BOOL_FIELDS = ("qkv_bias", "positions_from_padding", "remat", "use_key_padding_mask")
+_STR_FIELDS = ("family", "logit_alignment", "param_dtype", "dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,7 +80,17 @@ class ModelConfig:
   lora_targets: tuple[str, ...] = ()
 
   def __post_init__(self):
+    type_errors = self._type_errors()
+    if type_errors:  # range checks below assume the types
+      raise ValueError("Invalid ModelConfig: " + "; ".join(type_errors))
     errors = self._canonicalize_lora_targets()
+    for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0)):
+      if not getattr(self, name) > low:
+        errors.append(f"{name} must be positive, got {getattr(self, name)}")
+    if self.initializer_range < 0:
+      errors.append(f"initializer_range must be >= 0, got {self.initializer_range}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      errors.append(f"attention_impl must be one of {ATTENTION_IMPLS}, got {self.attention_impl!r}")
     if int(self.lora_rank) < 0:
       errors.append(f"lora_rank must be >= 0 (0 = no LoRA), got {self.lora_rank}")
     elif self.lora_rank > 0:
@@ -102,6 +123,29 @@ class ModelConfig:
       errors.append("mask_token_id must differ from pad_token_id (the sampler finds masks by id)")
     if errors:
       raise ValueError("Invalid ModelConfig: " + "; ".join(errors))
+
+  def _type_errors(self) -> list[str]:
+    """One message per field whose value has the wrong type (ints: integers, not bools; floats:
+    finite numbers; bools: bools; strings: strings)."""
+    errors = []
+    for name in _INT_FIELDS + _OPTIONAL_INT_FIELDS:
+      value = getattr(self, name)
+      if value is None and name in _OPTIONAL_INT_FIELDS:
+        continue
+      if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        errors.append(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    for name in _FLOAT_FIELDS:
+      value = getattr(self, name)
+      if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+          or not math.isfinite(value)):
+        errors.append(f"{name} must be a finite number, got {value!r} ({type(value).__name__})")
+    for name in _BOOL_FIELDS:
+      if not isinstance(getattr(self, name), bool):
+        errors.append(f"{name} must be true or false, got {getattr(self, name)!r}")
+    for name in _STR_FIELDS:
+      if not isinstance(getattr(self, name), str):
+        errors.append(f"{name} must be a string, got {getattr(self, name)!r}")
+    return errors
 
   def _canonicalize_lora_targets(self) -> list[str]:
     """LoRA targets -> a tuple of canonical LLaDA names in `LORA_TARGETS` order (lists from

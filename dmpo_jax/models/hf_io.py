@@ -83,7 +83,8 @@ _MAX_HEADER_BYTES = 100 * 2**20
 
 
 class CheckpointError(ValueError):
-  """A HF checkpoint folder is missing, malformed or does not match the model."""
+  """A checkpoint (HF folder or the project's format) is missing, malformed, damaged or does
+  not match the model; the message names the file."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -165,17 +166,22 @@ def read_safetensors_header(file: PathLike) -> dict[str, TensorEntry]:
                             f"for a file of {size} bytes)")
     try:
       header = json.loads(f.read(header_len))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-      raise CheckpointError(f"{file}: safetensors header is not valid JSON: {e}") from e
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, deep nesting
+      raise CheckpointError(f"{file}: safetensors header is not valid JSON: "
+                            f"{type(e).__name__}: {str(e)[:200]}") from e
+  if not isinstance(header, dict):
+    raise CheckpointError(f"{file}: safetensors header must be a JSON object, got {type(header).__name__}")
   data_start = 8 + header_len
   entries = {}
   for name, meta in header.items():
     if name == "__metadata__":
       continue
     try:
-      dtype, shape, (begin, end) = meta["dtype"], tuple(int(s) for s in meta["shape"]), meta["data_offsets"]
+      dtype, shape, (begin, end) = meta["dtype"], tuple(meta["shape"]), meta["data_offsets"]
+      if not all(_is_int(v) and v >= 0 for v in (*shape, begin, end)) or not isinstance(dtype, str):
+        raise TypeError("shape and data_offsets must be non-negative integers, dtype a string")
     except (KeyError, TypeError, ValueError) as e:
-      raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}: {meta!r}") from e
+      raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}: {str(meta)[:200]}") from e
     if dtype not in SAFETENSORS_DTYPES:
       raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {dtype!r}; supported: "
                             f"{sorted(SAFETENSORS_DTYPES)}")
@@ -237,9 +243,41 @@ def _read_json(file: pathlib.Path, what: str) -> Any:
   if not file.is_file():
     raise CheckpointError(f"{what} {file} not found")
   try:
-    return json.loads(file.read_text())
-  except json.JSONDecodeError as e:
-    raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    return json.loads(file.read_text(encoding="utf-8"))
+  except (OSError, ValueError, RecursionError) as e:  # + UnicodeDecodeError, deep nesting
+    raise CheckpointError(f"{file} is not valid JSON: {type(e).__name__}: {str(e)[:200]}") from e
+
+
+def _is_int(value: Any) -> bool:
+  return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _weights_roots(folder: pathlib.Path) -> list[pathlib.Path]:
+  """Where a HF folder's weight files may live (after resolving links): the folder itself, and
+  for a Hugging Face hub cache snapshot (``.../snapshots/<rev>``, whose files link to
+  ``../../blobs/<sha>``) that repository's ``blobs`` folder."""
+  folder = folder.absolute()
+  roots = [folder.resolve()]
+  if folder.parent.name == "snapshots":
+    roots.append((folder.parent.parent / "blobs").resolve())
+  return roots
+
+
+def _weights_file(folder: pathlib.Path, name: Any, source: pathlib.Path) -> pathlib.Path:
+  """``folder / name`` for a weight file named in ``source``; a name that is not a plain relative
+  path inside the folder (absolute, ``..``, a link pointing outside) is a `CheckpointError`."""
+  if not isinstance(name, str) or not name or "\x00" in name:
+    raise CheckpointError(f"{source}: shard path {name!r} is not a file name")
+  relative = pathlib.PurePosixPath(name)
+  if relative.is_absolute() or ".." in relative.parts or "\\" in name:
+    raise CheckpointError(f"{source}: shard path {name!r} must be a relative path inside {folder}")
+  file = folder / relative
+  resolved = file.resolve()
+  roots = _weights_roots(folder)
+  if not any(resolved == root or root in resolved.parents for root in roots):
+    raise CheckpointError(f"{source}: shard {name!r} resolves to {resolved}, outside {folder} "
+                          "(links out of the checkpoint folder are not followed)")
+  return file
 
 
 def read_hf_config(path: PathLike) -> dict[str, Any]:
@@ -258,7 +296,9 @@ def family_of(hf_config: Mapping[str, Any], source: str = CONFIG_FILE) -> str:
   model_type = hf_config.get("model_type")
   if model_type is None:
     raise CheckpointError(f"{source} has no 'model_type'; supported: 'llada', 'Dream'")
-  family = str(model_type).lower()
+  if not isinstance(model_type, str):
+    raise CheckpointError(f"{source}: model_type must be a string, got {model_type!r}")
+  family = model_type.lower()
   if family not in ("llada", "dream"):
     raise CheckpointError(f"{source}: unknown model_type {model_type!r}; supported: 'llada', 'Dream'")
   return family
@@ -274,8 +314,12 @@ def read_tensor_index(path: PathLike) -> tuple[dict[str, TensorEntry], Optional[
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index_file} has no 'weight_map' object")
     entries: dict[str, TensorEntry] = {}
+    bad_names = sorted(repr(n) for n, v in weight_map.items() if not isinstance(v, str))
+    if bad_names:
+      raise CheckpointError(f"{index_file}: weight_map values must be shard file names; "
+                            f"tensor(s) {', '.join(bad_names[:3])} map to something else")
     for shard in sorted(set(weight_map.values())):
-      shard_file = folder / shard
+      shard_file = _weights_file(folder, shard, index_file)
       if not shard_file.is_file():
         users = sorted(n for n, s in weight_map.items() if s == shard)
         raise CheckpointError(f"{index_file} maps {len(users)} tensor(s) (e.g. {users[0]!r}) to "
@@ -295,17 +339,41 @@ def read_tensor_index(path: PathLike) -> tuple[dict[str, TensorEntry], Optional[
   single = folder / SINGLE_WEIGHTS_FILE
   if not single.is_file():
     raise CheckpointError(f"No weights in {folder}: neither {SINGLE_WEIGHTS_FILE} nor {INDEX_FILE} found")
-  return read_safetensors_header(single), None
+  return read_safetensors_header(_weights_file(folder, SINGLE_WEIGHTS_FILE, folder)), None
 
 
 # ------------------------------------------------------------------------------------------------
 # config.json <-> ModelConfig
 # ------------------------------------------------------------------------------------------------
 
-def _require(hf_config: Mapping[str, Any], key: str) -> Any:
-  if hf_config.get(key) is None:
-    raise CheckpointError(f"{CONFIG_FILE} is missing required key {key!r}")
-  return hf_config[key]
+_REQUIRED = object()
+
+
+def _field(hf_config: Mapping[str, Any], key: str, kind: str, default: Any = _REQUIRED, *,
+           minimum: Optional[float] = None, exclusive: bool = False) -> Any:
+  """``config.json[key]`` checked for type (``"int"``: an integer, not a bool; ``"float"``: a
+  finite number; ``"bool"``) and range (>= ``minimum``, or > with ``exclusive``); a missing or
+  null key gives ``default``. Raises `CheckpointError` naming the key, expected and got."""
+  value = hf_config.get(key)
+  if value is None:
+    if default is _REQUIRED:
+      raise CheckpointError(f"{CONFIG_FILE} is missing required key {key!r}")
+    return default
+  if kind == "int":
+    ok = _is_int(value) or (isinstance(value, float) and value.is_integer())
+    value = int(value) if ok else value
+  elif kind == "float":
+    ok = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value))
+    value = float(value) if ok else value
+  else:
+    ok = isinstance(value, bool)
+  if not ok:
+    expected = {"int": "an integer", "float": "a finite number", "bool": "true or false"}[kind]
+    raise CheckpointError(f"{CONFIG_FILE}: {key} must be {expected}, got {value!r} "
+                          f"({type(value).__name__})")
+  if minimum is not None and (value <= minimum if exclusive else value < minimum):
+    raise CheckpointError(f"{CONFIG_FILE}: {key} must be {'>' if exclusive else '>='} {minimum}, got {value!r}")
+  return value
 
 
 def _check_unsupported(hf_config: Mapping[str, Any], expected: Mapping[str, Any]) -> None:
@@ -323,36 +391,49 @@ def _architecture_from_hf(hf_config: Mapping[str, Any], family: str) -> dict[str
         "alibi": (False,), "attention_layer_norm": (False,), "input_emb_norm": (False,),
         "scale_logits": (False,), "layer_norm_type": ("rms",), "activation_type": ("silu",),
         "rope": (True,), "layer_norm_with_affine": (True,), "bias_for_layer_norm": (False,)})
-    d_model, n_heads = int(_require(hf_config, "d_model")), int(_require(hf_config, "n_heads"))
-    if hf_config.get("multi_query_attention"):
+    d_model = _field(hf_config, "d_model", "int", minimum=1)
+    n_heads = _field(hf_config, "n_heads", "int", minimum=1)
+    if d_model % n_heads:
+      raise CheckpointError(f"{CONFIG_FILE}: d_model={d_model} is not a multiple of n_heads={n_heads}")
+    if _field(hf_config, "multi_query_attention", "bool", False):
       n_kv_heads = 1
     else:
-      n_kv_heads = int(hf_config.get("n_kv_heads") or n_heads)
-    mlp = hf_config.get("mlp_hidden_size") or int(hf_config.get("mlp_ratio", 4)) * d_model
+      n_kv_heads = _field(hf_config, "n_kv_heads", "int", n_heads, minimum=1)
+    mlp = _field(hf_config, "mlp_hidden_size", "int", None, minimum=1)
+    if mlp is None:
+      mlp = _field(hf_config, "mlp_ratio", "int", 4, minimum=1) * d_model
+    vocab_key = "embedding_size" if hf_config.get("embedding_size") is not None else "vocab_size"
     return dict(
-        family="llada", vocab_size=int(hf_config.get("embedding_size") or _require(hf_config, "vocab_size")),
-        d_model=d_model, n_layers=int(_require(hf_config, "n_layers")), n_heads=n_heads,
-        n_kv_heads=n_kv_heads, head_dim=d_model // n_heads, mlp_hidden_size=int(mlp),
-        rope_theta=float(hf_config.get("rope_theta", 10000.0)),
-        norm_eps=float(hf_config.get("rms_norm_eps", 1e-5)),
-        qkv_bias=bool(hf_config.get("include_qkv_bias", False)),
+        family="llada", vocab_size=_field(hf_config, vocab_key, "int", minimum=1),
+        d_model=d_model, n_layers=_field(hf_config, "n_layers", "int", minimum=1), n_heads=n_heads,
+        n_kv_heads=n_kv_heads, head_dim=d_model // n_heads, mlp_hidden_size=mlp,
+        rope_theta=_field(hf_config, "rope_theta", "float", 10000.0, minimum=0, exclusive=True),
+        norm_eps=_field(hf_config, "rms_norm_eps", "float", 1e-5, minimum=0, exclusive=True),
+        qkv_bias=_field(hf_config, "include_qkv_bias", "bool", False),
         logit_alignment="same_position", positions_from_padding=False,
-        max_seq_len=int(hf_config.get("max_sequence_length", 4096)))
+        max_seq_len=_field(hf_config, "max_sequence_length", "int", 4096, minimum=1))
   _check_unsupported(hf_config, {"tie_word_embeddings": (False,), "hidden_act": ("silu",),
                                  "use_sliding_window": (False,)})
   if hf_config.get("rope_scaling") is not None:
     raise CheckpointError(f"{CONFIG_FILE}: rope_scaling={hf_config['rope_scaling']!r} is not supported")
-  hidden, n_heads = int(_require(hf_config, "hidden_size")), int(_require(hf_config, "num_attention_heads"))
+  hidden = _field(hf_config, "hidden_size", "int", minimum=1)
+  n_heads = _field(hf_config, "num_attention_heads", "int", minimum=1)
+  head_dim = _field(hf_config, "head_dim", "int", None, minimum=1)
+  if head_dim is None:
+    if hidden % n_heads:
+      raise CheckpointError(f"{CONFIG_FILE}: hidden_size={hidden} is not a multiple of "
+                            f"num_attention_heads={n_heads} (and no head_dim is given)")
+    head_dim = hidden // n_heads
   return dict(
-      family="dream", vocab_size=int(_require(hf_config, "vocab_size")), d_model=hidden,
-      n_layers=int(_require(hf_config, "num_hidden_layers")), n_heads=n_heads,
-      n_kv_heads=int(hf_config.get("num_key_value_heads") or n_heads),
-      head_dim=int(hf_config.get("head_dim") or hidden // n_heads),
-      mlp_hidden_size=int(_require(hf_config, "intermediate_size")),
-      rope_theta=float(hf_config.get("rope_theta", 10000.0)),
-      norm_eps=float(hf_config.get("rms_norm_eps", 1e-6)), qkv_bias=True,
-      logit_alignment="shifted", positions_from_padding=True,
-      max_seq_len=int(hf_config.get("max_position_embeddings", 2048)))
+      family="dream", vocab_size=_field(hf_config, "vocab_size", "int", minimum=1), d_model=hidden,
+      n_layers=_field(hf_config, "num_hidden_layers", "int", minimum=1), n_heads=n_heads,
+      n_kv_heads=_field(hf_config, "num_key_value_heads", "int", n_heads, minimum=1),
+      head_dim=head_dim,
+      mlp_hidden_size=_field(hf_config, "intermediate_size", "int", minimum=1),
+      rope_theta=_field(hf_config, "rope_theta", "float", 10000.0, minimum=0, exclusive=True),
+      norm_eps=_field(hf_config, "rms_norm_eps", "float", 1e-6, minimum=0, exclusive=True),
+      qkv_bias=True, logit_alignment="shifted", positions_from_padding=True,
+      max_seq_len=_field(hf_config, "max_position_embeddings", "int", 2048, minimum=1))
 
 
 def model_config_from_hf(path: PathLike, hf_config: Optional[Mapping[str, Any]] = None,
@@ -360,9 +441,16 @@ def model_config_from_hf(path: PathLike, hf_config: Optional[Mapping[str, Any]] 
   """`ModelConfig` of a HF folder: architecture from config.json, special ids from config.json /
   tokenizer files (`resolve_special_token_ids`), then ``overrides``."""
   hf_config = read_hf_config(path) if hf_config is None else hf_config
-  family = family_of(hf_config, str(pathlib.Path(path) / CONFIG_FILE))
-  fields = _architecture_from_hf(hf_config, family)
-  fields.update(resolve_special_token_ids(path, family, hf_config, vocab_size=fields["vocab_size"]))
+  config_file = pathlib.Path(path) / CONFIG_FILE
+  family = family_of(hf_config, str(config_file))
+  try:
+    fields = _architecture_from_hf(hf_config, family)
+    fields.update(resolve_special_token_ids(path, family, hf_config, vocab_size=fields["vocab_size"]))
+  except CheckpointError as e:
+    message = str(e)
+    if message.startswith(CONFIG_FILE):  # name the file with its folder
+      raise CheckpointError(f"{config_file}{message[len(CONFIG_FILE):]}") from e
+    raise
   unknown = set(overrides) - {f.name for f in dataclasses.fields(ModelConfig)}
   if unknown:
     raise TypeError(f"Unknown ModelConfig override(s) {sorted(unknown)}")
@@ -413,7 +501,10 @@ def resolve_special_token_ids(path: Optional[PathLike], family: str,
   folder = None if path is None else pathlib.Path(path)
   if tokenizer is None and folder is not None and (folder / TOKENIZER_FILE).is_file():
     import tokenizers
-    tokenizer = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    try:
+      tokenizer = tokenizers.Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+    except Exception as e:  # the Rust parser raises a plain Exception on any malformed file
+      raise CheckpointError(f"{folder / TOKENIZER_FILE} cannot be parsed: {str(e)[:200]}") from e
   if tokenizer is not None:
     for field, token in SPECIAL_TOKEN_STRINGS[family].items():
       token_id = tokenizer.token_to_id(token)
@@ -422,6 +513,8 @@ def resolve_special_token_ids(path: Optional[PathLike], family: str,
         from_preset.discard(field)
     if folder is not None and (folder / TOKENIZER_CONFIG_FILE).is_file():
       tokenizer_config = _read_json(folder / TOKENIZER_CONFIG_FILE, "Tokenizer config")
+      if not isinstance(tokenizer_config, dict):
+        raise CheckpointError(f"{folder / TOKENIZER_CONFIG_FILE} must hold a JSON object")
       for key, field in _TOKENIZER_CONFIG_KEYS.items():
         token = tokenizer_config.get(key)
         if isinstance(token, dict):
@@ -436,7 +529,7 @@ def resolve_special_token_ids(path: Optional[PathLike], family: str,
     if isinstance(value, list):  # HF allows a list of EOS ids; the first is the canonical one
       value = value[0] if value else None
     if value is not None:
-      ids[field] = int(value)
+      ids[field] = _field({field: value}, field, "int", minimum=0)
       from_preset.discard(field)
   if vocab_size is not None:
     for field in ("eot_token_id", "bos_token_id"):

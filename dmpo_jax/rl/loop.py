@@ -42,6 +42,29 @@ class ConfigError(cli.UserError, ValueError):
   """A training config that cannot run (the message names the key and the problem)."""
 
 
+class WorkdirError(ConfigError):
+  """The workdir holds a previous run's metrics but no checkpoint to resume from."""
+
+
+def check_workdir(workdir: pathlib.Path, overwrite: bool) -> None:
+  """Refuses a fresh start over an earlier run's metrics (rows would be appended twice).
+
+  A workdir with a checkpoint resumes (metrics.jsonl is cut back to the restored step); one with
+  metric rows but no checkpoint (killed before the first save, or checkpoints/ deleted) needs
+  ``overwrite=True``, which starts clean: the old rows are dropped. Raises `WorkdirError`.
+  """
+  checkpoint_dir = pathlib.Path(workdir) / "checkpoints"
+  if checkpoint_dir.is_dir() and checkpointing.TrainCheckpointer.steps_in(checkpoint_dir):
+    return
+  metrics_file = pathlib.Path(workdir) / metrics_lib.METRICS_FILE
+  if overwrite or not metrics_file.is_file() or not metrics_file.read_text(errors="replace").strip():
+    return
+  raise WorkdirError(
+      f"{metrics_file} holds metrics of an earlier run but {checkpoint_dir} has no checkpoint to "
+      "resume from; pass --overwrite to start from scratch (its rows are discarded) or use "
+      "another --workdir")
+
+
 # ------------------------------------------------------------------------------------------------
 # Config validation and model loading
 # ------------------------------------------------------------------------------------------------
@@ -261,11 +284,16 @@ class Trainer:
   """Holds the compiled functions and the run's state; `run` is the loop."""
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
+  # Start over in a workdir holding metrics but no checkpoint (`check_workdir`).
+  overwrite: bool = False
+  # Damaged latest checkpoint: resume from the newest intact one instead of failing.
+  fallback_to_previous_checkpoint: bool = False
 
   def __post_init__(self):
     config = self.config
     self.workdir = pathlib.Path(self.workdir)
     validate_config(config, jax.device_count())
+    check_workdir(self.workdir, self.overwrite)
     self.task = task_base.get_task(config.task.name)
     with cli.user_input(f"task {config.task.name} data"):  # before the (slow) model load
       self.data = self.load_data()
@@ -473,20 +501,23 @@ class Trainer:
     ckpt = checkpointing.TrainCheckpointer(self.workdir / "checkpoints",
                                            save_interval_steps=c.checkpoint.every_steps,
                                            max_to_keep=c.checkpoint.max_to_keep)
-    start_step = ckpt.latest_step() or 0
+    start_step = 0
+    if ckpt.latest_step() is not None:
+      restored = ckpt.restore(abstract_state=self.state, fallback=self.fallback_to_previous_checkpoint)
+      start_step = int(restored.metadata["checkpoint_step"])
+      self.state = jax.device_put(restored.state, self.state_shardings)
+      iterator.set_state(restored.iterator_state)
+      _log.info("resumed from step %d", start_step)
     reference_dir = self.workdir / "reference_model"
+    # Resume: rows after the restored step are dropped (they are recomputed). Fresh start: any
+    # rows left by an earlier run without a checkpoint (allowed by `overwrite`) are dropped too.
     writer = metrics_lib.MetricWriter(self.workdir, process_index=jax.process_index(),
-                                      resume_step=start_step if start_step else None,
+                                      resume_step=start_step if start_step else -1,
                                       wandb=bool(c.wandb.enabled), wandb_project=c.wandb.project,
                                       config=c.to_dict())
     results: dict[str, Any] = {}
     bar_enabled = bool(c.progress_bar)
-    if start_step:
-      restored = ckpt.restore(start_step, abstract_state=self.state)
-      self.state = jax.device_put(restored.state, self.state_shardings)
-      iterator.set_state(restored.iterator_state)
-      _log.info("resumed from step %d", start_step)
-    else:
+    if not start_step:
       if c.sft.num_steps:
         results.update(self.warmup(warmup_examples, bar_enabled))
       initial_eval = self.evaluate(self.state.params, held_out)
@@ -610,9 +641,15 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> Optional[i
   return step if step is not None and step >= config.num_steps else None
 
 
-def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
+          fallback_to_previous_checkpoint: bool = False) -> dict[str, Any]:
   """Runs (or resumes) training in ``workdir``; returns summary numbers. A finished run (its last
-  checkpoint at ``num_steps``) is left as it is: ``{"finished": step, "final_model": ...}``."""
+  checkpoint at ``num_steps``) is left as it is: ``{"finished": step, "final_model": ...}``.
+
+  ``overwrite``: start over in a workdir that holds metrics but no checkpoint (otherwise an
+  error). ``fallback_to_previous_checkpoint``: if the latest checkpoint fails its checksums,
+  resume from the newest intact one (otherwise the error stops the run).
+  """
   validate_config(config, jax.device_count())
   step = finished_step(config, workdir)
   if step is not None:
@@ -620,4 +657,5 @@ def train(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     _log.info("the run in %s is finished (step %d of num_steps=%d); its final model is %s. Raise "
               "--config.num_steps to train further.", workdir, step, config.num_steps, final)
     return {"finished": step, "final_model": str(final)}
-  return Trainer(config, pathlib.Path(workdir)).run()
+  return Trainer(config, pathlib.Path(workdir), overwrite=overwrite,
+                 fallback_to_previous_checkpoint=fallback_to_previous_checkpoint).run()

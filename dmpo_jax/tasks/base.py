@@ -18,6 +18,8 @@ import csv
 import dataclasses
 import gzip
 import json
+import logging
+import math
 import os
 import pathlib
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
@@ -41,6 +43,8 @@ D1_EVAL_TASKS = ("gsm8k", "math", "countdown", "sudoku")
 REASONING_PREFILL = "<reasoning>"
 
 # `tasks.md` §1: d1's format instruction used by all training prompts except Sudoku.
+_log = logging.getLogger(__name__)
+
 SYSTEM_PROMPT = ("\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n"
                  "<answer>\n...\n</answer>\n")
 
@@ -91,29 +95,108 @@ def default_data_file(task: str, relative_path: str, data_dir: Optional[os.PathL
   return str(path)
 
 
-def read_records(source: os.PathLike | str, split: Optional[str] = None,
-                 hf_config: Optional[str] = None) -> List[Example]:
-  """Reads rows from a local file or, when ``source`` is no existing path, a HF dataset name.
+# Rows nested deeper than this are refused (a row is a flat record; deep nesting only serves to
+# exhaust the recursion limit of later code).
+MAX_ROW_DEPTH = 32
 
-  Local formats by suffix: ``.jsonl`` / ``.jsonl.gz`` (one object a line), ``.json`` (an array of
-  objects, or an object ``{"data": [...]}``), ``.csv`` (header row), ``.parquet`` (needs pyarrow).
-  A Hugging Face name (e.g. ``openai/gsm8k``) needs the `datasets` package and network access;
-  ``split`` and ``hf_config`` are passed to ``datasets.load_dataset``.
-  """
-  path = pathlib.Path(source)
+
+@dataclasses.dataclass(frozen=True)
+class BadRow:
+  """A row that cannot be used: its 0-based position among the file's rows (blank lines not
+  counted), its 1-based line in a JSONL file (None for other formats) and what is wrong."""
+  index: int
+  line: Optional[int]
+  reason: str
+
+  def describe(self) -> str:
+    where = f"row {self.index}" + (f" (line {self.line})" if self.line is not None else "")
+    return f"{where}: {self.reason}"
+
+  def to_json(self) -> Dict[str, Any]:
+    return {"index": self.index, **({"line": self.line} if self.line is not None else {}),
+            "skipped": self.reason}
+
+
+@dataclasses.dataclass
+class RowTable:
+  """What `read_rows` read: ``rows`` as (index, row) pairs of usable rows, ``bad`` the others."""
+  source: str
+  rows: List[Tuple[int, Example]]
+  bad: List[BadRow]
+
+  @property
+  def num_rows(self) -> int:
+    return len(self.rows) + len(self.bad)
+
+
+def check_row(row: Any) -> Optional[str]:
+  """Why ``row`` is unusable (None when it is fine): it must be a JSON object whose strings are
+  valid Unicode (no lone surrogates, e.g. from a ``"\\ud800"`` escape), whose numbers are finite
+  (Python's JSON reader accepts ``NaN`` and ``Infinity``) and which is nested at most
+  `MAX_ROW_DEPTH` levels. Checked without recursion."""
+  if not isinstance(row, dict):
+    shown = repr(row)[:40]
+    return f"expected a JSON object, got {type(row).__name__} {shown}"
+  stack = [((), row, 1)]
+  while stack:
+    path, value, depth = stack.pop()
+    name = ".".join(str(p) for p in path) or "<row>"
+    if depth > MAX_ROW_DEPTH:
+      return f"nested deeper than {MAX_ROW_DEPTH} levels (at {name!r})"
+    if isinstance(value, dict):
+      for key, item in value.items():
+        if isinstance(key, str) and not _is_valid_unicode(key):
+          return f"a field name under {name!r} is not valid Unicode (lone surrogate)"
+        stack.append((path + (key,), item, depth + 1))
+    elif isinstance(value, (list, tuple)):
+      stack.extend((path + (i,), item, depth + 1) for i, item in enumerate(value))
+    elif isinstance(value, str) and not _is_valid_unicode(value):
+      return f"field {name!r} is not valid Unicode (lone surrogate)"
+    elif isinstance(value, float) and not math.isfinite(value):
+      return f"field {name!r} is {value} (not a finite number)"
+  return None
+
+
+def _is_valid_unicode(text: str) -> bool:
+  try:
+    text.encode("utf-8")
+  except UnicodeEncodeError:
+    return False
+  return True
+
+
+def _parse_jsonl_line(raw: bytes) -> Tuple[Any, Optional[str]]:
+  """(value, None) or (None, reason) for one JSONL line."""
+  try:
+    text = raw.decode("utf-8")
+  except UnicodeDecodeError as e:
+    return None, f"binary data: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})"
+  try:
+    return json.loads(text), None
+  except RecursionError:
+    return None, f"JSON nested too deeply to parse (more than {MAX_ROW_DEPTH} levels allowed)"
+  except ValueError as e:
+    return None, f"not valid JSON: {e}"
+
+
+def _read_file_records(path: pathlib.Path) -> Tuple[List[Tuple[int, Optional[int], Any]], List[BadRow]]:
+  """(index, line, value) of every record of a local file, plus the lines that do not parse."""
   name = path.name.lower()
-  if path.is_file():
-    if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
-      opener = gzip.open if name.endswith(".gz") else open
-      rows = []
-      with opener(path, "rt", encoding="utf-8") as f:
-        for line_number, line in enumerate(f, 1):
-          if line.strip():
-            try:
-              rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-              raise ValueError(f"{path}: line {line_number} is not valid JSON: {e}") from e
-      return rows
+  if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
+    opener = gzip.open if name.endswith(".gz") else open
+    records, bad = [], []
+    with opener(path, "rb") as f:
+      for line_number, raw in enumerate(f, 1):
+        if not raw.strip():
+          continue
+        index = len(records) + len(bad)
+        value, reason = _parse_jsonl_line(raw.strip())
+        if reason is None:
+          records.append((index, line_number, value))
+        else:
+          bad.append(BadRow(index, line_number, reason))
+    return records, bad
+  try:
     if name.endswith(".json"):
       with open(path, encoding="utf-8") as f:
         data = json.load(f)
@@ -121,29 +204,84 @@ def read_records(source: os.PathLike | str, split: Optional[str] = None,
         data = data["data"]
       if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
-      return data
-    if name.endswith(".csv"):
+    elif name.endswith(".csv"):
       with open(path, newline="", encoding="utf-8") as f:
-        return list(csv.DictReader(f))
-    if name.endswith(".parquet"):
+        data = list(csv.DictReader(f))
+    elif name.endswith(".parquet"):
       try:
         import pyarrow.parquet as pq  # pylint: disable=import-outside-toplevel
       except ImportError as e:
         raise ImportError(f"reading {path} needs pyarrow (pip install pyarrow)") from e
-      return pq.read_table(path).to_pylist()
-    raise ValueError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .csv, "
-                     ".parquet)")
-  if path.exists():
+      data = pq.read_table(path).to_pylist()
+    else:
+      raise ValueError(f"{path}: unsupported file type (expected .jsonl, .jsonl.gz, .json, .csv, "
+                       ".parquet)")
+  except (UnicodeDecodeError, RecursionError, json.JSONDecodeError) as e:
+    # One document: a parse failure cannot be narrowed to a row.
+    raise ValueError(f"{path}: cannot be parsed: {type(e).__name__}: {str(e)[:200]}") from e
+  return [(i, None, row) for i, row in enumerate(data)], []
+
+
+def read_rows(source: os.PathLike | str, split: Optional[str] = None,
+              hf_config: Optional[str] = None) -> RowTable:
+  """Reads rows from a local file or, when ``source`` is no existing path, a HF dataset name,
+  checking each on its own: unusable rows (binary data, broken JSON, a lone surrogate, a value
+  that is no JSON object, deep nesting, a non-finite number; `check_row`) are returned in
+  ``bad`` with the reason instead of failing the file. Loaders and launch/score.py use this.
+
+  Local formats by suffix: ``.jsonl`` / ``.jsonl.gz`` (one object a line), ``.json`` (an array of
+  objects, or an object ``{"data": [...]}``), ``.csv`` (header row), ``.parquet`` (needs pyarrow).
+  A Hugging Face name (e.g. ``openai/gsm8k``) needs the `datasets` package and network access;
+  ``split`` and ``hf_config`` are passed to ``datasets.load_dataset``.
+  """
+  path = pathlib.Path(source)
+  if path.is_file():
+    records, bad = _read_file_records(path)
+  elif path.exists():
     raise ValueError(f"{path} is not a file")
-  if "/" not in str(source) or str(source).startswith((".", "/")):
+  elif "/" not in str(source) or str(source).startswith((".", "/")):
     raise FileNotFoundError(f"dataset file {source} not found (and it is no Hugging Face name)")
-  try:
-    import datasets  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ImportError(f"{source!r} is no local file; loading it from the Hugging Face hub needs the "
-                      "`datasets` package and network access") from e
-  dataset = datasets.load_dataset(str(source), hf_config, split=split or "train")
-  return [dict(row) for row in dataset]
+  else:
+    try:
+      import datasets  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+      raise ImportError(f"{source!r} is no local file; loading it from the Hugging Face hub needs "
+                        "the `datasets` package and network access") from e
+    dataset = datasets.load_dataset(str(source), hf_config, split=split or "train")
+    records, bad = [(i, None, dict(row)) for i, row in enumerate(dataset)], []
+  rows = []
+  for index, line, value in records:
+    reason = check_row(value)
+    if reason is None:
+      rows.append((index, value))
+    else:
+      bad.append(BadRow(index, line, reason))
+  bad.sort(key=lambda b: b.index)
+  return RowTable(str(source), rows, bad)
+
+
+def map_rows(rows: Sequence[Tuple[int, Example]], fn: Callable[[int, Example], Any]
+             ) -> Tuple[List[Tuple[int, Any]], List[BadRow]]:
+  """``fn(index, row)`` for each (index, row) pair, one row at a time: a KeyError, ValueError or
+  TypeError skips that row, recorded as a `BadRow` with the reason. Returns ((index, result)
+  pairs, bad rows)."""
+  done, bad = [], []
+  for index, row in rows:
+    try:
+      done.append((index, fn(index, row)))
+    except (KeyError, ValueError, TypeError) as e:
+      message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its text
+      bad.append(BadRow(index, None, f"{type(e).__name__}: {message}"))
+  return done, bad
+
+
+def read_records(source: os.PathLike | str, split: Optional[str] = None,
+                 hf_config: Optional[str] = None) -> List[Example]:
+  """All rows of ``source`` (`read_rows`); the first unusable row is a ValueError naming it."""
+  table = read_rows(source, split=split, hf_config=hf_config)
+  if table.bad:
+    raise ValueError(f"{source}: {table.bad[0].describe()}")
+  return [row for _, row in table.rows]
 
 
 def require_fields(rows: Sequence[Example], fields: Sequence[str], source: Any) -> None:
@@ -189,17 +327,23 @@ class Task:
     """Maps a raw row (any supported source format) to the task's normalised example."""
     raise NotImplementedError
 
-  def load_rows(self, source: str, split: Optional[str] = None, hf_config: Optional[str] = None
-                ) -> List[Example]:
-    rows = read_records(source, split=split, hf_config=hf_config)
-    if not rows:
+  def load_rows(self, source: str, split: Optional[str] = None, hf_config: Optional[str] = None,
+                *, strict: bool = False) -> List[Example]:
+    """Normalised examples of ``source`` (`read_rows`). A row that cannot be read or normalised
+    is skipped with a warning naming it and the reason (``strict``: a ValueError instead); a
+    file without a single usable row is an error."""
+    table = read_rows(source, split=split, hf_config=hf_config)
+    normalized, bad = map_rows(table.rows, lambda _, row: self.normalize(row))
+    out = [example for _, example in normalized]
+    bad = sorted(table.bad + bad, key=lambda b: b.index)
+    if bad and (strict or not out):
+      raise ValueError(f"{source}: {len(bad)} of {table.num_rows} row(s) unusable; first: "
+                       f"{bad[0].describe()}" if table.num_rows else f"{source}: no rows")
+    if not table.num_rows:
       raise ValueError(f"{source}: no rows")
-    out = []
-    for index, row in enumerate(rows):
-      try:
-        out.append(self.normalize(row))
-      except (KeyError, ValueError) as e:
-        raise ValueError(f"{source}: row {index} cannot be read as a {self.name} example: {e}") from e
+    if bad:
+      _log.warning("%s: skipped %d of %d row(s): %s%s", source, len(bad), table.num_rows,
+                   "; ".join(b.describe() for b in bad[:5]), " ..." if len(bad) > 5 else "")
     return out
 
   # ---- prompts
