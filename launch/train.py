@@ -51,8 +51,13 @@ def _run():
   if _DISTRIBUTED.value:
     jax.distributed.initialize()
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
-  results = loop.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value,
-                       fallback_to_previous_checkpoint=_FALLBACK.value)
+  from dmpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
+  try:
+    results = loop.train(config, _WORKDIR.value, overwrite=_OVERWRITE.value,
+                         fallback_to_previous_checkpoint=_FALLBACK.value)
+  except checkpointing.CheckpointIntegrityError as e:
+    raise cli.UserError(f"{e} (--fallback_to_previous_checkpoint resumes from the newest intact "
+                        "checkpoint)") from e
   if _PLOT.value and jax.process_index() == 0 and "finished" not in results:
     from launch import plot  # pylint: disable=import-outside-toplevel
     try:
