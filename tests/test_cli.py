@@ -49,7 +49,8 @@ def files(tmp_path_factory):
   root = tmp_path_factory.mktemp("cli")
   config = get_preset("tiny")
   checkpointing.save_model_checkpoint(root / "ckpt", create_model(config, seed=0), config)
-  (root / "bad.jsonl").write_text('{"question": "1+1?", "answer": "2"}\nnot json\n')
+  # Every row unusable: loaders skip single bad rows with a warning, an all-bad file is an error.
+  (root / "bad.jsonl").write_text('not json\n{"question": "1+1?"\n')
   (root / "bad.json").write_text('{"rows": 3}')
   return root
 
@@ -94,7 +95,7 @@ ERRORS = [
     (_train("w7", "--config.model.checkpoint=missing"), "model.checkpoint=missing does not exist", "w7"),
     (_train("w8", "--config.num_steps=abc"), "--config.num_steps=abc", "w8"),
     (_train("w9", "--config.task.name=gsm8k", "--config.task.train_source=bad.jsonl"),
-     "bad.jsonl: line 2 is not valid JSON", "w9"),
+     "bad.jsonl: 2 of 2 row(s) unusable", "w9"),
     # generate
     (("generate", ["--checkpoint=missing", "--prompt=x"]), "model checkpoint missing does not exist",
      None),
@@ -104,7 +105,7 @@ ERRORS = [
     # eval
     (("eval", ["--checkpoint=missing", "--task=gsm8k", "--output_dir=e1"]), "does not exist", "e1"),
     (("eval", ["--checkpoint=ckpt", "--task=gsm8k", "--eval_source=bad.jsonl", "--output_dir=e2"]),
-     "bad.jsonl: line 2 is not valid JSON", "e2"),
+     "bad.jsonl: 2 of 2 row(s) unusable", "e2"),
     (("eval", ["--checkpoint=ckpt", "--task=gsm8k", "--steps=zero", "--output_dir=e3"]),
      "--steps=zero", "e3"),
     # score
