@@ -160,13 +160,13 @@ def test_prefix_cache_exact_with_one_layer_and_close_with_two():
   graphdef1, params1 = _model(n_layers=1)
   base = SamplerConfig(gen_length=L, steps=4, block_length=K)
   exact = _run(graphdef1, params1, base)
-  cached = _run(graphdef1, params1, base.replace(use_prefix_cache=True))
+  cached = _run(graphdef1, params1, base.replace(cache="prefix"))
   np.testing.assert_array_equal(cached.sequences, exact.sequences)
   assert int(cached.num_forward_passes) == 4
 
   graphdef, params = _model()
   reference = _run(graphdef, params, base.replace(cfg_scale=0.5))
-  approx = _run(graphdef, params, base.replace(cfg_scale=0.5, use_prefix_cache=True))
+  approx = _run(graphdef, params, base.replace(cfg_scale=0.5, cache="prefix"))
   agreement = (approx.sequences == reference.sequences)[:, PROMPT.shape[1]:].mean()
   assert (approx.sequences[:, PROMPT.shape[1]:] != CONFIG.mask_token_id).all()
   # The first block is decoded from the same prefix (prompt only), so it agrees up to the
