@@ -3,7 +3,8 @@
   python launch/generate.py --checkpoint=PATH --prompt="What is 2+3?" [--prompt=...]
       [--gen_length=128 --steps=128 --block_length=32 --temperature=0 --remasking=low_confidence
        --cfg_scale=0 --logits_eos_inf --confidence_eos_eot_inf --eos_eot_aliased
-       --threshold=0.9 --prefix_cache --sampler=llada|dream --alg=entropy --top_p --top_k
+       --cache=none|prefix|dual --threshold=0.9 | --factor=1.0 --max_tokens_per_step=N
+       --stop_at_eos --reference_quota --sampler=llada|dream --alg=entropy --top_p --top_k
        --alg_temp --seed=0 --num_samples=1 --dtype=bfloat16 --tokenizer=PATH|byte --no_chat]
   python launch/generate.py --checkpoint=PATH --prompt_ids=1,2,3 --output_ids
 
@@ -33,7 +34,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dmpo_jax.diffusion.dream_sampler import DREAM_ALGS, DreamSamplerConfig, dream_generate  # noqa: E402
-from dmpo_jax.diffusion.sampler import REMASKING, SamplerConfig, generate  # noqa: E402
+from dmpo_jax.diffusion.sampler import CACHES, REMASKING, SamplerConfig, generate  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -61,8 +62,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   p.add_argument("--confidence_eos_eot_inf", action="store_true")
   p.add_argument("--eos_eot_aliased", action="store_true",
                  help="reproduce the reference's aliased EOS/EOT confidence assignment")
+  p.add_argument("--reference_quota", action="store_true",
+                 help="masked positions before the block compete for its quota (reference)")
+  p.add_argument("--cache", choices=CACHES, default="none", help="Fast-dLLM KV cache per block")
   p.add_argument("--threshold", type=float, default=None, help="Fast-dLLM confidence threshold")
-  p.add_argument("--prefix_cache", action="store_true", help="Fast-dLLM per-block prefix KV cache")
+  p.add_argument("--factor", type=float, default=None, help="Fast-dLLM factor rule")
+  p.add_argument("--max_tokens_per_step", type=int, default=None,
+                 help="cap on the tokens --threshold / --factor commit per step")
+  p.add_argument("--stop_at_eos", action="store_true",
+                 help="skip the remaining blocks once every row is EOS-padded")
   p.add_argument("--alg", choices=DREAM_ALGS, default="entropy", help="Dream reveal order")
   p.add_argument("--alg_temp", type=float, default=0.0)
   p.add_argument("--top_p", type=float, default=None)
@@ -138,8 +146,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
         temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
         logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
-        eos_eot_aliased=args.eos_eot_aliased, threshold=args.threshold,
-        use_prefix_cache=args.prefix_cache)
+        eos_eot_aliased=args.eos_eot_aliased, reference_quota=args.reference_quota,
+        threshold=args.threshold, factor=args.factor, max_tokens_per_step=args.max_tokens_per_step,
+        cache=args.cache, stop_at_eos=args.stop_at_eos)
     fn = generate
   else:
     config = DreamSamplerConfig(gen_length=args.gen_length, steps=args.steps, eps=args.eps,

@@ -71,6 +71,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       errors.append(f"{prefix}.gen_length={gen} is not a multiple of {prefix}.block_length={blk}")
     elif steps % (gen // blk):
       errors.append(f"{prefix}.steps={steps} is not a multiple of the number of blocks {gen // blk}")
+    elif prefix == "rollout":
+      try:
+        rollout.sampler_config(block)
+      except ValueError as e:
+        errors.append(f"rollout: {e}")
   for name in ("num_steps", "prompts_per_step", "group_size", "updates_per_rollout",
                "minibatches_per_rollout"):
     if config[name] <= 0:
@@ -99,6 +104,12 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       errors.append(f"mesh: {e}")
   if errors:
     raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def rollout_share(times: dict[str, float]) -> float:
+  """Fraction of the RL step (rollout + reward + train, evaluation excluded) spent sampling."""
+  step = sum(times.get(f"time/{phase}", 0.0) for phase in ("rollout", "reward", "train"))
+  return times.get("time/rollout", 0.0) / step if step > 0 else 0.0
 
 
 def _mesh_shape(config, num_devices: int) -> dict[str, int]:
@@ -175,12 +186,7 @@ class Trainer:
     self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
                                            seed=config.seed))(params)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.rollout_config = sampler_lib.SamplerConfig(
-        gen_length=config.rollout.gen_length, steps=config.rollout.steps,
-        block_length=config.rollout.block_length, temperature=config.rollout.temperature,
-        remasking=config.rollout.remasking, cfg_scale=config.rollout.cfg_scale,
-        threshold=None if config.rollout.threshold < 0 else config.rollout.threshold,
-        use_prefix_cache=config.rollout.use_prefix_cache)
+    self.rollout_config = rollout.sampler_config(config.rollout)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
         block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
@@ -424,6 +430,7 @@ class Trainer:
             step_metrics.update(self.evaluate(self.state.params, held_out))
         times = timer.metrics()
         step_metrics.update(times)
+        step_metrics["time/rollout_share"] = rollout_share(times)
         step_metrics["rollout/tokens_per_second"] = metrics_lib.tokens_per_second(
             sequences.shape[0] * c.rollout.gen_length, times.get("time/rollout", 0.0))
         writer.write(done, step_metrics)
