@@ -3,14 +3,16 @@ policy's sequence ELBO of the samples, for every sampler mode. Prints one JSON o
 
   python benchmarks/sampler_quality.py --workdir=runs/sampler_quality [--train_steps=600]
 
-Task (``copy``): the prompt is ``--num_digits`` random digits and ``=``, the answer the same
-digits, then EOS padding to ``--gen_length`` (112 digits span 4 blocks of 32; the fifth block is
-EOS). The ``tiny`` preset (2 layers, so the KV caches are approximate) is trained from scratch by
+Tasks: the prompt is ``--num_digits`` random digits and ``=``. ``repeat`` (default): the answer
+is the 8 digits repeated to 104 digits; ``copy``: the answer is the 112 digits. Then EOS padding
+to ``--gen_length`` = 128 (104 or 112 digits span 4 blocks of 32). The ``tiny`` preset (2 layers, so the KV caches are approximate) is trained from scratch by
 masked-diffusion SFT (`dmpo_jax.rl.sft`, the LLaDA SFT loss), or loaded from
-``WORKDIR/model`` when a previous run saved it there.
+``WORKDIR/model`` when a previous run saved it there. The held-out prompts are written to
+``WORKDIR/prompts.jsonl`` (for ``benchmarks/sampler.py --checkpoint --prompt_ids_file``).
 
 Per mode (greedy, low-confidence, block 32; ``--steps`` for the quota modes):
-  * accuracy: % of held-out prompts whose whole answer is exact; digit_accuracy: % of digits;
+  * accuracy: % of held-out prompts whose whole completion (answer and EOS padding) is exact;
+    digit_accuracy: % of answer digits right;
   * seconds: wall time of one compiled call on all ``--num_eval`` prompts (median of
     ``--repeats``), compile excluded; forward_passes;
   * elbo: the policy's mean sequence ELBO of the samples (`dmpo_jax.diffusion.elbo`,
@@ -46,13 +48,14 @@ from dmpo_jax.rl import sft, train_state as ts  # noqa: E402
 DEFAULT_MODES = "standard,prefix_cache,dual_cache,threshold,dual_cache+threshold"
 
 
-def copy_examples(rng: np.random.Generator, n: int, num_digits: int, gen_length: int,
-                  eos: int) -> tuple[np.ndarray, np.ndarray]:
-  """(prompts int32 [n, num_digits + 1] = digits + '=', answers int32 [n, gen_length])."""
-  digits = rng.integers(0, 10, (n, num_digits)) + ord("0")
+def make_examples(rng: np.random.Generator, n: int, args, eos: int) -> tuple[np.ndarray, np.ndarray]:
+  """(prompts int32 [n, num_digits + 1] = digits + '=', answers int32 [n, gen_length]): the
+  answer is the digits tiled to ``answer_length`` (``copy``: once), then EOS padding."""
+  digits = rng.integers(0, 10, (n, args.num_digits)) + ord("0")
   prompts = np.concatenate([digits, np.full((n, 1), ord("="))], 1).astype(np.int32)
-  answers = np.full((n, gen_length), eos, np.int32)
-  answers[:, :num_digits] = digits
+  answers = np.full((n, args.gen_length), eos, np.int32)
+  answers[:, :args.answer_length] = np.tile(digits, -(-args.answer_length // args.num_digits))[
+      :, :args.answer_length]
   return prompts, answers
 
 
@@ -69,7 +72,7 @@ def train(args, model_config, eos: int):
   p = args.num_digits + 1
   start = time.perf_counter()
   for step in range(args.train_steps):
-    prompts, answers = copy_examples(rng, args.batch_size, args.num_digits, args.gen_length, eos)
+    prompts, answers = make_examples(rng, args.batch_size, args, eos)
     seqs = np.concatenate([prompts, answers], 1)
     completion = np.zeros(seqs.shape, bool)
     completion[:, p:] = True
@@ -104,22 +107,31 @@ def sequence_elbo(graphdef, params, sequences: jax.Array, prompt_len: int, num_m
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/sampler_quality")
-  p.add_argument("--num_digits", type=int, default=112)
-  p.add_argument("--gen_length", type=int, default=160)
+  p.add_argument("--task", choices=("repeat", "copy"), default="repeat")
+  p.add_argument("--num_digits", type=int, default=None, help="prompt digits (repeat 8, copy 112)")
+  p.add_argument("--answer_length", type=int, default=104,
+                 help="answer digits (copy: num_digits); > 96 spans 4 blocks of 32")
+  p.add_argument("--gen_length", type=int, default=128)
   p.add_argument("--block_length", type=int, default=32)
-  p.add_argument("--steps", type=int, default=160, help="quota modes: 1 token per step")
+  p.add_argument("--steps", type=int, default=128, help="quota modes: 1 token per step")
   p.add_argument("--threshold", type=float, default=0.9)
   p.add_argument("--factor", type=float, default=1.0)
   p.add_argument("--mode", default=DEFAULT_MODES,
                  help=f"comma-separated subset of {sampler_lib.MODES}, '+stop' appends stop_at_eos")
-  p.add_argument("--train_steps", type=int, default=600)
-  p.add_argument("--batch_size", type=int, default=32)
+  p.add_argument("--train_steps", type=int, default=400)
+  p.add_argument("--batch_size", type=int, default=16)
   p.add_argument("--learning_rate", type=float, default=3e-3)
-  p.add_argument("--num_eval", type=int, default=64)
+  p.add_argument("--num_eval", type=int, default=32)
   p.add_argument("--elbo_mc", type=int, default=4)
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
+  if args.num_digits is None:
+    args.num_digits = 8 if args.task == "repeat" else 112
+  if args.task == "copy":
+    args.answer_length = args.num_digits
+  if not 0 < args.answer_length < args.gen_length:
+    p.error(f"--answer_length={args.answer_length} must be in (0, --gen_length={args.gen_length})")
   modes = [m for m in args.mode.split(",") if m]
   for m in modes:
     sampler_lib.mode_options(m.removesuffix("+stop"))  # fail fast on unknown modes
@@ -137,9 +149,10 @@ def main(argv=None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     checkpointing.save_model_checkpoint(model_dir, params, model_config, overwrite=True)
 
-  prompts, answers = copy_examples(np.random.default_rng([args.seed, 1]), args.num_eval,
-                                   args.num_digits, args.gen_length, eos)
+  prompts, answers = make_examples(np.random.default_rng([args.seed, 1]), args.num_eval, args, eos)
   prompt_len = prompts.shape[1]
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / "prompts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prompts.tolist()))
   prompt_ids, prompt_mask = jnp.asarray(prompts), jnp.ones(prompts.shape, jnp.int32)
   elbo_fn = jax.jit(functools.partial(sequence_elbo, graphdef, prompt_len=prompt_len,
                                       num_mc=args.elbo_mc, seed=args.seed))
@@ -160,7 +173,7 @@ def main(argv=None) -> int:
       out = jax.block_until_ready(compiled(params, prompt_ids, prompt_mask, jax.random.key(r)))
       times.append(time.perf_counter() - start)
     completion = np.asarray(out.sequences)[:, prompt_len:]
-    digits_ok = completion[:, :args.num_digits] == answers[:, :args.num_digits]
+    digits_ok = completion[:, :args.answer_length] == answers[:, :args.answer_length]
     exact = (completion == answers).all(1)
     row = {"mode": mode, "accuracy": round(100 * float(exact.mean()), 2),
            "digit_accuracy": round(100 * float(digits_ok.mean()), 2),

@@ -165,11 +165,12 @@ def test_sampling_is_deterministic_per_key_and_compiles_once():
   assert (first.sequences[:, PROMPT.shape[1]:] != CONFIG.eos_token_id).all()
 
 
-def test_threshold_decoding_matches_numpy_loop():
+@pytest.mark.parametrize("rule", [{"threshold": 0.02}, {"factor": 1.5}], ids=["threshold", "factor"])
+def test_parallel_decoding_matches_numpy_loop(rule):
   graphdef, params = _model()
-  config = SamplerConfig(gen_length=L, steps=2, block_length=K, threshold=0.02, return_trace=True)
+  config = SamplerConfig(gen_length=L, steps=2, block_length=K, return_trace=True, **rule)
   out = _run(graphdef, params, config)
-  expected, expected_steps = numpy_llada(graphdef, params, PROMPT, PROMPT_MASK, L, K, 2, threshold=0.02)
+  expected, expected_steps = numpy_llada(graphdef, params, PROMPT, PROMPT_MASK, L, K, 2, **rule)
   np.testing.assert_array_equal(out.sequences, expected)
   np.testing.assert_array_equal(out.commit_step, expected_steps)
   n_steps = int(out.num_forward_passes)
@@ -357,14 +358,11 @@ def test_factor_rule_and_cap_match_reference_loop():
   assert capped[0, :2].all() and capped[1, :2].all()  # the most confident ones are kept
 
 
-def test_factor_decoding_with_cap_matches_numpy_loop():
+def test_factor_decoding_capped_at_one_token_per_step():
   graphdef, params = _model()
-  config = SamplerConfig(gen_length=L, steps=2, block_length=K, factor=1.5, return_trace=True)
-  out = _run(graphdef, params, config)
-  expected, expected_steps = numpy_llada(graphdef, params, PROMPT, PROMPT_MASK, L, K, 2, factor=1.5)
-  np.testing.assert_array_equal(out.sequences, expected)
-  np.testing.assert_array_equal(out.commit_step, expected_steps)
-  capped = _run(graphdef, params, config.replace(max_tokens_per_step=1, cache="dual"))
+  config = SamplerConfig(gen_length=L, steps=2, block_length=K, factor=1.5, return_trace=True,
+                         max_tokens_per_step=1, cache="dual")
+  capped = _run(graphdef, params, config)
   assert int(capped.num_forward_passes) == L  # one token per step
   for step in range(L):
     assert ((capped.commit_step == step).sum(1) <= 1).all()
