@@ -3,9 +3,8 @@ policy's sequence ELBO of the samples, for every sampler mode. Prints one JSON o
 
   python benchmarks/sampler_quality.py --workdir=runs/sampler_quality [--train_steps=600]
 
-Tasks: the prompt is ``--num_digits`` random digits and ``=``. ``repeat`` (default): the answer
-is the 8 digits repeated to 104 digits; ``copy``: the answer is the 112 digits. Then EOS padding
-to ``--gen_length`` = 128 (104 or 112 digits span 4 blocks of 32). The ``tiny`` preset (2 layers, so the KV caches are approximate) is trained from scratch by
+Task (``copy``): the prompt is ``--num_digits`` = 100 random digits and ``=``, the answer the same
+digits, then EOS padding to ``--gen_length`` = 128 (100 digits span 4 blocks of 32). The ``tiny`` preset (2 layers, so the KV caches are approximate) is trained from scratch by
 masked-diffusion SFT (`dmpo_jax.rl.sft`, the LLaDA SFT loss), or loaded from
 ``WORKDIR/model`` when a previous run saved it there. The held-out prompts are written to
 ``WORKDIR/prompts.jsonl`` (for ``benchmarks/sampler.py --checkpoint --prompt_ids_file``).
@@ -50,12 +49,11 @@ DEFAULT_MODES = "standard,prefix_cache,dual_cache,threshold,dual_cache+threshold
 
 def make_examples(rng: np.random.Generator, n: int, args, eos: int) -> tuple[np.ndarray, np.ndarray]:
   """(prompts int32 [n, num_digits + 1] = digits + '=', answers int32 [n, gen_length]): the
-  answer is the digits tiled to ``answer_length`` (``copy``: once), then EOS padding."""
+  answer is the digits, then EOS padding."""
   digits = rng.integers(0, 10, (n, args.num_digits)) + ord("0")
   prompts = np.concatenate([digits, np.full((n, 1), ord("="))], 1).astype(np.int32)
   answers = np.full((n, args.gen_length), eos, np.int32)
-  answers[:, :args.answer_length] = np.tile(digits, -(-args.answer_length // args.num_digits))[
-      :, :args.answer_length]
+  answers[:, :args.num_digits] = digits
   return prompts, answers
 
 
@@ -107,10 +105,7 @@ def sequence_elbo(graphdef, params, sequences: jax.Array, prompt_len: int, num_m
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--workdir", default="runs/sampler_quality")
-  p.add_argument("--task", choices=("repeat", "copy"), default="repeat")
-  p.add_argument("--num_digits", type=int, default=None, help="prompt digits (repeat 8, copy 112)")
-  p.add_argument("--answer_length", type=int, default=104,
-                 help="answer digits (copy: num_digits); > 96 spans 4 blocks of 32")
+  p.add_argument("--num_digits", type=int, default=100, help="> 96 spans 4 blocks of 32")
   p.add_argument("--gen_length", type=int, default=128)
   p.add_argument("--block_length", type=int, default=32)
   p.add_argument("--steps", type=int, default=128, help="quota modes: 1 token per step")
@@ -126,12 +121,8 @@ def main(argv=None) -> int:
   p.add_argument("--repeats", type=int, default=2)
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args(argv)
-  if args.num_digits is None:
-    args.num_digits = 8 if args.task == "repeat" else 112
-  if args.task == "copy":
-    args.answer_length = args.num_digits
-  if not 0 < args.answer_length < args.gen_length:
-    p.error(f"--answer_length={args.answer_length} must be in (0, --gen_length={args.gen_length})")
+  if not 0 < args.num_digits < args.gen_length:
+    p.error(f"--num_digits={args.num_digits} must be in (0, --gen_length={args.gen_length})")
   modes = [m for m in args.mode.split(",") if m]
   for m in modes:
     sampler_lib.mode_options(m.removesuffix("+stop"))  # fail fast on unknown modes
@@ -173,7 +164,7 @@ def main(argv=None) -> int:
       out = jax.block_until_ready(compiled(params, prompt_ids, prompt_mask, jax.random.key(r)))
       times.append(time.perf_counter() - start)
     completion = np.asarray(out.sequences)[:, prompt_len:]
-    digits_ok = completion[:, :args.answer_length] == answers[:, :args.answer_length]
+    digits_ok = completion[:, :args.num_digits] == answers[:, :args.num_digits]
     exact = (completion == answers).all(1)
     row = {"mode": mode, "accuracy": round(100 * float(exact.mean()), 2),
            "digit_accuracy": round(100 * float(digits_ok.mean()), 2),
