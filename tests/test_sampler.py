@@ -282,20 +282,30 @@ def test_dual_cache_window_forward_equals_uncached_at_every_block_start(family, 
     overrides.update(family="dream", logit_alignment="shifted", positions_from_padding=True,
                      qkv_bias=True)
   graphdef, params = _model(**overrides)
-  model = nnx.merge(graphdef, params)
   rng = np.random.default_rng(0)
   x = np.concatenate([PROMPT, rng.integers(0, 256, (2, 4 * K))], 1)
   x[:, PROMPT.shape[1] + 5:] = CONFIG.mask_token_id  # mid-decoding canvas
   am = np.concatenate([PROMPT_MASK, np.ones((2, 4 * K), np.int32)], 1)
-  x, am = jnp.asarray(x), jnp.asarray(am)
-  pos = model.default_positions(2, x.shape[1], am)
-  full, kv = model.hidden_states(x, am, positions=pos, return_kv=True)
+
+  @jax.jit
+  def full_forward(params, x, am):
+    model = nnx.merge(graphdef, params)
+    pos = model.default_positions(2, x.shape[1], am)
+    return model.hidden_states(x, am, positions=pos, return_kv=True) + (pos,)
+
+  @jax.jit
+  def window_forward(params, x, pos, kv, start):
+    window = lambda a: jax.lax.dynamic_slice_in_dim(a, start, K, axis=1)  # noqa: E731
+    return nnx.merge(graphdef, params).hidden_states(window(x), None, positions=window(pos),
+                                                     canvas_kv=kv, window_start=start)
+
+  full, kv, pos = full_forward(params, jnp.asarray(x), jnp.asarray(am))
   shift = 1 if family == "dream" else 0
   tol = 1e-5 if dtype == "float32" else 2e-2
   for b in range(4):
     start = PROMPT.shape[1] + b * K - shift
-    window = model.hidden_states(x[:, start:start + K], None, positions=pos[:, start:start + K],
-                                 canvas_kv=kv._replace(mask=am), window_start=jnp.int32(start))
+    window = window_forward(params, jnp.asarray(x), pos, kv._replace(mask=jnp.asarray(am)),
+                            jnp.int32(start))
     np.testing.assert_allclose(np.asarray(window, np.float32),
                                np.asarray(full[:, start:start + K], np.float32), atol=tol, rtol=tol)
 
