@@ -1,12 +1,21 @@
 """Sampler throughput benchmark: prints one JSON object per mode (compile time excluded).
 
   python benchmarks/sampler.py --preset=tiny --batch=4 --prompt_length=64 --gen_length=128 \
-      --block_length=32 --steps=128 --mode=standard,fast [--dtype=bfloat16] [--peak_tflops=989]
+      --block_length=32 --steps=128 --mode=all [--dtype=bfloat16] [--peak_tflops=989]
+  python benchmarks/sampler.py --checkpoint=runs/sampler_quality/model \
+      --prompt_ids_file=runs/sampler_quality/prompts.jsonl --gen_length=160 --steps=160 --mode=all
 
-Modes: ``standard`` (LLaDA sampler, no cache), ``prefix_cache`` (Fast-dLLM prefix KV cache, quota
-schedule), ``threshold`` (confidence-threshold decoding, no cache), ``fast`` (prefix cache +
-threshold). Random-initialised weights (throughput does not depend on their values; with random
-weights threshold decoding commits about one token per step, so its step count is pessimistic).
+Modes (`dmpo_jax.diffusion.sampler.MODES`; ``all`` = every one): ``standard`` (LLaDA sampler, no
+cache), ``prefix_cache`` / ``dual_cache`` (Fast-dLLM prefix / dual KV cache, quota schedule),
+``threshold`` / ``factor`` (confidence-aware parallel decoding, no cache) and the combinations
+``prefix_cache+threshold``, ``dual_cache+threshold``, ``dual_cache+factor``.
+
+Weights: a random preset (``--preset``; throughput does not depend on the weight values, but with
+random weights no confidence reaches a threshold, so parallel decoding commits about one token
+per step and its step count is pessimistic), or a trained ``--checkpoint`` (HF folder or model
+checkpoint) so that threshold / factor decoding sees real confidences. Prompts: random tokens of
+``--prompt_length``, or ``--prompt_ids_file`` (JSONL, one list of token ids per line, equal
+lengths; the first ``--batch`` lines are used).
 
 Reported: tokens/s = batch·gen_length / wall time of one compiled call (median of --repeats),
 forward passes, and the FLOPs of the denoising forward passes
@@ -19,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pathlib
 import statistics
 import sys
 import time
@@ -30,11 +40,12 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from dmpo_jax.diffusion import sampler as sampler_lib  # noqa: E402
 from dmpo_jax.diffusion.sampler import SamplerConfig, generate  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.transformer import create_model  # noqa: E402
 
-MODES = ("standard", "prefix_cache", "threshold", "fast")
+MODES = sampler_lib.MODES
 
 
 def init_params(config, seed: int = 0):
@@ -51,7 +62,7 @@ def forward_flops(model_config, sampler_config: SamplerConfig, out, batch: int,
   per_token = model_config.flops_per_token(total)
   rows = batch * (2 if sampler_config.cfg_scale > 0 else 1)
   k = sampler_config.block_length
-  if sampler_config.threshold is None:
+  if not sampler_config.parallel:
     steps_per_block = [sampler_config.steps_per_block] * sampler_config.num_blocks
   else:
     commit_step = np.asarray(out.commit_step)
@@ -59,9 +70,11 @@ def forward_flops(model_config, sampler_config: SamplerConfig, out, batch: int,
                        for b in range(sampler_config.num_blocks)]
   query_tokens = 0
   for b, n_steps in enumerate(steps_per_block):
-    if sampler_config.use_prefix_cache:
+    if sampler_config.cache == "prefix":
       suffix = total - (prompt_length + b * k)
       query_tokens += total + (n_steps - 1) * suffix
+    elif sampler_config.cache == "dual":
+      query_tokens += total + (n_steps - 1) * k
     else:
       query_tokens += n_steps * total
   return float(rows * query_tokens * per_token)
@@ -70,38 +83,58 @@ def forward_flops(model_config, sampler_config: SamplerConfig, out, batch: int,
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--preset", default="tiny")
+  p.add_argument("--checkpoint", default=None,
+                 help="trained weights (HF folder or model checkpoint) instead of a random preset")
+  p.add_argument("--prompt_ids_file", default=None, help="JSONL token-id lists (see docstring)")
   p.add_argument("--batch", type=int, default=4)
   p.add_argument("--prompt_length", type=int, default=64)
   p.add_argument("--gen_length", type=int, default=128)
   p.add_argument("--block_length", type=int, default=32)
   p.add_argument("--steps", type=int, default=128)
-  p.add_argument("--mode", default="standard,fast", help=f"comma-separated subset of {MODES}")
+  p.add_argument("--mode", default="standard,dual_cache,dual_cache+threshold",
+                 help=f"comma-separated subset of {MODES}, or 'all'")
   p.add_argument("--threshold", type=float, default=0.9)
+  p.add_argument("--factor", type=float, default=1.0)
   p.add_argument("--temperature", type=float, default=0.0)
   p.add_argument("--cfg_scale", type=float, default=0.0)
   p.add_argument("--dtype", default=None, help="param and compute dtype (default: the preset's)")
   p.add_argument("--peak_tflops", type=float, default=None, help="device peak TFLOP/s for MFU")
   p.add_argument("--repeats", type=int, default=3)
   args = p.parse_args(argv)
-  modes = [m for m in args.mode.split(",") if m]
+  modes = list(MODES) if args.mode == "all" else [m for m in args.mode.split(",") if m]
   unknown = set(modes) - set(MODES)
   if unknown:
     p.error(f"unknown mode(s) {sorted(unknown)}; expected a subset of {MODES}")
-  overrides = {"remat": False}
-  if args.dtype:
-    overrides.update(param_dtype=args.dtype, dtype=args.dtype)
-  model_config = get_preset(args.preset, **overrides)
-  graphdef, params = init_params(model_config)
-  rng = np.random.default_rng(0)
-  prompt = jnp.asarray(rng.integers(0, min(model_config.vocab_size, 256), (args.batch, args.prompt_length)),
-                       jnp.int32)
+  if args.checkpoint:
+    from launch.eval import load_model  # pylint: disable=import-outside-toplevel
+    model, model_config = load_model(args.checkpoint, dtype=args.dtype)
+    graphdef, params = nnx.split(model)
+    name = args.checkpoint
+  else:
+    overrides = {"remat": False}
+    if args.dtype:
+      overrides.update(param_dtype=args.dtype, dtype=args.dtype)
+    model_config = get_preset(args.preset, **overrides)
+    graphdef, params = init_params(model_config)
+    name = args.preset
+  if args.prompt_ids_file:
+    lines = pathlib.Path(args.prompt_ids_file).read_text().splitlines()
+    rows = [json.loads(line) for line in lines if line.strip()][:args.batch]
+    if len(rows) < args.batch or len({len(r) for r in rows}) != 1:
+      p.error(f"--prompt_ids_file {args.prompt_ids_file}: need {args.batch} lists of equal length, "
+              f"got lengths {sorted({len(r) for r in rows})} in {len(rows)} lines")
+    prompt = jnp.asarray(rows, jnp.int32)
+  else:
+    rng = np.random.default_rng(0)
+    prompt = jnp.asarray(rng.integers(0, min(model_config.vocab_size, 256),
+                                      (args.batch, args.prompt_length)), jnp.int32)
+  prompt_length = prompt.shape[1]
   prompt_mask = jnp.ones_like(prompt)
   for mode in modes:
     config = SamplerConfig(
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-        temperature=args.temperature, cfg_scale=args.cfg_scale,
-        threshold=args.threshold if mode in ("threshold", "fast") else None,
-        use_prefix_cache=mode in ("prefix_cache", "fast"), return_trace=True)
+        temperature=args.temperature, cfg_scale=args.cfg_scale, return_trace=True,
+        **sampler_lib.mode_options(mode, args.threshold, args.factor))
     start = time.perf_counter()
     compiled = generate.lower(graphdef, params, prompt, prompt_mask, jax.random.key(0), config).compile()
     compile_s = time.perf_counter() - start
@@ -112,12 +145,12 @@ def main(argv=None) -> int:
       jax.block_until_ready(out)
       times.append(time.perf_counter() - start)
     seconds = statistics.median(times)
-    flops = forward_flops(model_config, config, out, args.batch, args.prompt_length)
+    flops = forward_flops(model_config, config, out, args.batch, prompt_length)
     result = {
-        "preset": args.preset, "mode": mode, "device": jax.devices()[0].device_kind,
-        "dtype": model_config.dtype, "batch": args.batch, "prompt_length": args.prompt_length,
+        "model": name, "mode": mode, "device": jax.devices()[0].device_kind,
+        "dtype": model_config.dtype, "batch": args.batch, "prompt_length": prompt_length,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
-        "threshold": config.threshold, "forward_passes": int(out.num_forward_passes),
+        "threshold": config.threshold, "factor": config.factor, "forward_passes": int(out.num_forward_passes),
         "seconds": round(seconds, 4), "compile_seconds": round(compile_s, 2),
         "tokens_per_s": round(args.batch * args.gen_length / seconds, 1),
         "forward_passes_per_s": round(int(out.num_forward_passes) / seconds, 2),

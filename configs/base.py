@@ -54,7 +54,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.prompts_per_step = 8       # P distinct prompts per RL step (global)
   config.group_size = 8             # G completions per prompt
 
-  # Rollout sampler (`llada.md` §6-7).
+  # Rollout sampler (`docs/llada.md` §6-7): every key is a `SamplerConfig` field
+  # (`dmpo_jax.rl.rollout.sampler_config`). Held-out evaluation always uses the exact sampler.
   config.rollout = ml_collections.ConfigDict()
   config.rollout.gen_length = 256
   config.rollout.block_length = 32
@@ -62,8 +63,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.rollout.temperature = 0.9
   config.rollout.remasking = "low_confidence"
   config.rollout.cfg_scale = 0.0
-  config.rollout.threshold = -1.0   # < 0: off; else confidence-threshold parallel decoding
-  config.rollout.use_prefix_cache = False
+  config.rollout.cache = "none"     # none | prefix | dual (Fast-dLLM KV caches)
+  config.rollout.threshold = -1.0   # <= 0: off; else confidence-threshold parallel decoding
+  config.rollout.factor = -1.0      # <= 0: off; else Fast-dLLM's factor rule
+  config.rollout.max_tokens_per_step = 0  # <= 0: no cap (threshold / factor decoding only)
+  config.rollout.stop_at_eos = False  # skip the remaining blocks once every row is EOS-padded
 
   # Optimizer (AdamW + clipping).
   config.optimizer = ml_collections.ConfigDict()

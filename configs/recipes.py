@@ -48,7 +48,9 @@ def dmpo_llada():
   config.task.prompt_length = 200
   config.rollout.gen_length, config.rollout.block_length, config.rollout.steps = 256, 32, 128
   config.rollout.temperature = 0.2
-  config.rollout.use_prefix_cache = True    # Fast-dLLM prefix cache, 2 tokens per step
+  # DMPO's rollout sampler `pd_cache_prefix` (Fast-dLLM prefix cache, no threshold / factor:
+  # 2 tokens per step); evaluation stays on the exact sampler (config.eval).
+  config.rollout.cache = "prefix"
   config.eval.block_length = 32
   config.checkpoint.every_steps = 13        # ~ every 100 optimizer steps
   # The reference code's loss scale (mean over per-GPU micro-batches of 8 of each micro-batch's

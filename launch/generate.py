@@ -3,7 +3,8 @@
   python launch/generate.py --checkpoint=PATH --prompt="What is 2+3?" [--prompt=...]
       [--gen_length=128 --steps=128 --block_length=32 --temperature=0 --remasking=low_confidence
        --cfg_scale=0 --logits_eos_inf --confidence_eos_eot_inf --eos_eot_aliased
-       --threshold=0.9 --prefix_cache --sampler=llada|dream --alg=entropy --top_p --top_k
+       --cache=none|prefix|dual --threshold=0.9 | --factor=1.0 --max_tokens_per_step=N
+       --stop_at_eos --reference_quota --sampler=llada|dream --alg=entropy --top_p --top_k
        --alg_temp --seed=0 --num_samples=1 --dtype=bfloat16 --tokenizer=PATH|byte --no_chat]
   python launch/generate.py --checkpoint=PATH --prompt_ids=1,2,3 --output_ids
 
@@ -34,7 +35,7 @@ from flax import nnx  # noqa: E402
 
 from dmpo_jax import cli  # noqa: E402
 from dmpo_jax.diffusion.dream_sampler import DREAM_ALGS, DreamSamplerConfig, dream_generate  # noqa: E402
-from dmpo_jax.diffusion.sampler import REMASKING, SamplerConfig, generate  # noqa: E402
+from dmpo_jax.diffusion.sampler import CACHES, REMASKING, SamplerConfig, generate  # noqa: E402
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", None, "HF folder or dmpo_jax model checkpoint", flag_values=FLAGS)
@@ -68,7 +69,15 @@ flags.DEFINE_bool("confidence_eos_eot_inf", False, "never commit EOS/EOT by conf
 flags.DEFINE_bool("eos_eot_aliased", False,
                   "reproduce the reference's aliased EOS/EOT confidence assignment", flag_values=FLAGS)
 flags.DEFINE_float("threshold", None, "Fast-dLLM confidence threshold", flag_values=FLAGS)
-flags.DEFINE_bool("prefix_cache", False, "Fast-dLLM per-block prefix KV cache", flag_values=FLAGS)
+flags.DEFINE_bool("reference_quota", False,
+                  "masked positions before the block compete for its quota (reference)",
+                  flag_values=FLAGS)
+flags.DEFINE_enum("cache", "none", list(CACHES), "Fast-dLLM KV cache per block", flag_values=FLAGS)
+flags.DEFINE_float("factor", None, "Fast-dLLM factor rule", flag_values=FLAGS)
+flags.DEFINE_integer("max_tokens_per_step", None,
+                     "cap on the tokens --threshold / --factor commit per step", flag_values=FLAGS)
+flags.DEFINE_bool("stop_at_eos", False, "skip the remaining blocks once every row is EOS-padded",
+                  flag_values=FLAGS)
 flags.DEFINE_enum("alg", "entropy", list(DREAM_ALGS), "Dream reveal order", flag_values=FLAGS)
 flags.DEFINE_float("alg_temp", 0.0, "Dream reveal-order temperature", flag_values=FLAGS)
 flags.DEFINE_float("top_p", None, "Dream nucleus sampling", flag_values=FLAGS)
@@ -138,8 +147,9 @@ def _sampler_config(args, sampler: str):
         gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
         temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
         logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
-        eos_eot_aliased=args.eos_eot_aliased, threshold=args.threshold,
-        use_prefix_cache=args.prefix_cache), generate
+        eos_eot_aliased=args.eos_eot_aliased, reference_quota=args.reference_quota,
+        threshold=args.threshold, factor=args.factor, max_tokens_per_step=args.max_tokens_per_step,
+        cache=args.cache, stop_at_eos=args.stop_at_eos), generate
   return DreamSamplerConfig(gen_length=args.gen_length, steps=args.steps, eps=args.eps,
                             temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
                             alg=args.alg, alg_temp=args.alg_temp), dream_generate

@@ -4,8 +4,9 @@
   softmax(l/τ); τ = 0 is argmax. Equivalent to the reference's argmax(exp(l) / (−log u)^τ) but in
   log space (no `exp` overflow), fp32 by default (float64 needs ``jax_enable_x64``).
 * `filter_top_k_top_p`: Dream's nucleus / top-k logits filtering.
-* `rank_descending`, `commit_top_quota`, `commit_threshold`: fixed-shape per-row selection of
-  the positions to commit (no Python loop over rows).
+* `rank_descending`, `commit_top_quota`, `commit_threshold`, `commit_factor`,
+  `cap_commits`: fixed-shape per-row selection of the positions to commit (no Python loop over
+  rows).
 """
 
 from __future__ import annotations
@@ -67,3 +68,30 @@ def commit_threshold(confidence: jax.Array, candidates: jax.Array, threshold: fl
   scores = jnp.where(candidates, confidence, -jnp.inf)
   top = rank_descending(scores) == 0
   return candidates & ((confidence >= threshold) | top)
+
+
+def commit_factor(confidence: jax.Array, candidates: jax.Array, factor: float) -> jax.Array:
+  """Fast-dLLM's factor rule (arXiv 2505.22618 §3.3; `get_transfer_index_dynamic`).
+
+  With the n candidates' confidences sorted descending c_0 ≥ c_1 ≥ … ≥ c_{n-1} and thresholds
+  thr_0 = −1, thr_k = 1 − factor / (k + 2) for k ≥ 1 (i.e. c_k passes when
+  (k + 2)(1 − c_k) ≤ factor: the paper's (m + 1)(1 − c_(m)) < f with m = k + 1 the 1-based
+  rank), commit the candidates ranked before the first failing k. As in the reference code, all n
+  are committed when no candidate fails or when the first failure is the last candidate.
+  """
+  scores = jnp.where(candidates, confidence, -jnp.inf)
+  rank = rank_descending(scores)
+  sorted_scores = -jnp.sort(-scores, axis=-1)
+  k = jnp.arange(scores.shape[-1])
+  n = jnp.sum(candidates, axis=-1, keepdims=True)
+  thresholds = jnp.where(k == 0, -1.0, 1.0 - factor / (k + 2.0))
+  fails = (sorted_scores < thresholds) & (k < n)
+  first_fail = jnp.where(jnp.any(fails, -1, keepdims=True), jnp.argmax(fails, -1)[..., None], n)
+  count = jnp.where(first_fail >= n - 1, n, first_fail)
+  return candidates & (rank < count)
+
+
+def cap_commits(selected: jax.Array, confidence: jax.Array, cap: int) -> jax.Array:
+  """Keeps at most ``cap`` selected positions per row, the most confident ones."""
+  scores = jnp.where(selected, confidence, -jnp.inf)
+  return selected & (rank_descending(scores) < cap)

@@ -27,25 +27,37 @@ in one batch); optional EOS / EOT controls; x̂ = argmax(l/τ + Gumbel) (τ = 0:
 confidence = softmax(l)[x̂] (``low_confidence``) or U(0,1) (``random``); commit x̂ at the
 top-quota masked positions of the block (committed tokens never change).
 
-Fast-dLLM options (`llada.md` §7):
-* ``threshold``: commit every masked block position with confidence ≥ threshold and always the
-  most confident one; the block is decoded until it has no masks (a `lax.while_loop`, so the
-  number of forward passes varies; ``steps`` is then unused).
-* ``use_prefix_cache``: at each block start one full forward that also returns K/V; later steps
-  of the block run only x[:, block_start:] against the cached K/V of the positions before the block
-  (approximate: those K/V are not refreshed within the block). The blocks are unrolled in Python
-  (static prefix lengths), so compile time grows with the number of blocks.
+Fast-dLLM options (arXiv 2505.22618; `docs/llada.md` §7):
+* ``cache``: ``"none"`` (exact); ``"prefix"``: at each block start one full forward that also
+  returns K/V, later steps of the block run only x[:, block_start:] against the cached K/V of the
+  positions before the block (the blocks are unrolled in Python for static prefix lengths, so
+  compile time grows with their number); ``"dual"`` (DualCache): the block-start forward caches
+  the K/V of the *whole* canvas, later steps run only the block's K queries against it, with the
+  block's own entries recomputed (one loop over blocks, shapes independent of the block).
+  Both are approximate beyond one layer: attention is bidirectional and the cached K/V are only
+  refreshed at block starts.
+* Parallel decoding (the block is then decoded until it has no mask left, in a
+  `lax.while_loop`, so the number of forward passes varies and ``steps`` is unused):
+  ``threshold``: every masked block position with confidence ≥ threshold, and always the most
+  confident one; ``factor``: Fast-dLLM's factor rule (`decoding.commit_factor`);
+  ``max_tokens_per_step``: a cap on the tokens either rule commits per step.
+* ``stop_at_eos``: after a block, if every row has committed EOS and only EOS after its first
+  EOS, the remaining blocks are skipped (no forward passes) and their positions are filled with
+  EOS, the padding LLaDA-Instruct's sampler leaves there. Their trace entries stay −1 / 0.
 
 EOS / EOT controls: ``logits_eos_inf`` sets the EOS logit to −∞. ``confidence_eos_eot_inf`` gives
 positions whose sampled token is EOS or EOT zero confidence (the intended behaviour); with
-``eos_eot_aliased`` the reference's aliased assignment is reproduced instead: at τ = 0 the EOS and
-EOT logits are −∞ for both sampling and confidence, at τ > 0 EOS is removed from sampling and EOT's
-probability is zeroed in the confidence only.
+``eos_eot_aliased`` the reference's aliased assignment is reproduced instead (`choose_tokens`):
+x̂ from the unmodified logits, the −∞ only in the confidence (EOS and EOT at τ = 0, EOT alone at
+τ > 0). ``reference_quota`` lets masked positions before the current block (earlier blocks, or
+MASK tokens in the prompt) compete for the block's quota, as ML-GSAI/LLaDA ``generate.py`` does
+(its confidence is −∞ only after the block and at unmasked positions).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -57,6 +69,7 @@ from dmpo_jax.diffusion import decoding
 from dmpo_jax.models.transformer import KVCache
 
 REMASKING = ("low_confidence", "random")
+CACHES = ("none", "prefix", "dual")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,8 +84,12 @@ class SamplerConfig:
   logits_eos_inf: bool = False
   confidence_eos_eot_inf: bool = False
   eos_eot_aliased: bool = False
+  reference_quota: bool = False
   threshold: Optional[float] = None
-  use_prefix_cache: bool = False
+  factor: Optional[float] = None
+  max_tokens_per_step: Optional[int] = None
+  cache: str = "none"
+  stop_at_eos: bool = False
   return_trace: bool = False
   noise_dtype: str = "float32"
 
@@ -84,17 +101,39 @@ class SamplerConfig:
     elif self.gen_length % self.block_length:
       errors.append(f"gen_length ({self.gen_length}) must be a multiple of block_length "
                     f"({self.block_length})")
-    elif self.threshold is None and self.steps % (self.gen_length // self.block_length):
+    elif not self.parallel and self.steps % (self.gen_length // self.block_length):
       errors.append(f"steps ({self.steps}) must be a multiple of the number of blocks "
                     f"({self.gen_length // self.block_length})")
     if self.remasking not in REMASKING:
       errors.append(f"remasking must be one of {REMASKING}, got {self.remasking!r}")
+    if self.cache not in CACHES:
+      errors.append(f"cache must be one of {CACHES}, got {self.cache!r}")
     if self.temperature < 0 or self.cfg_scale < 0:
       errors.append(f"temperature ({self.temperature}) and cfg_scale ({self.cfg_scale}) must be >= 0")
     if self.noise_dtype not in ("float32", "float64"):
       errors.append(f"noise_dtype must be float32 or float64, got {self.noise_dtype!r}")
+    if self.threshold is not None and self.factor is not None:
+      errors.append("give at most one of threshold and factor")
+    if self.threshold is not None and not 0.0 < self.threshold <= 1.0:
+      errors.append(f"threshold must be in (0, 1], got {self.threshold}")
+    if self.factor is not None and not self.factor > 0:
+      errors.append(f"factor must be > 0, got {self.factor}")
+    if self.max_tokens_per_step is not None:
+      if self.max_tokens_per_step < 1:
+        errors.append(f"max_tokens_per_step must be >= 1, got {self.max_tokens_per_step}")
+      if not self.parallel:
+        errors.append("max_tokens_per_step caps threshold or factor decoding; give one of them "
+                      "(the quota schedule already fixes the tokens per step)")
+    if self.reference_quota and (self.parallel or self.cache != "none" or self.stop_at_eos):
+      errors.append("reference_quota reproduces the reference quota sampler: it needs cache='none', "
+                    "no threshold / factor and no stop_at_eos")
     if errors:
       raise ValueError("Invalid SamplerConfig: " + "; ".join(errors))
+
+  @property
+  def parallel(self) -> bool:
+    """Confidence-aware parallel decoding (threshold or factor): steps per block vary."""
+    return self.threshold is not None or self.factor is not None
 
   @property
   def num_blocks(self) -> int:
@@ -106,6 +145,22 @@ class SamplerConfig:
 
   def replace(self, **kwargs) -> "SamplerConfig":
     return dataclasses.replace(self, **kwargs)
+
+
+# Named (cache, parallel rule) combinations of the benchmarks and the README tables.
+MODES = ("standard", "prefix_cache", "dual_cache", "threshold", "factor",
+         "prefix_cache+threshold", "dual_cache+threshold", "dual_cache+factor")
+
+
+def mode_options(mode: str, threshold: float = 0.9, factor: float = 1.0) -> dict[str, Any]:
+  """The `SamplerConfig` fields of a named mode: ``standard`` | ``prefix_cache`` | ``dual_cache``,
+  optionally ``+threshold`` / ``+factor`` (or ``threshold`` / ``factor`` alone, no cache)."""
+  if mode not in MODES:
+    raise ValueError(f"unknown sampler mode {mode!r}; known {MODES}")
+  parts = mode.split("+")
+  cache = {"prefix_cache": "prefix", "dual_cache": "dual"}.get(parts[0], "none")
+  return {"cache": cache, "threshold": threshold if "threshold" in parts else None,
+          "factor": factor if "factor" in parts else None}
 
 
 class SampleOutput(NamedTuple):
@@ -122,6 +177,7 @@ class _State(NamedTuple):
   block_masked: jax.Array   # [B] masked count of the current block at its first step
   step: jax.Array           # global step counter (key derivation, trace)
   forwards: jax.Array
+  stopped: jax.Array        # bool []: every row finished with EOS padding (stop_at_eos)
 
 
 def _set_token(logits: jax.Array, token: Optional[int], value: float = -jnp.inf) -> jax.Array:
@@ -134,19 +190,25 @@ def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplerConfig, eos:
                   eot: Optional[int]) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Candidate tokens, confidences and log-probs for one step. logits fp32 [B, K, V].
 
-  Returns x̂ int32 [B, K], confidence fp32 [B, K], log p(x̂) fp32 [B, K].
+  Returns x̂ int32 [B, K], confidence fp32 [B, K], log p(x̂) fp32 [B, K] under the distribution
+  x̂ was drawn from.
+
+  ``eos_eot_aliased`` reproduces ML-GSAI/LLaDA ``generate.py``: x̂ is drawn from the logits as
+  they are (after ``logits_eos_inf``); then its chained assignment
+  ``logits_with_noise[..., EOS] = logits[..., EOT] = -inf`` only changes the confidence
+  softmax(logits)[x̂]: at τ = 0 the noisy logits *are* the logits, so both EOS and EOT are −∞ in
+  it; at τ > 0 only EOT is. Confidence is then 0 where x̂ is a removed token.
   """
   noise_key, conf_key = jax.random.split(key)
   tau = config.temperature
   if config.logits_eos_inf:
     logits = _set_token(logits, eos)
-  sample_logits = conf_logits = logits
+  tokens = decoding.sample_tokens(logits, noise_key, tau, config.noise_dtype)
+  conf_logits = logits
   if config.confidence_eos_eot_inf and config.eos_eot_aliased:
+    conf_logits = _set_token(logits, eot)
     if tau == 0.0:
-      sample_logits = conf_logits = _set_token(_set_token(logits, eos), eot)
-    else:
-      sample_logits, conf_logits = _set_token(logits, eos), _set_token(logits, eot)
-  tokens = decoding.sample_tokens(sample_logits, noise_key, tau, config.noise_dtype)
+      conf_logits = _set_token(conf_logits, eos)
   log_probs = jax.nn.log_softmax(conf_logits, axis=-1)
   token_log_prob = jnp.take_along_axis(log_probs, tokens[..., None], axis=-1)[..., 0]
   if config.remasking == "low_confidence":
@@ -158,9 +220,36 @@ def choose_tokens(logits: jax.Array, key: jax.Array, config: SamplerConfig, eos:
     if eot is not None:
       special = special | (tokens == eot)
     confidence = jnp.where(special, 0.0, confidence)
-  sample_log_probs = jax.nn.log_softmax(sample_logits, axis=-1)
+  sample_log_probs = jax.nn.log_softmax(logits, axis=-1)
   committed_log_prob = jnp.take_along_axis(sample_log_probs, tokens[..., None], axis=-1)[..., 0]
   return tokens, confidence, committed_log_prob
+
+
+def select_commits(confidence: jax.Array, candidates: jax.Array, quota: Optional[jax.Array],
+                   config: SamplerConfig) -> jax.Array:
+  """The positions committed this step: the top ``quota`` (quota schedule), or the threshold /
+  factor rule, capped at ``max_tokens_per_step``."""
+  if config.threshold is not None:
+    selected = decoding.commit_threshold(confidence, candidates, config.threshold)
+  elif config.factor is not None:
+    selected = decoding.commit_factor(confidence, candidates, config.factor)
+  else:
+    return decoding.commit_top_quota(confidence, candidates, quota)
+  if config.max_tokens_per_step is not None:
+    selected = decoding.cap_commits(selected, confidence, config.max_tokens_per_step)
+  return selected
+
+
+def finished_with_eos_padding(completion: jax.Array, decoded_length: jax.Array,
+                              eos: int) -> jax.Array:
+  """bool [B]: the first ``decoded_length`` completion tokens contain EOS and only EOS follows
+  the first one, i.e. the row is already in its EOS padding (the rest can only be padding)."""
+  pos = jnp.arange(completion.shape[1])
+  decoded = pos < decoded_length
+  is_eos = (completion == eos) & decoded
+  first = jnp.argmax(is_eos, axis=-1)
+  after = decoded & (pos > first[:, None])
+  return jnp.any(is_eos, -1) & jnp.all(jnp.where(after, completion == eos, True), -1)
 
 
 def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
@@ -182,6 +271,9 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
   attention = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, gen), jnp.int32)], 1)
   positions = model.default_positions(batch, total, attention)
   use_cfg = config.cfg_scale > 0
+  # With reference_quota every masked position before the block's end is a candidate, so the
+  # head runs on the whole canvas; otherwise only on the current block.
+  window = total if config.reference_quota else k_len
 
   def model_inputs(x):
     """(ids, attention, positions), rows doubled with the prompt-masked copy under CFG."""
@@ -198,106 +290,142 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
     cond, uncond = logits[:batch], logits[batch:]
     return uncond + (config.cfg_scale + 1.0) * (cond - uncond)
 
-  def block_logits_full(x, block_start, return_kv=False):
+  def window_start(block_start):
+    return 0 if config.reference_quota else block_start
+
+  def logits_full(x, block_start, return_kv=False):
+    """Uncached forward over the whole canvas; head on the block (or the whole canvas)."""
     ids, am, pos = model_inputs(x)
     out = model.hidden_states(ids, am, positions=pos, return_kv=return_kv)
     hidden, kv = out if return_kv else (out, None)
-    hidden = jax.lax.dynamic_slice_in_dim(model.align(hidden), block_start, k_len, axis=1)
+    hidden = jax.lax.dynamic_slice_in_dim(model.align(hidden), window_start(block_start), window,
+                                          axis=1)
     return head(hidden), kv
+
+  def logits_dual(x, kv, block_start):
+    """Dual cache (Fast-dLLM DualCache): only the block's queries (one position earlier for
+    shifted logits) run, against the K/V of the whole canvas cached at the block start."""
+    ids, am, pos = model_inputs(x)
+    query_start = block_start - shift
+    hidden = model.hidden_states(
+        jax.lax.dynamic_slice_in_dim(ids, query_start, k_len, axis=1), None,
+        positions=jax.lax.dynamic_slice_in_dim(pos, query_start, k_len, axis=1),
+        canvas_kv=KVCache(kv.k, kv.v, am), window_start=query_start)
+    return head(hidden)
 
   def commit(state: _State, logits, block_start, step_in_block) -> _State:
     x = state.x
-    block = jax.lax.dynamic_slice_in_dim(x, block_start, k_len, axis=1)
-    masked = block == mask_id
-    block_masked = jnp.where(step_in_block == 0, jnp.sum(masked, axis=-1).astype(jnp.int32),
+    start = window_start(block_start)
+    current = jax.lax.dynamic_slice_in_dim(x, start, window, axis=1)
+    masked = current == mask_id
+    if config.reference_quota:  # masked positions of earlier blocks (and the prompt) compete
+      candidates = masked & (jnp.arange(total) < block_start + k_len)
+      in_block = jax.lax.dynamic_slice_in_dim(x, block_start, k_len, axis=1) == mask_id
+    else:
+      candidates = in_block = masked
+    block_masked = jnp.where(step_in_block == 0, jnp.sum(in_block, axis=-1).astype(jnp.int32),
                              state.block_masked)
     tokens, confidence, log_prob = choose_tokens(
         logits, jax.random.fold_in(key, state.step), config, eos, eot)
-    if config.threshold is None:
+    quota = None
+    if not config.parallel:
       s_per = config.steps_per_block
       quota = block_masked // s_per + (step_in_block < block_masked % s_per).astype(jnp.int32)
-      selected = decoding.commit_top_quota(confidence, masked, quota)
-    else:
-      selected = decoding.commit_threshold(confidence, masked, config.threshold)
-    x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(selected, tokens, block), block_start, 1)
+    selected = select_commits(confidence, candidates, quota, config)
+    x = jax.lax.dynamic_update_slice_in_dim(x, jnp.where(selected, tokens, current), start, 1)
     commit_step, commit_log_prob = state.commit_step, state.commit_log_prob
     if config.return_trace:
-      offset = block_start - prompt_len
-      old_step = jax.lax.dynamic_slice_in_dim(commit_step, offset, k_len, axis=1)
-      old_lp = jax.lax.dynamic_slice_in_dim(commit_log_prob, offset, k_len, axis=1)
+      sel, lp = selected, log_prob
+      if config.reference_quota:
+        sel, lp, offset = selected[:, prompt_len:], log_prob[:, prompt_len:], 0
+      else:
+        offset = block_start - prompt_len
+      old_step = jax.lax.dynamic_slice_in_dim(commit_step, offset, sel.shape[1], axis=1)
+      old_lp = jax.lax.dynamic_slice_in_dim(commit_log_prob, offset, sel.shape[1], axis=1)
       commit_step = jax.lax.dynamic_update_slice_in_dim(
-          commit_step, jnp.where(selected, state.step, old_step), offset, 1)
+          commit_step, jnp.where(sel, state.step, old_step), offset, 1)
       commit_log_prob = jax.lax.dynamic_update_slice_in_dim(
-          commit_log_prob, jnp.where(selected, log_prob, old_lp), offset, 1)
-    return _State(x, commit_step, commit_log_prob, block_masked, state.step + 1,
-                  state.forwards + 1)
+          commit_log_prob, jnp.where(sel, lp, old_lp), offset, 1)
+    return state._replace(x=x, commit_step=commit_step, commit_log_prob=commit_log_prob,
+                          block_masked=block_masked, step=state.step + 1,
+                          forwards=state.forwards + 1)
 
   def block_has_mask(x, block_start):
     return jnp.any(jax.lax.dynamic_slice_in_dim(x, block_start, k_len, axis=1) == mask_id)
 
-  trace_shape = (batch, gen) if config.return_trace else (batch, 0)
-  state = _State(x0, jnp.full(trace_shape, -1, jnp.int32), jnp.zeros(trace_shape, jnp.float32),
-                 jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0))
-
-  if not config.use_prefix_cache:
-    if config.threshold is None:
-      s_per = config.steps_per_block
-
+  def decode_block(state: _State, block_start, step_logits) -> _State:
+    """Steps 1.. of a block (step 0 is done by the caller): the quota schedule's remaining
+    steps, or, for threshold / factor decoding, until the block has no mask left."""
+    if not config.parallel:
       def step_body(s, state):
-        block_start = prompt_len + (s // s_per) * k_len
-        logits, _ = block_logits_full(state.x, block_start)
-        return commit(state, logits, block_start, s % s_per)
+        return commit(state, step_logits(state.x), block_start, s)
+      return jax.lax.fori_loop(1, config.steps_per_block, step_body, state)
 
-      state = jax.lax.fori_loop(0, config.steps, step_body, state)
+    def cond(carry):
+      return block_has_mask(carry[0].x, block_start)
+
+    def body(carry):
+      state, s = carry
+      return commit(state, step_logits(state.x), block_start, s), s + 1
+
+    return jax.lax.while_loop(cond, body, (state, jnp.int32(1)))[0]
+
+  def run_block(state: _State, b) -> _State:
+    block_start = prompt_len + b * k_len
+    logits, kv = logits_full(state.x, block_start, return_kv=config.cache != "none")
+    state = commit(state, logits, block_start, jnp.int32(0))
+    if config.cache == "none":
+      step_logits = lambda x: logits_full(x, block_start)[0]  # noqa: E731
+    elif config.cache == "dual":
+      step_logits = lambda x: logits_dual(x, kv, block_start)  # noqa: E731
     else:
-      def cond(carry):
-        return carry[1] < config.num_blocks
-
-      def body(carry):
-        state, block, step_in_block = carry
-        block_start = prompt_len + block * k_len
-        logits, _ = block_logits_full(state.x, block_start)
-        state = commit(state, logits, block_start, step_in_block)
-        done = ~block_has_mask(state.x, block_start)
-        return state, block + done.astype(jnp.int32), jnp.where(done, 0, step_in_block + 1)
-
-      state, _, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(0), jnp.int32(0)))
-  else:
-    for b in range(config.num_blocks):
-      block_start = prompt_len + b * k_len
-      logits, kv = block_logits_full(state.x, block_start, return_kv=True)
-      state = commit(state, logits, block_start, jnp.int32(0))
-      # Queries start at the block (one earlier for shifted logits, whose prediction for the
-      # block's first position is read from the position before it).
+      # Prefix cache: queries start at the block (one earlier for shifted logits) and run over
+      # the rest of the canvas; ``b`` is a Python int here (static prefix length).
       suffix_start = block_start - shift
       _, am_all, pos_all = model_inputs(state.x)
       prefix = KVCache(kv.k[:, :, :suffix_start], kv.v[:, :, :suffix_start],
                        am_all[:, :suffix_start])
 
-      def suffix_logits(x, suffix_start=suffix_start, prefix=prefix, am_all=am_all,
-                        pos_all=pos_all):
+      def step_logits(x):
         ids, _, _ = model_inputs(x)
         hidden = model.hidden_states(ids[:, suffix_start:], am_all[:, suffix_start:],
                                      positions=pos_all[:, suffix_start:], prefix_kv=prefix)
         return head(hidden[:, :k_len])
+    state = decode_block(state, block_start, step_logits)
+    if config.stop_at_eos:
+      done = finished_with_eos_padding(state.x[:, prompt_len:], block_start + k_len - prompt_len,
+                                       eos)
+      state = state._replace(stopped=jnp.all(done))
+    return state
 
-      if config.threshold is None:
-        def step_body(s, state, block_start=block_start, suffix_logits=suffix_logits):
-          return commit(state, suffix_logits(state.x), block_start, s)
+  trace_shape = (batch, gen) if config.return_trace else (batch, 0)
+  state = _State(x0, jnp.full(trace_shape, -1, jnp.int32), jnp.zeros(trace_shape, jnp.float32),
+                 jnp.zeros((batch,), jnp.int32), jnp.int32(0), jnp.int32(0), jnp.bool_(False))
 
-        state = jax.lax.fori_loop(1, config.steps_per_block, step_body, state)
+  if config.cache == "prefix":
+    # Blocks unrolled in Python (static prefix lengths): compile time grows with their number.
+    for b in range(config.num_blocks):
+      if config.stop_at_eos:
+        state = jax.lax.cond(state.stopped, lambda s: s, functools.partial(run_block, b=b), state)
       else:
-        def cond(carry, block_start=block_start):
-          return block_has_mask(carry[0].x, block_start)
+        state = run_block(state, b)
+  else:
+    def cond(carry):
+      return (carry[1] < config.num_blocks) & ~carry[0].stopped
 
-        def body(carry, block_start=block_start, suffix_logits=suffix_logits):
-          state, step_in_block = carry
-          return commit(state, suffix_logits(state.x), block_start, step_in_block), step_in_block + 1
+    def body(carry):
+      state, b = carry
+      return run_block(state, b), b + 1
 
-        state, _ = jax.lax.while_loop(cond, body, (state, jnp.int32(1)))
+    state = jax.lax.while_loop(cond, body, (state, jnp.int32(0)))[0]
 
+  x = state.x
+  if config.stop_at_eos:
+    # The reference sampler leaves LLaDA-Instruct's EOS padding after the answer: fill with EOS.
+    completion = x[:, prompt_len:]
+    x = x.at[:, prompt_len:].set(jnp.where(completion == mask_id, eos, completion))
   trace = config.return_trace
-  return SampleOutput(state.x, state.commit_step if trace else None,
+  return SampleOutput(x, state.commit_step if trace else None,
                       state.commit_log_prob if trace else None, state.forwards)
 
 

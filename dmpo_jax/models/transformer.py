@@ -29,7 +29,10 @@ from dmpo_jax.models.config import ModelConfig
 
 
 class KVCache(NamedTuple):
-  """Post-RoPE keys/values of a prefix for every layer: [layers, B, P, Hkv, hd]; mask [B, P]."""
+  """Post-RoPE keys/values for every layer: [layers, B, S, Hkv, hd]; key mask [B, S] (1 = real).
+
+  Either the K/V of a prefix the inputs follow (``prefix_kv``), or of the whole canvas the inputs
+  are a window of (``canvas_kv``, Fast-dLLM's dual cache)."""
   k: jax.Array
   v: jax.Array
   mask: Optional[jax.Array]
@@ -83,9 +86,12 @@ def _project(x: jax.Array, kernel: jax.Array, equation: str, adapters: dict[str,
 
 def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.Array,
            sin: jax.Array, key_mask: Optional[jax.Array],
-           prefix: Optional[tuple[jax.Array, jax.Array]]):
+           cached: Optional[tuple[jax.Array, jax.Array]], window_start: Optional[jax.Array] = None):
   """One pre-norm block. Returns (new x, (k, v) of the input positions after RoPE).
 
+  ``cached`` (this layer's K/V): with ``window_start`` None they are a prefix the inputs follow
+  (keys = [cached, own]); otherwise they cover the whole canvas and the inputs are the positions
+  [window_start, window_start + T) of it, whose fresh K/V replace the cached ones there.
   ``p`` may hold LoRA factors under ``p["lora"][kernel]`` (`dmpo_jax.models.lora`)."""
   dt = config.compute_dtype
   p = jax.tree.map(lambda v: v.astype(dt), p)
@@ -100,9 +106,12 @@ def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.
   q = L.apply_rope(q, cos, sin)
   k = L.apply_rope(k, cos, sin)
   k_all, v_all = k, v
-  if prefix is not None:
-    k_all = jnp.concatenate([prefix[0].astype(dt), k], axis=1)
-    v_all = jnp.concatenate([prefix[1].astype(dt), v], axis=1)
+  if cached is not None and window_start is None:
+    k_all = jnp.concatenate([cached[0].astype(dt), k], axis=1)
+    v_all = jnp.concatenate([cached[1].astype(dt), v], axis=1)
+  elif cached is not None:
+    k_all = jax.lax.dynamic_update_slice_in_dim(cached[0].astype(dt), k, window_start, axis=1)
+    v_all = jax.lax.dynamic_update_slice_in_dim(cached[1].astype(dt), v, window_start, axis=1)
   att = L.attention(q, k_all, v_all, key_mask, implementation=config.attention_impl)
   x = x + _project(att, p["o_proj"], "bthk,hkd->btd", adapters, "o_proj", scale)
   h = L.rms_norm(x, p["ffn_norm"], config.norm_eps)
@@ -142,6 +151,7 @@ class Transformer(nnx.Module):
   # -- forward -------------------------------------------------------------------------------
   def hidden_states(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None, *,
                     positions: Optional[jax.Array] = None, prefix_kv: Optional[KVCache] = None,
+                    canvas_kv: Optional[KVCache] = None, window_start: Optional[jax.Array] = None,
                     return_kv: bool = False):
     """Final-normed hidden states [B, T, D] (compute dtype).
 
@@ -151,9 +161,18 @@ class Transformer(nnx.Module):
         ``config.use_key_padding_mask`` and for Dream's padding-aware positions.
       positions: optional [B, T] RoPE positions (needed when running a suffix after a prefix cache).
       prefix_kv: optional `KVCache` of a prefix the inputs attend to (Fast-dLLM prefix cache).
+      canvas_kv: optional `KVCache` of a whole canvas [.., S, ..] (Fast-dLLM dual cache); the
+        inputs are its positions [window_start, window_start + T): every layer attends to the
+        cached K/V with this window's entries replaced by the fresh ones, under the cache's key
+        mask (``attention_mask`` then only matters for Dream positions, give ``positions``).
+      window_start: int32 scalar, the inputs' offset in ``canvas_kv`` (required with it).
       return_kv: also return the `KVCache` of these input positions.
     """
     c = self.config
+    if (canvas_kv is None) != (window_start is None):
+      raise ValueError("canvas_kv and window_start go together")
+    if canvas_kv is not None and prefix_kv is not None:
+      raise ValueError("give at most one of prefix_kv and canvas_kv")
     chex.assert_rank(input_ids, 2)
     b, t = input_ids.shape
     if attention_mask is not None:
@@ -164,7 +183,10 @@ class Transformer(nnx.Module):
     cos, sin = L.rope_cos_sin(positions, c.head_dim, c.rope_theta)
 
     key_mask = None
-    if c.use_key_padding_mask and (attention_mask is not None or
+    if canvas_kv is not None:
+      if c.use_key_padding_mask and canvas_kv.mask is not None:
+        key_mask = canvas_kv.mask.astype(jnp.bool_)
+    elif c.use_key_padding_mask and (attention_mask is not None or
                                    (prefix_kv is not None and prefix_kv.mask is not None)):
       own = jnp.ones((b, t), jnp.bool_) if attention_mask is None else attention_mask.astype(jnp.bool_)
       if prefix_kv is not None:
@@ -176,13 +198,14 @@ class Transformer(nnx.Module):
     x = self.embed[...].astype(c.compute_dtype)[input_ids]
 
     def body(x, layer):
-      params, prefix = layer
-      return _block(c, x, params, cos, sin, key_mask, prefix)
+      params, cached = layer
+      return _block(c, x, params, cos, sin, key_mask, cached, window_start)
 
     if c.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    prefix = None if prefix_kv is None else (prefix_kv.k, prefix_kv.v)
-    x, (ks, vs) = jax.lax.scan(body, x, (self.blocks.stacked(), prefix))
+    cache = prefix_kv if canvas_kv is None else canvas_kv
+    cached = None if cache is None else (cache.k, cache.v)
+    x, (ks, vs) = jax.lax.scan(body, x, (self.blocks.stacked(), cached))
     x = L.rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.norm_eps)
     if return_kv:
       return x, KVCache(ks, vs, attention_mask)

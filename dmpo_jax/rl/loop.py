@@ -188,6 +188,11 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       errors.append(f"{prefix}.gen_length={gen} is not a multiple of {prefix}.block_length={blk}")
     elif steps % (gen // blk):
       errors.append(f"{prefix}.steps={steps} is not a multiple of the number of blocks {gen // blk}")
+    elif prefix == "rollout":
+      try:
+        rollout.sampler_config(block)
+      except ValueError as e:
+        errors.append(f"rollout: {e}")
   if config.prompts_per_step % config.minibatches_per_rollout:
     errors.append(f"prompts_per_step={config.prompts_per_step} is not divisible by "
                   f"minibatches_per_rollout={config.minibatches_per_rollout} (mini-batches hold "
@@ -236,6 +241,13 @@ def _model_errors(model) -> list[str]:
             "or pass --config.model.init=random to train a randomly initialised "
             f"{model.preset} on purpose"]
   return []
+
+
+def rollout_share(times: dict[str, float]) -> float:
+  """Fraction of the RL step (rollout + reward + prepare + update, evaluation excluded) spent
+  sampling."""
+  step = sum(times.get(f"time/{phase}", 0.0) for phase in ("rollout", "reward", "prepare", "update"))
+  return times.get("time/rollout", 0.0) / step if step > 0 else 0.0
 
 
 def _mesh_shape(config, num_devices: int) -> dict[str, int]:
@@ -322,12 +334,7 @@ class Trainer:
     self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
                                            seed=config.seed))(params)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.rollout_config = sampler_lib.SamplerConfig(
-        gen_length=config.rollout.gen_length, steps=config.rollout.steps,
-        block_length=config.rollout.block_length, temperature=config.rollout.temperature,
-        remasking=config.rollout.remasking, cfg_scale=config.rollout.cfg_scale,
-        threshold=None if config.rollout.threshold < 0 else config.rollout.threshold,
-        use_prefix_cache=config.rollout.use_prefix_cache)
+    self.rollout_config = rollout.sampler_config(config.rollout)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
         block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
@@ -588,6 +595,7 @@ class Trainer:
             step_metrics.update(self.evaluate(self.state.params, held_out))
         times = timer.metrics()
         step_metrics.update(times)
+        step_metrics["time/rollout_share"] = rollout_share(times)
         step_metrics["rollout/tokens_per_second"] = metrics_lib.tokens_per_second(
             sequences.shape[0] * c.rollout.gen_length, times.get("time/rollout", 0.0))
         writer.write(done, step_metrics)

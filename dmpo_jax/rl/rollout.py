@@ -7,12 +7,31 @@ of `dmpo_jax.rl.scoring`.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 from typing import Any, Sequence
 
 import numpy as np
 
+from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.tasks import base as task_base
+
+
+def sampler_config(block: Any, **fixed: Any) -> sampler_lib.SamplerConfig:
+  """The `SamplerConfig` of a config block (``config.rollout``): every key that names a
+  `SamplerConfig` field is passed on, with the config's "off" values ``threshold`` / ``factor``
+  ≤ 0 and ``max_tokens_per_step`` ≤ 0 meaning None; ``fixed`` overrides (e.g. the trace).
+  A key that is no sampler field, or a bad value, raises ValueError naming it."""
+  fields = {f.name for f in dataclasses.fields(sampler_lib.SamplerConfig)}
+  values = dict(block.items()) if hasattr(block, "items") else dict(block)
+  unknown = sorted(set(values) - fields)
+  if unknown:
+    raise ValueError(f"unknown sampler key(s) {unknown}; known {sorted(fields)}")
+  for name in ("threshold", "factor", "max_tokens_per_step"):
+    if name in values and values[name] is not None and values[name] <= 0:
+      values[name] = None
+  values.update(fixed)
+  return sampler_lib.SamplerConfig(**values)
 
 
 def prompt_token_ids(tokenizer: Any, task: task_base.Task, example: dict, *,
