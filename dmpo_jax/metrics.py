@@ -343,7 +343,8 @@ class ProgressBar:
     parts = [f"{self.desc} {self.unit} {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%)"]
     parts += [f"{k} {v:.4g}" for k, v in metrics.items()]
     if phases:
-      total = sum(phases.values())
+      # The rollout's share of the RL step, evaluation excluded (as the `time/rollout_share` metric).
+      total = sum(seconds for name, seconds in phases.items() if name != "eval")
       times = []
       for name, seconds in phases.items():
         share = f" ({100 * seconds / total:.0f}%)" if name == "rollout" and total > 0 else ""

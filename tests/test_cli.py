@@ -233,7 +233,7 @@ def test_plain_progress_lines_every_n_steps_or_seconds(caplog):
   bar = metrics.ProgressBar(100, initial=20, desc="bgpo RL", log_every_steps=10, log_every_seconds=60,
                             clock=lambda: now[0])
   assert bar.plain and bar.disabled  # pytest captures stderr: not a terminal
-  phases = {"rollout": 1.0, "reward": 0.5, "prepare": 0.5, "update": 2.0}
+  phases = {"rollout": 1.0, "reward": 0.5, "prepare": 0.5, "update": 2.0, "eval": 4.0}
   with caplog.at_level("INFO", logger="dmpo_jax.progress"):
     for step in range(21, 101):
       now[0] += 4.0 if step < 60 else 70.0  # slow steps from 60 on: the time rule fires
@@ -243,7 +243,7 @@ def test_plain_progress_lines_every_n_steps_or_seconds(caplog):
   assert steps == [30, 40, 50, 60] + list(range(61, 101))
   # step 30: 10 steps in 40 s since the start -> 4 s/step, 70 steps left -> ETA 280 s.
   assert lines[0] == ("bgpo RL step 30/100 (30%) | reward 0.25 | eval_acc 50 | rollout 1.00s (25%) "
-                      "reward 0.50s prepare 0.50s update 2.00s | 4 s/step | ETA 0:04:40")
+                      "reward 0.50s prepare 0.50s update 2.00s eval 4.00s | 4 s/step | ETA 0:04:40")
   assert lines[-1].endswith("ETA 0:00:00")
 
 
