@@ -79,6 +79,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     errors.append(f"prompts_per_step={config.prompts_per_step} is not divisible by "
                   f"minibatches_per_rollout={config.minibatches_per_rollout} (mini-batches hold "
                   "whole groups)")
+  for name in ("dtype", "param_dtype"):
+    if config.model[name] not in ("",) + model_config_lib.DTYPES:
+      errors.append(f"model.{name}: must be '' (the preset's / checkpoint's) or one of "
+                    f"{model_config_lib.DTYPES}, got {config.model[name]!r}")
+  if config.optimizer.state_dtype not in ts.STATE_DTYPES:
+    errors.append(f"optimizer.state_dtype: must be one of {ts.STATE_DTYPES}, got "
+                  f"{config.optimizer.state_dtype!r}")
+  if not isinstance(config.optimizer.master_weights, bool):
+    errors.append(f"optimizer.master_weights: must be true or false, got "
+                  f"{config.optimizer.master_weights!r}")
   if config.task.prompt_length <= 0:
     errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
   if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():
@@ -171,9 +181,10 @@ class Trainer:
         max_grad_norm=config.optimizer.max_grad_norm,
         warmup_steps=config.optimizer.warmup_steps,
         total_steps=config.num_steps * config.updates_per_rollout,
-        schedule=config.optimizer.schedule)
+        schedule=config.optimizer.schedule, state_dtype=config.optimizer.state_dtype)
     self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
-                                           seed=config.seed))(params)
+                                           seed=config.seed,
+                                           master_weights=config.optimizer.master_weights))(params)
     self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
     self.rollout_config = sampler_lib.SamplerConfig(
         gen_length=config.rollout.gen_length, steps=config.rollout.steps,
@@ -236,8 +247,10 @@ class Trainer:
   def warmup(self, examples, bar_enabled: bool):
     """Masked-diffusion SFT on demonstrations (``config.sft``), before RL."""
     c = self.config
-    optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm)
-    state = ts.init_train_state(self.state.params, optimizer, c.seed + 1)
+    optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm,
+                                  state_dtype=c.optimizer.state_dtype)
+    state = ts.init_train_state(self.state.params, optimizer, c.seed + 1,
+                                master_weights=c.optimizer.master_weights)
     step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0)
     rng = np.random.default_rng(c.seed)
     progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
@@ -251,7 +264,7 @@ class Trainer:
         loss = float(m["sft/loss"])
         progress.update(step + 1, {"loss": loss})
     progress.close()
-    self.state = self.state.replace(params=state.params)
+    self.state = self.state.replace(params=state.params, master=state.master)
     return {"sft/final_loss": loss}
 
   def _sft_batch(self, examples):
