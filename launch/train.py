@@ -42,6 +42,15 @@ _FALLBACK = flags.DEFINE_bool(
     "fallback_to_previous_checkpoint", False, "If the latest checkpoint fails its checksums, "
     "resume from the newest intact one (the damaged steps are renamed corrupt-<step>); without "
     "it the damage is an error.", flag_values=FLAGS)
+# With --distributed on Cloud TPU / SLURM these are detected; set them for other clusters or for
+# several processes on one machine (CPU collectives go through gloo).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (--distributed).",
+                                   flag_values=FLAGS)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed).",
+                                      flag_values=FLAGS)
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).",
+                                   flag_values=FLAGS)
 flags.mark_flags_as_required(["config", "workdir"], flag_values=FLAGS)
 
 
@@ -49,7 +58,9 @@ def _run():
   config = _CONFIG.value
   import jax  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU arrays
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
   from dmpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
   try:
