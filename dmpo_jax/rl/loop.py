@@ -107,6 +107,30 @@ def _mesh_shape(config, num_devices: int) -> dict[str, int]:
   return dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(shape, num_devices)))
 
 
+def rollout_sampler_config(config) -> sampler_lib.SamplerConfig:
+  """The rollout sampler settings of ``config.rollout``."""
+  return sampler_lib.SamplerConfig(
+      gen_length=config.rollout.gen_length, steps=config.rollout.steps,
+      block_length=config.rollout.block_length, temperature=config.rollout.temperature,
+      remasking=config.rollout.remasking, cfg_scale=config.rollout.cfg_scale,
+      threshold=None if config.rollout.threshold < 0 else config.rollout.threshold,
+      use_prefix_cache=config.rollout.use_prefix_cache)
+
+
+def abstract_rollout_batch(config, mesh, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes/shardings of the RL batch of one step (prompts_per_step × group_size rows of
+  prompt_length + gen_length tokens), or of one of its ``minibatches``, split over the batch
+  mesh axes (for ahead-of-time compilation)."""
+  b = config.prompts_per_step * config.group_size // minibatches
+  t = config.task.prompt_length + config.rollout.gen_length
+  spec = {"sequences": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.bool_),
+          "prompt_mask": ((b, t), jnp.bool_), "completion_mask": ((b, t), jnp.bool_),
+          "rewards": ((b,), jnp.float32), "group_ids": ((b,), jnp.int32),
+          "example_ids": ((b,), jnp.int32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in spec.items()}
+
+
 def load_model_and_tokenizer(config, mesh):
   """The model (sharded on ``mesh``) and tokenizer named by ``config.model`` / ``config.tokenizer``."""
   overrides = {"remat": bool(config.model.remat),
@@ -172,15 +196,12 @@ class Trainer:
         warmup_steps=config.optimizer.warmup_steps,
         total_steps=config.num_steps * config.updates_per_rollout,
         schedule=config.optimizer.schedule)
+    # Optimizer moments sharded like the parameters (explicit: XLA would replicate the zeros).
+    _, self.state_shardings = train_step.state_shardings(params, self.optimizer, config.seed,
+                                                         self.mesh)
     self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
-                                           seed=config.seed))(params)
-    self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.rollout_config = sampler_lib.SamplerConfig(
-        gen_length=config.rollout.gen_length, steps=config.rollout.steps,
-        block_length=config.rollout.block_length, temperature=config.rollout.temperature,
-        remasking=config.rollout.remasking, cfg_scale=config.rollout.cfg_scale,
-        threshold=None if config.rollout.threshold < 0 else config.rollout.threshold,
-        use_prefix_cache=config.rollout.use_prefix_cache)
+                                           seed=config.seed), out_shardings=self.state_shardings)(params)
+    self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
         block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
@@ -292,14 +313,7 @@ class Trainer:
   def abstract_rollout_batch(self, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes/shardings of the RL batch of one step, or of one of its ``minibatches`` (for
     ahead-of-time compilation)."""
-    b = self.config.prompts_per_step * self.config.group_size // minibatches
-    t = self.prompt_length + self.config.rollout.gen_length
-    spec = {"sequences": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.bool_),
-            "prompt_mask": ((b, t), jnp.bool_), "completion_mask": ((b, t), jnp.bool_),
-            "rewards": ((b,), jnp.float32), "group_ids": ((b,), jnp.int32),
-            "example_ids": ((b,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
-            for k, (shape, dtype) in spec.items()}
+    return abstract_rollout_batch(self.config, self.mesh, minibatches)
 
   def compile_steps(self, ref_params) -> dict[str, int]:
     """Jits `prepare_rollout` and AOT-compiles `rl_update` for the run's shapes; logs memory."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dmpo_jax import sharding
 from dmpo_jax.models import lora
 from dmpo_jax.rl import registry, scoring, train_state as ts
 
@@ -48,6 +49,19 @@ def prepare_rollout(graphdef: Any, objective: registry.Objective, objective_conf
     ref_params = lora.disabled(params)
   keys = scoring.make_keys(base_key, rollout_step, 0, 0)
   return objective.prepare(graphdef, params, ref_params, batch, keys, objective_config)
+
+
+def state_shardings(params: Any, optimizer: optax.GradientTransformation, seed: int,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(abstract `TrainState`, its shardings) for ``params`` on ``mesh``.
+
+  optax keeps the AdamW moments as `nnx.State`s that carry the parameters' ``logical_axes``, so
+  they are split exactly like the parameters (FSDP over ``embed``, ...); without explicit output
+  shardings XLA would replicate the zeros that initialise them on every device.
+  """
+  abstract_state = jax.eval_shape(functools.partial(ts.init_train_state, optimizer=optimizer,
+                                                    seed=seed), params)
+  return abstract_state, sharding.state_shardings(abstract_state, mesh)
 
 
 def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config: Any,
