@@ -18,6 +18,7 @@ forward-equivalents per token per forward pass, `ModelConfig.flops_per_token`).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import math
@@ -254,12 +255,10 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   params = _abstract(params, sharding.state_shardings(params, mesh))
   objective = registry.get_objective(config.objective)
   ocfg = objective.make_config(config.get(config.objective, {}))
-  optimizer = ts.make_optimizer(
-      config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
-      b1=config.optimizer.b1, b2=config.optimizer.b2, max_grad_norm=config.optimizer.max_grad_norm,
-      warmup_steps=config.optimizer.warmup_steps,
-      total_steps=config.num_steps * config.updates_per_rollout, schedule=config.optimizer.schedule)
-  abstract_state, state_shardings = train_step.state_shardings(params, optimizer, config.seed, mesh)
+  optimizer = loop.rl_optimizer(config)
+  init = functools.partial(ts.init_train_state, optimizer=optimizer, seed=config.seed,
+                           master_weights=config.optimizer.master_weights)
+  abstract_state, state_shardings = train_step.state_shardings(init, params, mesh)
   state = _abstract(abstract_state, state_shardings)
   ref_params = None if config.model.lora_rank else params  # LoRA: base with adapters disabled
   key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,

@@ -55,6 +55,8 @@ def main(argv=None):
   parser.add_argument("--prompt_length", type=int, default=64)
   parser.add_argument("--gen_length", type=int, default=128)
   parser.add_argument("--dtype", default=None, help="compute and parameter dtype override")
+  parser.add_argument("--state_dtype", default="float32", help="AdamW moment dtype")
+  parser.add_argument("--master_weights", action="store_true", help="fp32 master weights")
   parser.add_argument("--micro_batch_size", type=int, default=None)
   parser.add_argument("--remat", type=int, default=None, help="1/0 overrides the preset")
   parser.add_argument("--repeats", type=int, default=3)
@@ -79,8 +81,9 @@ def main(argv=None):
   if args.micro_batch_size:
     ocfg_values["micro_batch_size"] = args.micro_batch_size
   ocfg = objective.make_config(ocfg_values)
-  optimizer = ts.make_optimizer(1e-6)
-  state = jax.jit(lambda p: ts.init_train_state(p, optimizer, 0))(params)
+  optimizer = ts.make_optimizer(1e-6, state_dtype=args.state_dtype)
+  state = jax.jit(lambda p: ts.init_train_state(p, optimizer, 0,
+                                                master_weights=args.master_weights))(params)
   state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
   rng = np.random.default_rng(0)
@@ -89,7 +92,8 @@ def main(argv=None):
   prompts = rng.integers(0, low, (b, p)).astype(np.int32)
   prompt_mask = np.ones((b, p), bool)
   result = {"preset": args.preset, "objective": args.objective, "batch": b, "prompt_length": p,
-            "gen_length": l, "dtype": config.dtype, "device": jax.devices()[0].device_kind,
+            "gen_length": l, "dtype": config.dtype, "state_dtype": args.state_dtype,
+            "master_weights": args.master_weights, "device": jax.devices()[0].device_kind,
             "num_devices": jax.device_count()}
   if args.rollout:
     scfg = SamplerConfig(gen_length=l, steps=max(1, l // 2), block_length=min(32, l))

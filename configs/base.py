@@ -70,6 +70,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.max_grad_norm = 1.0
   config.optimizer.warmup_steps = 0
   config.optimizer.schedule = "constant"
+  # Precision (README "Precision"): AdamW moments in fp32 whatever model.param_dtype is
+  # (bfloat16 halves their memory); master_weights keeps an fp32 copy of the trainable
+  # parameters that receives the updates, the stored parameters being its rounded compute copy.
+  config.optimizer.state_dtype = "float32"
+  config.optimizer.master_weights = False
 
   # Optional masked-diffusion SFT warm start before RL (LLaDA SFT loss, `llada.md` §8).
   config.sft = ml_collections.ConfigDict()

@@ -39,9 +39,9 @@ config = get_preset("tiny", param_dtype="bfloat16", dtype="bfloat16")
 _, params = nnx.split(create_model(config, 0))
 params = jax.device_put(params, sharding.state_shardings(params, mesh))
 optimizer = ts.make_optimizer(1e-3)
-_, shardings = train_step.state_shardings(params, optimizer, 0, mesh)
-state = jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer, seed=0),
-                out_shardings=shardings)(params)
+init = functools.partial(ts.init_train_state, optimizer=optimizer, seed=0)
+_, shardings = train_step.state_shardings(init, params, mesh)
+state = jax.jit(init, out_shardings=shardings)(params)
 flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
 param_specs = {k: str(v.sharding.spec) for k, v in flat(state.params).items()}
 adam = state.opt_state[1][0]

@@ -79,6 +79,16 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     errors.append(f"prompts_per_step={config.prompts_per_step} is not divisible by "
                   f"minibatches_per_rollout={config.minibatches_per_rollout} (mini-batches hold "
                   "whole groups)")
+  for name in ("dtype", "param_dtype"):
+    if config.model[name] not in ("",) + model_config_lib.DTYPES:
+      errors.append(f"model.{name}: must be '' (the preset's / checkpoint's) or one of "
+                    f"{model_config_lib.DTYPES}, got {config.model[name]!r}")
+  if config.optimizer.state_dtype not in ts.STATE_DTYPES:
+    errors.append(f"optimizer.state_dtype: must be one of {ts.STATE_DTYPES}, got "
+                  f"{config.optimizer.state_dtype!r}")
+  if not isinstance(config.optimizer.master_weights, bool):
+    errors.append(f"optimizer.master_weights: must be true or false, got "
+                  f"{config.optimizer.master_weights!r}")
   if config.task.prompt_length <= 0:
     errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
   if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():
@@ -105,6 +115,16 @@ def _mesh_shape(config, num_devices: int) -> dict[str, int]:
   """``config.mesh`` resolved against the device count (-1 fills the rest)."""
   shape = {a: int(config.mesh[a]) for a in sharding.MESH_AXES}
   return dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(shape, num_devices)))
+
+
+def rl_optimizer(config):
+  """The RL optimizer of ``config.optimizer`` (AdamW, clipping, schedule over all updates)."""
+  return ts.make_optimizer(
+      config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
+      b1=config.optimizer.b1, b2=config.optimizer.b2, max_grad_norm=config.optimizer.max_grad_norm,
+      warmup_steps=config.optimizer.warmup_steps,
+      total_steps=config.num_steps * config.updates_per_rollout,
+      schedule=config.optimizer.schedule, state_dtype=config.optimizer.state_dtype)
 
 
 def rollout_sampler_config(config) -> sampler_lib.SamplerConfig:
@@ -189,18 +209,13 @@ class Trainer:
     self.task = task_base.get_task(config.task.name)
     self.objective = registry.get_objective(config.objective)
     self.objective_config = self.objective.make_config(config.get(config.objective, {}))
-    self.optimizer = ts.make_optimizer(
-        config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
-        b1=config.optimizer.b1, b2=config.optimizer.b2,
-        max_grad_norm=config.optimizer.max_grad_norm,
-        warmup_steps=config.optimizer.warmup_steps,
-        total_steps=config.num_steps * config.updates_per_rollout,
-        schedule=config.optimizer.schedule)
-    # Optimizer moments sharded like the parameters (explicit: XLA would replicate the zeros).
-    _, self.state_shardings = train_step.state_shardings(params, self.optimizer, config.seed,
-                                                         self.mesh)
-    self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
-                                           seed=config.seed), out_shardings=self.state_shardings)(params)
+    self.optimizer = rl_optimizer(config)
+    # Optimizer moments (and master weights) sharded like the parameters (explicit: XLA would
+    # replicate the zeros that initialise them).
+    init = functools.partial(ts.init_train_state, optimizer=self.optimizer, seed=config.seed,
+                             master_weights=config.optimizer.master_weights)
+    _, self.state_shardings = train_step.state_shardings(init, params, self.mesh)
+    self.state = jax.jit(init, out_shardings=self.state_shardings)(params)
     self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
@@ -257,8 +272,10 @@ class Trainer:
   def warmup(self, examples, bar_enabled: bool):
     """Masked-diffusion SFT on demonstrations (``config.sft``), before RL."""
     c = self.config
-    optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm)
-    state = ts.init_train_state(self.state.params, optimizer, c.seed + 1)
+    optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm,
+                                  state_dtype=c.optimizer.state_dtype)
+    state = ts.init_train_state(self.state.params, optimizer, c.seed + 1,
+                                master_weights=c.optimizer.master_weights)
     step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0)
     rng = np.random.default_rng(c.seed)
     progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
@@ -272,7 +289,7 @@ class Trainer:
         loss = float(m["sft/loss"])
         progress.update(step + 1, {"loss": loss})
     progress.close()
-    self.state = self.state.replace(params=state.params)
+    self.state = self.state.replace(params=state.params, master=state.master)
     return {"sft/final_loss": loss}
 
   def _sft_batch(self, examples):

@@ -51,16 +51,17 @@ def prepare_rollout(graphdef: Any, objective: registry.Objective, objective_conf
   return objective.prepare(graphdef, params, ref_params, batch, keys, objective_config)
 
 
-def state_shardings(params: Any, optimizer: optax.GradientTransformation, seed: int,
+def state_shardings(init: Callable[[Any], ts.TrainState], params: Any,
                     mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
-  """(abstract `TrainState`, its shardings) for ``params`` on ``mesh``.
+  """(abstract `TrainState`, its shardings) of ``init(params)`` (`train_state.init_train_state`
+  with its optimizer bound) on ``mesh``.
 
-  optax keeps the AdamW moments as `nnx.State`s that carry the parameters' ``logical_axes``, so
-  they are split exactly like the parameters (FSDP over ``embed``, ...); without explicit output
-  shardings XLA would replicate the zeros that initialise them on every device.
+  optax keeps the AdamW moments (and the master weights) as `nnx.State`s that carry the
+  parameters' ``logical_axes``, so they are split exactly like the parameters (FSDP over
+  ``embed``, ...); without explicit output shardings XLA would replicate the zeros that
+  initialise them on every device.
   """
-  abstract_state = jax.eval_shape(functools.partial(ts.init_train_state, optimizer=optimizer,
-                                                    seed=seed), params)
+  abstract_state = jax.eval_shape(init, params)
   return abstract_state, sharding.state_shardings(abstract_state, mesh)
 
 
