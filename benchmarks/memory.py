@@ -222,8 +222,8 @@ def _compiled_memory(lowered) -> dict[str, Any]:
 
 
 def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
-                mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler")
-                ) -> dict[str, Any]:
+                mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler"),
+                model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
   """Per-device memory of the RL programs of ``config`` on a mesh of ``devices``, compiled
   ahead of time from abstract inputs (nothing is allocated).
 
@@ -242,7 +242,7 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   for key in ("dtype", "param_dtype"):
     if config.model[key]:
       overrides[key] = config.model[key]
-  model_config = get_preset(config.model.preset, **overrides)
+  model_config = get_preset(config.model.preset, **overrides, **(model_overrides or {}))
 
   def build():
     model = create_model(model_config, config.seed)
@@ -354,8 +354,9 @@ def main(argv=None) -> int:
     config = load_config(args.config, args.override)
     devices, _ = plan_devices(args.topology)
     mesh_shape = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
-    result = memory_plan(config, devices, mesh_shape, tuple(args.programs.split(",")))
-    result.update(config=os.path.basename(args.config), overrides=args.override,
+    result = memory_plan(config, devices, mesh_shape, tuple(args.programs.split(",")),
+                         _parse_overrides(args.model))
+    result.update(config=os.path.basename(args.config), overrides=args.override + args.model,
                   topology=args.topology)
     generation = (args.topology or "").split(":")[0]
     if generation in TPU_CHIP_GIB:

@@ -9,7 +9,6 @@ finite. It is jitted with the state's shardings in and out and the state donated
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -67,8 +66,15 @@ def state_shardings(init: Callable[[Any], ts.TrainState], params: Any,
 
 def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config: Any,
                   optimizer: optax.GradientTransformation, state_shardings: Any) -> Callable:
-  """`rl_update` jitted with the state sharded in and out and donated."""
-  fn = functools.partial(rl_update, graphdef, objective, objective_config, optimizer)
+  """`rl_update` jitted with the state sharded in and out and donated. It is traced on the
+  state's mesh (`jax.sharding.use_abstract_mesh`), so the gradient accumulator is split like the
+  parameters (`sharding.constrain_logical`)."""
+  mesh = next(s.mesh for s in jax.tree.leaves(state_shardings)
+              if isinstance(s, jax.sharding.NamedSharding))
+
+  def fn(*args):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return rl_update(graphdef, objective, objective_config, optimizer, *args)
   return jax.jit(fn, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
