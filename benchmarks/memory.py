@@ -43,6 +43,9 @@ def _force_host_devices(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _force_host_devices(sys.argv[1:])
+  # Compiling for a TPU topology only needs libtpu's compiler: let it load next to another
+  # process that holds libtpu's lock file (no TPU is touched).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -182,8 +185,11 @@ def plan_devices(topology: str | None) -> tuple[list[Any], str]:
   if not topology:
     return jax.devices(), jax.devices()[0].device_kind
   from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  dims = [int(d) for d in topology.split(":")[-1].split("x")]
+  # Fewer chips than one host's default 2x2x1 block (a single chip) need explicit host bounds.
+  kwargs = {"chips_per_host_bounds": tuple(dims + [1] * (3 - len(dims)))} if math.prod(dims) < 4 else {}
   try:
-    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
   except Exception as e:  # libtpu missing or unknown topology
     raise RuntimeError(f"--topology={topology}: cannot build the TPU topology ({e}); install "
                        "libtpu with `pip install \"jax[tpu]==<jax version>\"`") from e
@@ -360,8 +366,11 @@ def main(argv=None) -> int:
                   topology=args.topology)
     generation = (args.topology or "").split(":")[0]
     if generation in TPU_CHIP_GIB:
-      result["chip_gib"] = TPU_CHIP_GIB[generation]
-      result["fits"] = result["peak_bytes"] <= TPU_CHIP_GIB[generation] * GIB
+      # v4 topologies list each chip's two TensorCores as two devices sharing its HBM.
+      chips = len({tuple(d.coords) for d in devices})
+      result.update(chips=chips, chip_gib=TPU_CHIP_GIB[generation],
+                    device_gib=TPU_CHIP_GIB[generation] * chips / len(devices))
+      result["fits"] = result["peak_bytes"] <= result["device_gib"] * GIB
     line = json.dumps(result)
     print(line, flush=True)
     if args.output:

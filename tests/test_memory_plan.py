@@ -62,6 +62,52 @@ def test_adam_moments_are_split_like_the_parameters():
   assert out["mu_shard_elems"] == (out["param_elems"] - norms) // 4 + norms
 
 
+ACCUMULATOR_SPECS = r"""
+import json, jax, jax.numpy as jnp
+from flax import nnx
+from dmpo_jax import sharding
+from dmpo_jax.models.config import get_preset
+from dmpo_jax.models.transformer import create_model
+from dmpo_jax.rl import grad
+mesh = sharding.create_mesh((1, 4, 1))
+config = get_preset("tiny")
+graphdef, params = nnx.split(create_model(config, 0))
+params = jax.device_put(params, sharding.state_shardings(params, mesh))
+batch = {"x": jax.device_put(jnp.ones((8, 64)), sharding.batch_sharding(mesh, 2))}
+
+def loss(p, mb, j):  # touches every parameter; the batch is split over fsdp
+  total = sum(jnp.sum(jnp.tanh(v)) for v in jax.tree.leaves(p))
+  return total * jnp.sum(mb["x"]) * (j + 1), {}
+
+def accumulate(p, b):
+  return grad.accumulate_gradients(loss, p, b, num_samples=3, micro_batch_size=4,
+                                   denominator_fn=lambda mb: 1.0)[0]
+
+def with_mesh(p, b):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return accumulate(p, b)
+
+def trimmed(spec):  # P(None, 'fsdp', None) and P(None, 'fsdp') are the same sharding
+  spec = list(spec)
+  while spec and spec[-1] is None:
+    spec.pop()
+  return str(spec)
+
+named = lambda tree: {jax.tree_util.keystr(k): trimmed(s.spec)
+                      for k, s in jax.tree_util.tree_leaves_with_path(tree)}
+print(json.dumps({"params": named(jax.tree.map(lambda v: v.sharding, params)),
+                  "with_mesh": named(jax.jit(with_mesh).lower(params, batch).compile().output_shardings)}))
+"""
+
+
+def test_gradient_accumulator_is_split_like_the_parameters():
+  """Under the update's mesh the fp32 accumulator of the MC / micro-batch loop comes out with
+  the parameters' shardings (XLA is otherwise free to replicate a buffer built from zeros)."""
+  out = _run(ACCUMULATOR_SPECS, devices=4)
+  assert out["with_mesh"] == out["params"], out
+  assert out["params"]["['blocks']['q_proj'].value"] == "[None, 'fsdp']"
+
+
 def test_plan_bytes_match_the_sharded_state_on_cpu_devices():
   """The compiler's argument bytes of the update = params + AdamW state + batch, each counted
   per device independently here (CPU XLA adds no layout padding)."""
@@ -79,9 +125,10 @@ def test_plan_bytes_match_the_sharded_state_on_cpu_devices():
   batch = rows * tokens * (4 + 1 + 1 + 1) + rows * (4 + 4 + 4)
   state = params + resident["opt_state"] + 4 + 8  # + step, rng
   update = out["programs"]["update"]
-  per_example = update["argument"] - state - batch - 2 * 4  # two int32 scalars
-  assert 0 <= per_example <= rows * 4 * 8, update  # a few fp32 numbers per row (advantages)
-  assert update["alias"] == state  # the donated state is updated in place
+  assert update["alias"] == state, update  # the donated state is updated in place
+  # The rest of the arguments: this device's rows of the batch (jit drops the inputs BGPO does
+  # not read, e.g. the prompt mask) and a few fp32 numbers per row (advantages), two scalars.
+  assert batch // 2 <= update["argument"] - state <= batch + rows * 4 * 8 + 8, update
   assert update["peak"] == update["total"] + resident["reference"]
 
 
