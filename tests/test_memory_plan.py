@@ -17,7 +17,8 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(code_or_args, devices=None, timeout=600):
-  env = {**os.environ, "PYTHONPATH": str(REPO)}
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
   if devices:
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
   args = ["-c", code_or_args] if isinstance(code_or_args, str) else code_or_args
