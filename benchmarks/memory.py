@@ -212,7 +212,13 @@ def per_device_bytes(tree: Any) -> int:
 
 def _compiled_memory(lowered) -> dict[str, Any]:
   start = time.time()
-  compiled = lowered.compile()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler itself refuses programs whose temporaries exceed the chip's HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"error": str(e).splitlines()[0], "compile_s": round(time.time() - start, 1)}
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis()
   if isinstance(cost, (list, tuple)):
@@ -297,24 +303,32 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
       "programs": {}}
   if "update" in programs:
     jitted = train_step.jit_rl_update(graphdef, objective, ocfg, optimizer, state_shardings)
-    info = _compiled_memory(jitted.lower(state, batch, per_example, scalar, scalar))
-    info["peak"] = info["total"] + ref_bytes
-    result["programs"]["update"] = info
+    result["programs"]["update"] = _with_peak(
+        _compiled_memory(jitted.lower(state, batch, per_example, scalar, scalar)), ref_bytes)
   if "prepare" in programs:
-    info = _compiled_memory(prepare.lower(params, ref_params, full_batch, key, scalar))
-    info["peak"] = info["total"] + opt_bytes
-    result["programs"]["prepare"] = info
+    result["programs"]["prepare"] = _with_peak(
+        _compiled_memory(prepare.lower(params, ref_params, full_batch, key, scalar)), opt_bytes)
   if "sampler" in programs:
     scfg = loop.rollout_sampler_config(config)
     b, p = full_batch["sequences"].shape[0], config.task.prompt_length
     ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
     mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2))
-    info = _compiled_memory(sampler_lib.generate.lower(graphdef, params, ids, mask, key, scfg))
-    info["peak"] = info["total"] + opt_bytes + ref_bytes
-    result["programs"]["sampler"] = info
-  result["peak_bytes"] = max(p["peak"] for p in result["programs"].values())
-  result["peak_gib"] = round(result["peak_bytes"] / GIB, 2)
+    result["programs"]["sampler"] = _with_peak(
+        _compiled_memory(sampler_lib.generate.lower(graphdef, params, ids, mask, key, scfg)),
+        opt_bytes + ref_bytes)
+  failed = [name for name, p in result["programs"].items() if "error" in p]
+  if failed:  # the compiler ran out of device memory: no peak, does not fit
+    result.update(peak_bytes=None, peak_gib=None, out_of_memory=failed)
+  else:
+    result["peak_bytes"] = max(p["peak"] for p in result["programs"].values())
+    result["peak_gib"] = round(result["peak_bytes"] / GIB, 2)
   return result
+
+
+def _with_peak(info: dict[str, Any], resident: int) -> dict[str, Any]:
+  if "error" not in info:
+    info["peak"] = info["total"] + resident
+  return info
 
 
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -370,7 +384,8 @@ def main(argv=None) -> int:
       chips = len({tuple(d.coords) for d in devices})
       result.update(chips=chips, chip_gib=TPU_CHIP_GIB[generation],
                     device_gib=TPU_CHIP_GIB[generation] * chips / len(devices))
-      result["fits"] = result["peak_bytes"] <= result["device_gib"] * GIB
+      result["fits"] = (result["peak_bytes"] is not None
+                        and result["peak_bytes"] <= result["device_gib"] * GIB)
     line = json.dumps(result)
     print(line, flush=True)
     if args.output:
