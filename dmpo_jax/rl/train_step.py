@@ -69,11 +69,13 @@ def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config
   """`rl_update` jitted with the state sharded in and out and donated. It is traced on the
   state's mesh (`jax.sharding.use_abstract_mesh`), so the gradient accumulator is split like the
   parameters (`sharding.constrain_logical`)."""
-  mesh = next(s.mesh for s in jax.tree.leaves(state_shardings)
-              if isinstance(s, jax.sharding.NamedSharding))
+  meshes = [s.mesh for s in jax.tree.leaves(state_shardings)
+            if isinstance(s, jax.sharding.NamedSharding)]
 
   def fn(*args):
-    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    if not meshes:  # e.g. one device without a mesh: nothing to pin
+      return rl_update(graphdef, objective, objective_config, optimizer, *args)
+    with jax.sharding.use_abstract_mesh(meshes[0].abstract_mesh):
       return rl_update(graphdef, objective, objective_config, optimizer, *args)
   return jax.jit(fn, donate_argnums=0, out_shardings=(state_shardings, None))
 
