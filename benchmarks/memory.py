@@ -88,6 +88,12 @@ def abstract_keys():
 def step_model_flops(config, objective: str, ocfg, batch: int, seq_len: int) -> float:
   """Analytic FLOPs of one gradient step: (no-grad forwards + 3 × grad forwards) · tokens."""
   per_forward = config.flops_per_token(seq_len) * batch * seq_len
+  no_grad, with_grad = gradient_step_passes(objective, ocfg)
+  return float(per_forward * (no_grad + 3 * with_grad))
+
+
+def gradient_step_passes(objective: str, ocfg) -> tuple[int, int]:
+  """(no-grad forward passes, forward+backward passes) over the batch in one gradient step."""
   mc = getattr(ocfg, MC_FIELD[objective]) if MC_FIELD[objective] else 1
   if objective in ("bgpo",) or objective == "dmpo" and ocfg.baseline != "model":
     no_grad, with_grad = 0, mc
@@ -105,7 +111,7 @@ def step_model_flops(config, objective: str, ocfg, batch: int, seq_len: int) -> 
     with_grad = mc
   else:
     no_grad, with_grad = 0, 1
-  return float(per_forward * (no_grad + 3 * with_grad))
+  return no_grad, with_grad
 
 
 def measure(objective_name: str, preset: str, n_mc: int, args, model_overrides) -> dict[str, Any]:

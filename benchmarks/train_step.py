@@ -9,6 +9,13 @@ jitted, donated `rl_update`: objective gradients + AdamW), and with --rollout th
 that produces the batch (generation length, block 32, steps = gen_length / 2). tokens/s counts
 prompt + completion tokens of the batch per update; MFU = analytic model FLOPs of the update
 (`benchmarks/memory.py: step_model_flops`) / time / (--peak_tflops · 1e12).
+
+With --lora_rank the frozen base gets no weight gradient, so the update's real work per token
+and forward+backward pass is 2·N (base forward) + 2·N (base activation gradients) + 3·A
+(attention: forward and its two-matmul backward) + 6·N_lora (adapters, forward and both
+gradients), N = matmul parameters, A = attention FLOPs (`lora_update_flops`); no-grad passes
+cost 2·N + A + 2·N_lora. ``mfu_update`` uses this count; ``mfu_update_full_backward`` keeps the
+full fine-tuning count (6·N + 3·A per token and pass), which overstates LoRA's work.
 """
 
 from __future__ import annotations
@@ -29,9 +36,9 @@ import numpy as np  # noqa: E402
 
 from dmpo_jax import sharding  # noqa: E402
 from dmpo_jax.diffusion.sampler import SamplerConfig, generate  # noqa: E402
-from dmpo_jax.models.config import get_preset  # noqa: E402
+from dmpo_jax.models.config import LORA_TARGETS, get_preset  # noqa: E402
 from dmpo_jax.rl import registry, rollout, train_state as ts, train_step  # noqa: E402
-from memory import MC_FIELD, step_model_flops  # noqa: E402
+from memory import MC_FIELD, gradient_step_passes, step_model_flops  # noqa: E402
 from sampler import init_params  # noqa: E402
 
 
@@ -43,6 +50,19 @@ def _timed(fn, repeats):
     out = jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return statistics.median(times), out
+
+
+def lora_update_flops(config, objective: str, ocfg, batch: int, seq_len: int) -> float:
+  """FLOPs of one LoRA gradient step (module docstring): no weight gradient for the frozen base."""
+  tokens = batch * seq_len
+  forward = config.flops_per_token(seq_len)  # 2·N + A per token
+  attention = 4 * config.n_layers * config.n_heads * config.head_dim * seq_len
+  matmul = forward - attention
+  adapters = 2.0 * config.num_lora_params()
+  no_grad, with_grad = gradient_step_passes(objective, ocfg)
+  per_grad_pass = 2 * matmul + 3 * attention + 3 * adapters
+  per_no_grad_pass = matmul + attention + adapters
+  return float(tokens * (no_grad * per_no_grad_pass + with_grad * per_grad_pass))
 
 
 def main(argv=None):
@@ -59,6 +79,8 @@ def main(argv=None):
   parser.add_argument("--master_weights", action="store_true", help="fp32 master weights")
   parser.add_argument("--micro_batch_size", type=int, default=None)
   parser.add_argument("--remat", type=int, default=None, help="1/0 overrides the preset")
+  parser.add_argument("--lora_rank", type=int, default=0, help="LoRA rank (0 = full fine-tuning)")
+  parser.add_argument("--lora_alpha", type=float, default=16.0)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--peak_tflops", type=float, default=None)
   parser.add_argument("--rollout", action="store_true", help="also time the sampler")
@@ -69,6 +91,9 @@ def main(argv=None):
     overrides.update(dtype=args.dtype, param_dtype=args.dtype)
   if args.remat is not None:
     overrides["remat"] = bool(args.remat)
+  if args.lora_rank:
+    overrides.update(lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+                     lora_targets=tuple(LORA_TARGETS))
   config = get_preset(args.preset, **overrides)
   mesh = sharding.create_mesh((-1, 1, 1))
   graphdef, params = init_params(config)
@@ -110,8 +135,9 @@ def main(argv=None):
   put = lambda v: jax.device_put(jnp.asarray(v), sharding.batch_sharding(mesh, np.ndim(v)))
   batch = {k: put(v) for k, v in batch_np.items()}
 
-  prepare = jax.jit(lambda prm, bt: train_step.prepare_rollout(graphdef, objective, ocfg, prm, prm,
-                                                               bt, state.key, jnp.int32(0)))
+  ref = (lambda prm: None) if args.lora_rank else (lambda prm: prm)  # LoRA: base, adapters off
+  prepare = jax.jit(lambda prm, bt: train_step.prepare_rollout(graphdef, objective, ocfg, prm,
+                                                               ref(prm), bt, state.key, jnp.int32(0)))
   jax.block_until_ready(prepare(state.params, batch))
   result["time_prepare_s"], prepared = _timed(lambda: prepare(state.params, batch), args.repeats)
   per_example = {k: put(v) for k, v in prepared.per_example.items()}
@@ -131,15 +157,22 @@ def main(argv=None):
     if i:  # the first call pays one-off transfers
       times.append(time.perf_counter() - start)
   update_time = statistics.median(times)
-  flops = step_model_flops(config, args.objective, ocfg, b, p + l)
+  full_flops = step_model_flops(config, args.objective, ocfg, b, p + l)
+  flops = lora_update_flops(config, args.objective, ocfg, b, p + l) if args.lora_rank else full_flops
   result.update({
+      "lora_rank": args.lora_rank,
       "time_update_s": update_time,
       "tokens_per_s_update": b * (p + l) / update_time,
       "update_model_tflops": flops / 1e12,
       "loss": float(metrics["train/loss"]),
   })
+  if args.lora_rank:
+    result["update_model_tflops_full_backward"] = full_flops / 1e12
   if args.peak_tflops:
-    result["mfu_update"] = flops / update_time / (args.peak_tflops * 1e12 * jax.device_count())
+    peak = args.peak_tflops * 1e12 * jax.device_count()
+    result["mfu_update"] = flops / update_time / peak
+    if args.lora_rank:
+      result["mfu_update_full_backward"] = full_flops / update_time / peak
   step_time = update_time + result["time_prepare_s"] + result.get("time_rollout_s", 0.0)
   result["time_step_s"] = step_time
   result["split"] = {k: round(result[f"time_{k}_s"] / step_time, 4)

@@ -25,6 +25,12 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder (checkpoints, met
 _PLOT = flags.DEFINE_bool("plot", True, "Draw reward/accuracy curves to WORKDIR/curves.png at the end.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host TPU/GPU pods).")
+# With --distributed on Cloud TPU / SLURM these are detected; set them for other clusters or for
+# several processes on one machine (CPU collectives go through gloo).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordinator (--distributed).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (--distributed).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (--distributed).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -35,7 +41,9 @@ def main(argv):
   logging.getLogger("dmpo_jax").setLevel(logging.INFO)
   import jax  # pylint: disable=import-outside-toplevel
   if _DISTRIBUTED.value:
-    jax.distributed.initialize()
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # cross-process CPU arrays
+    jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
+                               num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
   config = _CONFIG.value
   try:

@@ -89,6 +89,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if not isinstance(config.optimizer.master_weights, bool):
     errors.append(f"optimizer.master_weights: must be true or false, got "
                   f"{config.optimizer.master_weights!r}")
+  if jax.process_count() > 1 and config.sft.num_steps and config.sft.batch_size % jax.process_count():
+    errors.append(f"sft.batch_size={config.sft.batch_size} is not divisible by the "
+                  f"{jax.process_count()} processes")
   if config.task.prompt_length <= 0:
     errors.append(f"task.prompt_length must be positive, got {config.task.prompt_length}")
   if config.model.checkpoint and not pathlib.Path(config.model.checkpoint).exists():
@@ -103,6 +106,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       if batch % divisor:
         errors.append(f"the update batch prompts_per_step*group_size/minibatches_per_rollout={batch} "
                       f"is not divisible by the batch mesh axes data*fsdp={divisor}")
+      if jax.process_count() > 1 and config.eval.batch_size % jax.process_count():
+        errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by the "
+                      f"{jax.process_count()} processes")
       if config.eval.batch_size % divisor:
         errors.append(f"eval.batch_size={config.eval.batch_size} is not divisible by data*fsdp={divisor}")
     except ValueError as e:
@@ -262,7 +268,10 @@ class Trainer:
       padded = chunk + [chunk[-1]] * (bs - len(chunk))
       ids, mask, _ = rollout.encode_prompts(self.tokenizer, self.task, padded,
                                             prompt_length=self.prompt_length, evaluation=True)
-      seqs = self.sample(params, ids, mask, jax.random.key(0), self.eval_config)
+      share = bs // jax.process_count()  # each process feeds its rows of the batch
+      mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+      seqs = self.all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
+                                       self.eval_config))
       completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
     scores = self.task.score_many(completions, examples)
     summary = self.task.summarize(scores)
@@ -274,22 +283,28 @@ class Trainer:
     c = self.config
     optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm,
                                   state_dtype=c.optimizer.state_dtype)
-    state = ts.init_train_state(self.state.params, optimizer, c.seed + 1,
-                                master_weights=c.optimizer.master_weights)
-    step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0)
+    state = jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer, seed=c.seed + 1,
+                                      master_weights=c.optimizer.master_weights))(self.state.params)
+    # Fixed state shardings (the parameters' FSDP layout), so the RL step accepts the result.
+    shardings = jax.tree.map(lambda x: x.sharding, state)
+    step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0,
+                      out_shardings=(shardings, None))
     rng = np.random.default_rng(c.seed)
     progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
                                        disable=None if bar_enabled else True)
     loss = float("nan")
+    share = c.sft.batch_size // jax.process_count()  # each process feeds its rows of the batch
     for step in range(c.sft.num_steps):
       chunk = [examples[i] for i in rng.integers(0, len(examples), c.sft.batch_size)]
+      chunk = chunk[jax.process_index() * share:(jax.process_index() + 1) * share]
       batch = self._sft_batch(chunk)
       state, m = step_fn(state, batch)
       if step % 25 == 0 or step == c.sft.num_steps - 1:
         loss = float(m["sft/loss"])
         progress.update(step + 1, {"loss": loss})
     progress.close()
-    self.state = self.state.replace(params=state.params, master=state.master)
+    self.state = jax.device_put(self.state.replace(params=state.params, master=state.master),
+                                self.state_shardings)
     return {"sft/final_loss": loss}
 
   def _sft_batch(self, examples):
@@ -325,6 +340,14 @@ class Trainer:
     full = np.asarray(multihost_utils.process_allgather(array, tiled=True))
     rows = full.shape[0] // jax.process_count()
     return full[jax.process_index() * rows:(jax.process_index() + 1) * rows]
+
+  @staticmethod
+  def all_rows(local: np.ndarray) -> np.ndarray:
+    """Host rows of every process, concatenated in process order (the global batch order)."""
+    if jax.process_count() == 1:
+      return np.asarray(local)
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
 
   # -- the RL train step --------------------------------------------------------------------------
   def abstract_rollout_batch(self, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
@@ -446,9 +469,12 @@ class Trainer:
           update_metrics = jax.device_get(update_metrics)
         step_metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
         step_metrics.update({f"prepare/{k}": float(v) for k, v in jax.device_get(prepared.metrics).items()})
-        step_metrics.update(rollout.group_reward_stats(rewards, element["group_ids"]))
-        step_metrics["reward/accuracy"] = float(np.mean(rewards >= 1.0))
-        step_metrics["rollout/truncated_prompts"] = float(truncated)
+        # Reward statistics over the global batch (every process's rows).
+        global_rewards = self.all_rows(np.asarray(rewards, np.float32))
+        step_metrics.update(rollout.group_reward_stats(global_rewards,
+                                                       self.all_rows(element["group_ids"])))
+        step_metrics["reward/accuracy"] = float(np.mean(global_rewards >= 1.0))
+        step_metrics["rollout/truncated_prompts"] = float(np.sum(self.all_rows(np.asarray([truncated]))))
         done = step + 1
         if c.eval.every_steps and (done % c.eval.every_steps == 0 or done == c.num_steps):
           with timer.phase("eval"):
@@ -480,7 +506,7 @@ class Trainer:
       reward_pool.close()
       writer.close()
     results.update({k: v for k, v in last_metrics.items() if k.startswith("eval/")})
-    if "preempted_at" not in results and jax.process_index() == 0:
+    if "preempted_at" not in results:  # every process takes part in the (orbax) save
       # The trained policy in the project's model format: launch/eval.py, launch/generate.py and
       # launch/convert.py (to a Hugging Face folder) take it directly.
       # LoRA adapters are folded into the base weights (W + A B alpha/r) for export.
@@ -488,7 +514,8 @@ class Trainer:
       final = checkpointing.save_model_checkpoint(self.workdir / "final_model",
                                                   nnx.split(final_model)[1], final_model.config,
                                                   overwrite=True)
-      results["final_model"] = str(final)
+      if jax.process_index() == 0:
+        results["final_model"] = str(final)
     return results
 
 

@@ -113,7 +113,13 @@ def init_train_state(params: Any, optimizer: optax.GradientTransformation, seed:
   return TrainState(params=params, opt_state=optimizer.init(trainable),
                     step=jnp.zeros((), jnp.int32),
                     rng=jax.random.key_data(jax.random.key(seed)),
-                    master=cast_floating(trainable, jnp.float32) if master_weights else None)
+                    master=_fp32_copy(trainable) if master_weights else None)
+
+
+def _fp32_copy(tree: Any) -> Any:
+  """A float32 copy of ``tree`` in fresh buffers (fp32 leaves are copied, not aliased, so a state
+  holding both can be donated)."""
+  return jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), tree)
 
 
 def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTransformation,
