@@ -283,10 +283,12 @@ class Trainer:
     c = self.config
     optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm,
                                   state_dtype=c.optimizer.state_dtype)
-    state = jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer, seed=c.seed + 1,
-                                      master_weights=c.optimizer.master_weights))(self.state.params)
-    # Fixed state shardings (the parameters' FSDP layout), so the RL step accepts the result.
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    init = functools.partial(ts.init_train_state, optimizer=optimizer, seed=c.seed + 1,
+                             master_weights=c.optimizer.master_weights)
+    # Fixed state shardings (the parameters' FSDP layout, moments split like them), so the RL
+    # step accepts the result.
+    _, shardings = train_step.state_shardings(init, self.state.params, self.mesh)
+    state = jax.jit(init, out_shardings=shardings)(self.state.params)
     step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0,
                       out_shardings=(shardings, None))
     rng = np.random.default_rng(c.seed)
