@@ -18,18 +18,47 @@ forward-equivalents per token per forward pass, `ModelConfig.flops_per_token`).
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import json
+import math
+import os
 import sys
 import time
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-from flax import nnx
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dmpo_jax.models.config import get_preset
-from dmpo_jax.models.transformer import create_model
-from dmpo_jax.rl import registry, scoring
+
+def _force_host_devices(argv: list[str]) -> None:
+  """``--num_devices=N`` must reach XLA before jax is imported: fake N CPU devices."""
+  for i, arg in enumerate(argv):
+    value = arg.split("=", 1)[1] if arg.startswith("--num_devices=") else (
+        argv[i + 1] if arg == "--num_devices" and i + 1 < len(argv) else None)
+    if value and int(value) > 1:
+      flags = os.environ.get("XLA_FLAGS", "")
+      os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={int(value)}"
+      os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+if __name__ == "__main__":
+  _force_host_devices(sys.argv[1:])
+  # Compiling for a TPU topology only needs libtpu's compiler: let it load next to another
+  # process that holds libtpu's lock file (no TPU is touched).
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from dmpo_jax import sharding  # noqa: E402
+from dmpo_jax.diffusion import sampler as sampler_lib  # noqa: E402
+from dmpo_jax.models import lora  # noqa: E402
+from dmpo_jax.models.config import get_preset  # noqa: E402
+from dmpo_jax.models.transformer import create_model  # noqa: E402
+from dmpo_jax.rl import registry, scoring, train_state as ts, train_step  # noqa: E402
 
 MC_FIELD = {"bgpo": "num_mc", "vrpo_ol": "num_mc", "vrpo_ol_two_pass": "num_mc", "spg": "num_mc",
             "dmpo": "loss_num_mc", "wddo": "weight_num_mc", "diffu_grpo": None, "wd1": None}
@@ -126,6 +155,188 @@ def measure(objective_name: str, preset: str, n_mc: int, args, model_overrides) 
       "compile_s": round(compile_s, 2)}
 
 
+# ------------------------------------------------------------------------------------------------
+# Memory plan of a published config on a device mesh (--config): the full RL update, the no-grad
+# prepare and the rollout sampler, compiled ahead of time for N fake CPU devices
+# (--num_devices) or a real TPU topology (--topology, needs libtpu).
+# ------------------------------------------------------------------------------------------------
+
+GIB = 1024 ** 3
+# Per-chip memory of the TPU generations (Cloud TPU docs) for the "fits" verdict.
+TPU_CHIP_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
+
+
+def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+  """``get_config()`` of a configs/*.py file with dotted ``key=value`` overrides (JSON values)."""
+  spec = importlib.util.spec_from_file_location("plan_config", path)
+  if spec is None or spec.loader is None:
+    raise ValueError(f"--config: cannot load {path!r}")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  for key, value in _parse_overrides(overrides).items():
+    *parents, leaf = key.split(".")
+    node = config
+    for name in parents:
+      node = node[name]
+    if leaf not in node:
+      raise KeyError(f"--override {key}: unknown key {leaf!r} in {'.'.join(parents) or 'config'}")
+    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
+        node[leaf], bool) else value
+  return config
+
+
+def plan_devices(topology: str | None) -> tuple[list[Any], str]:
+  """The devices to compile for: a TPU topology (``v5p:2x2x1``, needs libtpu) or jax.devices()."""
+  if not topology:
+    return jax.devices(), jax.devices()[0].device_kind
+  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+  dims = [int(d) for d in topology.split(":")[-1].split("x")]
+  # Fewer chips than one host's default 2x2x1 block (a single chip) need explicit host bounds.
+  kwargs = {"chips_per_host_bounds": tuple(dims + [1] * (3 - len(dims)))} if math.prod(dims) < 4 else {}
+  try:
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
+  except Exception as e:  # libtpu missing or unknown topology
+    raise RuntimeError(f"--topology={topology}: cannot build the TPU topology ({e}); install "
+                       "libtpu with `pip install \"jax[tpu]==<jax version>\"`") from e
+  return list(desc.devices), desc.devices[0].device_kind
+
+
+def _abstract(tree: Any, shardings: Any) -> Any:
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree,
+                      shardings)
+
+
+def per_device_bytes(tree: Any) -> int:
+  """Bytes one device holds of a pytree of sharded `ShapeDtypeStruct`s (largest shard)."""
+  total = 0
+  for leaf in jax.tree.leaves(tree):
+    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
+  return total
+
+
+def _compiled_memory(lowered) -> dict[str, Any]:
+  start = time.time()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    # The TPU compiler itself refuses programs whose temporaries exceed the chip's HBM.
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return {"error": str(e).splitlines()[0], "compile_s": round(time.time() - start, 1)}
+  memory = compiled.memory_analysis()
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else {}
+  out = {name: int(getattr(memory, f"{name}_size_in_bytes"))
+         for name in ("argument", "output", "alias", "temp")}
+  # Live bytes of the program: inputs + outputs (donated outputs reuse their inputs) + scratch.
+  out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+  out["flops"] = float(cost.get("flops", float("nan"))) if cost else None
+  out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan"))) if cost else None
+  out["compile_s"] = round(time.time() - start, 1)
+  return out
+
+
+def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
+                mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler"),
+                model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+  """Per-device memory of the RL programs of ``config`` on a mesh of ``devices``, compiled
+  ahead of time from abstract inputs (nothing is allocated).
+
+  Programs: ``update`` (`train_step.rl_update`: gradients accumulated over MC samples and
+  micro-batches + AdamW, state donated), ``prepare`` (no-grad old / reference scoring) and
+  ``sampler`` (the rollout sampler, weights as the trainer holds them). For each: the compiler's
+  argument / output / alias / temp bytes and ``total`` = argument + output − alias + temp, plus
+  ``peak`` = total + the resident state the program does not take as arguments (the frozen
+  reference copy of full fine-tuning; the optimizer state during sampling and scoring).
+  """
+  from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
+  loop.validate_config(config, len(devices))
+  mesh = sharding.create_mesh(mesh_shape, devices=devices)
+  overrides = {"remat": bool(config.model.remat),
+               "use_key_padding_mask": bool(config.model.use_key_padding_mask)}
+  for key in ("dtype", "param_dtype"):
+    if config.model[key]:
+      overrides[key] = config.model[key]
+  model_config = get_preset(config.model.preset, **overrides, **(model_overrides or {}))
+
+  def build():
+    model = create_model(model_config, config.seed)
+    if config.model.lora_rank:
+      model = lora.add_adapters(model, rank=config.model.lora_rank, alpha=config.model.lora_alpha,
+                                targets=tuple(config.model.lora_targets), seed=config.seed)
+    return model
+
+  graphdef, params = nnx.split(nnx.eval_shape(build))
+  params = _abstract(params, sharding.state_shardings(params, mesh))
+  objective = registry.get_objective(config.objective)
+  ocfg = objective.make_config(config.get(config.objective, {}))
+  optimizer = loop.rl_optimizer(config)
+  init = functools.partial(ts.init_train_state, optimizer=optimizer, seed=config.seed,
+                           master_weights=config.optimizer.master_weights)
+  abstract_state, state_shardings = train_step.state_shardings(init, params, mesh)
+  state = _abstract(abstract_state, state_shardings)
+  ref_params = None if config.model.lora_rank else params  # LoRA: base with adapters disabled
+  key = jax.ShapeDtypeStruct((), jax.eval_shape(lambda: jax.random.key(0)).dtype,
+                             sharding=sharding.replicated(mesh))
+  scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding.replicated(mesh))
+  minibatches = config.minibatches_per_rollout
+  full_batch = loop.abstract_rollout_batch(config, mesh)
+  batch = loop.abstract_rollout_batch(config, mesh, minibatches)
+  prepare = jax.jit(lambda p, r, b, k, s: train_step.prepare_rollout(graphdef, objective, ocfg, p, r,
+                                                                     b, k, s))
+  prepared = jax.eval_shape(prepare, params, ref_params, full_batch, key, scalar)
+  per_example = {k: jax.ShapeDtypeStruct((v.shape[0] // minibatches,) + v.shape[1:], v.dtype,
+                                         sharding=sharding.batch_sharding(mesh, v.ndim))
+                 for k, v in prepared.per_example.items()}
+
+  param_bytes = per_device_bytes(params)
+  ref_bytes = per_device_bytes(ref_params) if ref_params is not None else 0
+  opt_bytes = per_device_bytes(state.opt_state)
+  result = {
+      "config": config.get("_name", None), "objective": config.objective,
+      "preset": config.model.preset, "lora_rank": int(config.model.lora_rank),
+      "device_kind": devices[0].device_kind, "num_devices": len(devices),
+      "mesh": dict(mesh.shape), "batch": int(full_batch["sequences"].shape[0]),
+      "update_batch": int(batch["sequences"].shape[0]),
+      "seq_len": int(full_batch["sequences"].shape[1]),
+      "micro_batch_size": getattr(ocfg, "micro_batch_size", None),
+      "n_mc": getattr(ocfg, MC_FIELD.get(config.objective) or "", None),
+      "remat": bool(config.model.remat), "jax": jax.__version__,
+      "resident_bytes": {"params": param_bytes, "reference": ref_bytes, "opt_state": opt_bytes},
+      "programs": {}}
+  if "update" in programs:
+    jitted = train_step.jit_rl_update(graphdef, objective, ocfg, optimizer, state_shardings)
+    result["programs"]["update"] = _with_peak(
+        _compiled_memory(jitted.lower(state, batch, per_example, scalar, scalar)), ref_bytes)
+  if "prepare" in programs:
+    result["programs"]["prepare"] = _with_peak(
+        _compiled_memory(prepare.lower(params, ref_params, full_batch, key, scalar)), opt_bytes)
+  if "sampler" in programs:
+    scfg = loop.rollout_sampler_config(config)
+    b, p = full_batch["sequences"].shape[0], config.task.prompt_length
+    ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
+    mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2))
+    result["programs"]["sampler"] = _with_peak(
+        _compiled_memory(sampler_lib.generate.lower(graphdef, params, ids, mask, key, scfg)),
+        opt_bytes + ref_bytes)
+  failed = [name for name, p in result["programs"].items() if "error" in p]
+  if failed:  # the compiler ran out of device memory: no peak, does not fit
+    result.update(peak_bytes=None, peak_gib=None, out_of_memory=failed)
+  else:
+    result["peak_bytes"] = max(p["peak"] for p in result["programs"].values())
+    result["peak_gib"] = round(result["peak_bytes"] / GIB, 2)
+  return result
+
+
+def _with_peak(info: dict[str, Any], resident: int) -> dict[str, Any]:
+  if "error" not in info:
+    info["peak"] = info["total"] + resident
+  return info
+
+
 def _parse_overrides(items: list[str]) -> dict[str, Any]:
   out = {}
   for item in items:
@@ -153,7 +364,40 @@ def main(argv=None) -> int:
                       help="objective config override (JSON value), repeatable")
   parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
                       help="ModelConfig override (JSON value), repeatable")
+  plan = parser.add_argument_group("memory plan of a published config (--config)")
+  plan.add_argument("--config", default=None, help="configs/*.py file: plan its RL programs")
+  plan.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
+                    help="dotted config override, e.g. model.lora_rank=128 (JSON value)")
+  plan.add_argument("--num_devices", type=int, default=1,
+                    help="fake CPU devices (set before jax starts); ignored with --topology")
+  plan.add_argument("--topology", default=None,
+                    help="compile for a TPU topology instead, e.g. v5p:2x2x1 (needs libtpu)")
+  plan.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = the rest)")
+  plan.add_argument("--programs", default="update,sampler", help="update,prepare,sampler")
+  plan.add_argument("--output", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
+  if args.config:
+    config = load_config(args.config, args.override)
+    devices, _ = plan_devices(args.topology)
+    mesh_shape = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
+    result = memory_plan(config, devices, mesh_shape, tuple(args.programs.split(",")),
+                         _parse_overrides(args.model))
+    result.update(config=os.path.basename(args.config), overrides=args.override + args.model,
+                  topology=args.topology)
+    generation = (args.topology or "").split(":")[0]
+    if generation in TPU_CHIP_GIB:
+      # v4 topologies list each chip's two TensorCores as two devices sharing its HBM.
+      chips = len({tuple(d.coords) for d in devices})
+      result.update(chips=chips, chip_gib=TPU_CHIP_GIB[generation],
+                    device_gib=TPU_CHIP_GIB[generation] * chips / len(devices))
+      result["fits"] = (result["peak_bytes"] is not None
+                        and result["peak_bytes"] <= result["device_gib"] * GIB)
+    line = json.dumps(result)
+    print(line, flush=True)
+    if args.output:
+      with open(args.output, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+    return 0
   args.objective_overrides = _parse_overrides(args.set)
   model_overrides = _parse_overrides(args.model)
   for preset in args.preset.split(","):

@@ -126,6 +126,32 @@ def state_shardings(state: Any, mesh: Mesh, rules: Mapping[str, MeshAxis] = TRAI
   return jax.tree.map(one, state, is_leaf=_is_variable)
 
 
+def constrain_logical(tree: Any, rules: Mapping[str, MeshAxis] = TRAIN_RULES) -> Any:
+  """Pins every `nnx.Variable` of ``tree`` (inside ``jit``) to the sharding of its
+  ``logical_axes`` under ``rules`` on the ambient mesh (`jax.sharding.use_abstract_mesh`, as
+  `train_step.jit_rl_update` sets it); the identity without one, or for leaves without axes.
+
+  Used for buffers XLA would otherwise be free to replicate, such as the fp32 gradient
+  accumulator of `grad.accumulate_gradients` (created from zeros, so nothing propagates a
+  sharding to it): pinned, it is split like the parameters and each sample's gradient is
+  reduce-scattered into it.
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return tree
+
+  def one(variable):
+    if not _is_variable(variable):
+      return variable
+    axes = variable.get_metadata().get("logical_axes")
+    if axes is None:
+      return variable
+    value = variable.get_value()
+    spec = partition_spec(value.shape, axes, rules, mesh)
+    return variable.replace(jax.lax.with_sharding_constraint(value, spec))
+  return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Batch arrays are split over ('data', 'fsdp') on their leading dimension."""
   axes = tuple(a for a in BATCH_AXES if a in mesh.shape)

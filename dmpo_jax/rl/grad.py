@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from dmpo_jax import sharding
 from dmpo_jax.models import lora
 
 PyTree = Any
@@ -214,7 +215,10 @@ def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *
   # Gradients w.r.t. the trainable part only (LoRA adapters when present, else everything).
   value_and_grad = lora.value_and_grad_trainable(value, has_aux=True)
   metrics_shape = jax.eval_shape(lambda: value(params, first, jnp.int32(0))[1][1])
-  grads0 = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), lora.split_trainable(params)[0])
+  # The fp32 accumulator is split like the parameters when a mesh is set (`sharding.constrain_logical`):
+  # built from zeros, XLA would otherwise be free to replicate it on every device.
+  grads0 = sharding.constrain_logical(
+      jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), lora.split_trainable(params)[0]))
   carry0 = (grads0, jnp.zeros((), jnp.float32), _zeros_like_shape(metrics_shape))
 
   num_micro = jax.tree.leaves(micro)[0].shape[0]
@@ -232,7 +236,8 @@ def accumulate_gradients(loss_fn: SampleLossFn, params: PyTree, batch: PyTree, *
     # the loop (on CPU: fp32 copies of every bf16 weight, alive for the whole loop).
     params_i, _ = jax.lax.optimization_barrier((params, i))
     (_, (num_j, metrics_j)), grads_j = value_and_grad(params_i, micro_batch, j)
-    grads = jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, grads_j)
+    grads = sharding.constrain_logical(
+        jax.tree.map(lambda a, g: a + g.astype(jnp.float32), grads, grads_j))
     metrics = jax.tree.map(jnp.add, metrics, metrics_j)
     return grads, numerator + num_j, metrics
 

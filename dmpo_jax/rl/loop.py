@@ -272,6 +272,35 @@ def _mesh_shape(config, num_devices: int) -> dict[str, int]:
   return dict(zip(sharding.MESH_AXES, sharding.resolve_mesh_shape(shape, num_devices)))
 
 
+def rl_optimizer(config):
+  """The RL optimizer of ``config.optimizer`` (AdamW, clipping, schedule over all updates)."""
+  return ts.make_optimizer(
+      config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
+      b1=config.optimizer.b1, b2=config.optimizer.b2, max_grad_norm=config.optimizer.max_grad_norm,
+      warmup_steps=config.optimizer.warmup_steps,
+      total_steps=config.num_steps * config.updates_per_rollout,
+      schedule=config.optimizer.schedule, state_dtype=config.optimizer.state_dtype)
+
+
+def rollout_sampler_config(config) -> sampler_lib.SamplerConfig:
+  """The rollout sampler settings of ``config.rollout`` (`rollout.sampler_config`)."""
+  return rollout.sampler_config(config.rollout)
+
+
+def abstract_rollout_batch(config, mesh, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes/shardings of the RL batch of one step (prompts_per_step × group_size rows of
+  prompt_length + gen_length tokens), or of one of its ``minibatches``, split over the batch
+  mesh axes (for ahead-of-time compilation)."""
+  b = config.prompts_per_step * config.group_size // minibatches
+  t = config.task.prompt_length + config.rollout.gen_length
+  spec = {"sequences": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.bool_),
+          "prompt_mask": ((b, t), jnp.bool_), "completion_mask": ((b, t), jnp.bool_),
+          "rewards": ((b,), jnp.float32), "group_ids": ((b,), jnp.int32),
+          "example_ids": ((b,), jnp.int32)}
+  return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
+          for k, (shape, dtype) in spec.items()}
+
+
 def load_model_and_tokenizer(config, mesh):
   """The model (sharded on ``mesh``) and tokenizer named by ``config.model`` / ``config.tokenizer``."""
   overrides = {"remat": bool(config.model.remat),
@@ -340,18 +369,14 @@ class Trainer:
     params = jax.device_put(params, self.param_shardings)
     self.objective = registry.get_objective(config.objective)
     self.objective_config = self.objective.make_config(config.get(config.objective, {}))
-    self.optimizer = ts.make_optimizer(
-        config.optimizer.learning_rate, weight_decay=config.optimizer.weight_decay,
-        b1=config.optimizer.b1, b2=config.optimizer.b2,
-        max_grad_norm=config.optimizer.max_grad_norm,
-        warmup_steps=config.optimizer.warmup_steps,
-        total_steps=config.num_steps * config.updates_per_rollout,
-        schedule=config.optimizer.schedule, state_dtype=config.optimizer.state_dtype)
-    self.state = jax.jit(functools.partial(ts.init_train_state, optimizer=self.optimizer,
-                                           seed=config.seed,
-                                           master_weights=config.optimizer.master_weights))(params)
-    self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
-    self.rollout_config = rollout.sampler_config(config.rollout)
+    self.optimizer = rl_optimizer(config)
+    # Optimizer moments (and master weights) sharded like the parameters (explicit: XLA would
+    # replicate the zeros that initialise them).
+    init = functools.partial(ts.init_train_state, optimizer=self.optimizer, seed=config.seed,
+                             master_weights=config.optimizer.master_weights)
+    _, self.state_shardings = train_step.state_shardings(init, params, self.mesh)
+    self.state = jax.jit(init, out_shardings=self.state_shardings)(params)
+    self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
         block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
@@ -414,10 +439,12 @@ class Trainer:
     c = self.config
     optimizer = ts.make_optimizer(c.sft.learning_rate, max_grad_norm=c.optimizer.max_grad_norm,
                                   state_dtype=c.optimizer.state_dtype)
-    state = jax.jit(functools.partial(ts.init_train_state, optimizer=optimizer, seed=c.seed + 1,
-                                      master_weights=c.optimizer.master_weights))(self.state.params)
-    # Fixed state shardings (the parameters' FSDP layout), so the RL step accepts the result.
-    shardings = jax.tree.map(lambda x: x.sharding, state)
+    init = functools.partial(ts.init_train_state, optimizer=optimizer, seed=c.seed + 1,
+                             master_weights=c.optimizer.master_weights)
+    # Fixed state shardings (the parameters' FSDP layout, moments split like them), so the RL
+    # step accepts the result.
+    _, shardings = train_step.state_shardings(init, self.state.params, self.mesh)
+    state = jax.jit(init, out_shardings=shardings)(self.state.params)
     step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0,
                       out_shardings=(shardings, None))
     rng = np.random.default_rng(c.seed)
@@ -487,14 +514,7 @@ class Trainer:
   def abstract_rollout_batch(self, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
     """Shapes/shardings of the RL batch of one step, or of one of its ``minibatches`` (for
     ahead-of-time compilation)."""
-    b = self.config.prompts_per_step * self.config.group_size // minibatches
-    t = self.prompt_length + self.config.rollout.gen_length
-    spec = {"sequences": ((b, t), jnp.int32), "attention_mask": ((b, t), jnp.bool_),
-            "prompt_mask": ((b, t), jnp.bool_), "completion_mask": ((b, t), jnp.bool_),
-            "rewards": ((b,), jnp.float32), "group_ids": ((b,), jnp.int32),
-            "example_ids": ((b,), jnp.int32)}
-    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(self.mesh, len(shape)))
-            for k, (shape, dtype) in spec.items()}
+    return abstract_rollout_batch(self.config, self.mesh, minibatches)
 
   def compile_steps(self, ref_params) -> dict[str, int]:
     """Jits `prepare_rollout` and AOT-compiles `rl_update` for the run's shapes; logs memory."""

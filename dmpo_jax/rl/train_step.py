@@ -9,13 +9,13 @@ finite. It is jitted with the state's shardings in and out and the state donated
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from dmpo_jax import sharding
 from dmpo_jax.models import lora
 from dmpo_jax.rl import registry, scoring, train_state as ts
 
@@ -50,10 +50,33 @@ def prepare_rollout(graphdef: Any, objective: registry.Objective, objective_conf
   return objective.prepare(graphdef, params, ref_params, batch, keys, objective_config)
 
 
+def state_shardings(init: Callable[[Any], ts.TrainState], params: Any,
+                    mesh: jax.sharding.Mesh) -> tuple[Any, Any]:
+  """(abstract `TrainState`, its shardings) of ``init(params)`` (`train_state.init_train_state`
+  with its optimizer bound) on ``mesh``.
+
+  optax keeps the AdamW moments (and the master weights) as `nnx.State`s that carry the
+  parameters' ``logical_axes``, so they are split exactly like the parameters (FSDP over
+  ``embed``, ...); without explicit output shardings XLA would replicate the zeros that
+  initialise them on every device.
+  """
+  abstract_state = jax.eval_shape(init, params)
+  return abstract_state, sharding.state_shardings(abstract_state, mesh)
+
+
 def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config: Any,
                   optimizer: optax.GradientTransformation, state_shardings: Any) -> Callable:
-  """`rl_update` jitted with the state sharded in and out and donated."""
-  fn = functools.partial(rl_update, graphdef, objective, objective_config, optimizer)
+  """`rl_update` jitted with the state sharded in and out and donated. It is traced on the
+  state's mesh (`jax.sharding.use_abstract_mesh`), so the gradient accumulator is split like the
+  parameters (`sharding.constrain_logical`)."""
+  meshes = [s.mesh for s in jax.tree.leaves(state_shardings)
+            if isinstance(s, jax.sharding.NamedSharding)]
+
+  def fn(*args):
+    if not meshes:  # e.g. one device without a mesh: nothing to pin
+      return rl_update(graphdef, objective, objective_config, optimizer, *args)
+    with jax.sharding.use_abstract_mesh(meshes[0].abstract_mesh):
+      return rl_update(graphdef, objective, objective_config, optimizer, *args)
   return jax.jit(fn, donate_argnums=0, out_shardings=(state_shardings, None))
 
 
