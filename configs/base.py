@@ -84,7 +84,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.state_dtype = "float32"
   config.optimizer.master_weights = False
 
-  # Optional masked-diffusion SFT warm start before RL (LLaDA SFT loss, `llada.md` §8).
+  # Optional masked-diffusion SFT warm start before RL (LLaDA SFT loss, `docs/llada.md` §8).
   config.sft = ml_collections.ConfigDict()
   config.sft.num_steps = 0
   config.sft.batch_size = 64

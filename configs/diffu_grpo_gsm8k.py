@@ -1,4 +1,4 @@
-"""diffu-GRPO (d1) on GSM8K, LLaDA-8B-Instruct (`algorithms.md` §4.1)."""
+"""diffu-GRPO (d1) on GSM8K, LLaDA-8B-Instruct (`docs/algorithms.md` §4.1)."""
 
 from configs import base
 

@@ -6,7 +6,7 @@ from configs import recipes
 def get_config():
   config = recipes.dmpo_llada()
   config.task.name = "gsm8k"
-  # `algorithms.md` §2.5: Table 1 reproduction uses the group baseline on GSM8K / MATH500 / Sudoku
+  # `docs/algorithms.md` §2.5: Table 1 reproduction uses the group baseline on GSM8K / MATH500 / Sudoku
   # (individual on Countdown), following App. C.2's first sentence; marked uncertain there.
   config.dmpo.baseline = "group"
   config.eval.gen_length, config.eval.steps = 256, 256  # DMPO eval: 1 token per step

@@ -6,7 +6,7 @@ from configs import base
 def bgpo_llada(objective: str = "bgpo"):
   """Base config with the BGPO paper's LLaDA-8B-Instruct recipe (the task files add lengths)."""
   config = base.get_config()
-  # BGPO paper (arXiv 2510.11683v3) Table 5 / §4.1 and the DARE recipe (`algorithms.md` §3.7).
+  # BGPO paper (arXiv 2510.11683v3) Table 5 / §4.1 and the DARE recipe (`docs/algorithms.md` §3.7).
   config.objective = objective
   config.model.checkpoint = ""  # set to a LLaDA-8B-Instruct HF folder
   config.model.preset = "llada_8b"
@@ -32,7 +32,7 @@ def bgpo_llada(objective: str = "bgpo"):
 def dmpo_llada():
   """Base config with the DMPO paper's LLaDA-8B-Instruct recipe (the task files add the task)."""
   config = base.get_config()
-  # DMPO paper (arXiv 2510.08233v3) App. C.2 and the reference scripts (`algorithms.md` §2.8):
+  # DMPO paper (arXiv 2510.08233v3) App. C.2 and the reference scripts (`docs/algorithms.md` §2.8):
   # N = 16, 8 prompts per optimizer step, F = 8, R = 4 loss masks, K = 4 weight masks, alpha 0.04.
   config.objective = "dmpo"
   config.model.checkpoint = ""  # set to a LLaDA-8B-Instruct HF folder

@@ -1,4 +1,4 @@
-"""Evaluate a checkpoint on a task with the published protocol (`tasks.md` §1, §7).
+"""Evaluate a checkpoint on a task with the published protocol (`docs/tasks.md` §1, §7).
 
 Greedy (temperature 0), low-confidence remasking, block length 32, generation lengths 128/256/512,
 steps = generation length (DMPO ``--full_steps``; ``--steps=half`` gives d1's gen_length/2).

@@ -1,10 +1,10 @@
-"""Tiny synthetic Hugging Face checkpoints and tokenizers for tests (`llada.md` §10.1-10.2).
+"""Tiny synthetic Hugging Face checkpoints and tokenizers for tests (`docs/llada.md` §10.1-10.2).
 
 Everything here is written with the reference libraries (`safetensors.numpy.save_file`,
 `tokenizers`), independently of `dmpo_jax.models.hf_io`, so tests can compare the project's reader
 and writer against them.
 
-* LLaDA: the exact tensor names of `llada.md` §3 (``model.transformer.*``), bf16
+* LLaDA: the exact tensor names of `docs/llada.md` §3 (``model.transformer.*``), bf16
   (`ml_dtypes.bfloat16`), by default 2 layers, d_model 32, 4 heads, MLP 64, vocab 128, split over
   2 shards with layer 1 split across them, plus ``model.safetensors.index.json``.
 * Dream: Qwen2 names (``model.layers.{i}.self_attn.q_proj.{weight,bias}``...), GQA (4 query / 2
@@ -29,12 +29,12 @@ BF16 = ml_dtypes.bfloat16
 
 LLADA_SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>", "<|start_header_id|>",
                         "<|end_header_id|>", "<|eot_id|>", "<|mdm_mask|>")
-# LLaDA-8B-Instruct's ids (`llada.md` §4).
+# LLaDA-8B-Instruct's ids (`docs/llada.md` §4).
 LLADA_REAL_IDS = {"<|startoftext|>": 126080, "<|endoftext|>": 126081, "<|mdm_mask|>": 126336,
                   "<|start_header_id|>": 126346, "<|end_header_id|>": 126347, "<|eot_id|>": 126348}
 LLADA_VOCAB_SIZE = 126464
 DREAM_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|mask|>")
-# Dream-v0-Instruct-7B's ids (`llada.md` §9; <|im_start|> = <|im_end|> - 1 as in Qwen2.5).
+# Dream-v0-Instruct-7B's ids (`docs/llada.md` §9; <|im_start|> = <|im_end|> - 1 as in Qwen2.5).
 DREAM_REAL_IDS = {"<|endoftext|>": 151643, "<|im_start|>": 151644, "<|im_end|>": 151645,
                   "<|mask|>": 151666}
 DREAM_VOCAB_SIZE = 152064
@@ -104,7 +104,7 @@ def dream_real_ids_tokenizer() -> tokenizers.Tokenizer:
 
 def llada_config(*, n_layers: int = 2, d_model: int = 32, n_heads: int = 4, mlp: int = 64,
                  vocab: int = 128, **extra) -> dict[str, Any]:
-  """LLaDA-8B-Instruct's config.json keys (`llada.md` §1) at tiny sizes."""
+  """LLaDA-8B-Instruct's config.json keys (`docs/llada.md` §1) at tiny sizes."""
   config = {
       "activation_type": "silu", "alibi": False, "alibi_bias_max": 8.0,
       "architectures": ["LLaDAModelLM"], "attention_dropout": 0.0, "attention_layer_norm": False,
@@ -130,7 +130,7 @@ def llada_config(*, n_layers: int = 2, d_model: int = 32, n_heads: int = 4, mlp:
 
 def dream_config(*, n_layers: int = 2, hidden: int = 32, n_heads: int = 4, n_kv_heads: int = 2,
                  intermediate: int = 64, vocab: int = 160, **extra) -> dict[str, Any]:
-  """Dream-v0-Instruct-7B's config.json keys (Qwen2 layout, `llada.md` §9) at tiny sizes."""
+  """Dream-v0-Instruct-7B's config.json keys (Qwen2 layout, `docs/llada.md` §9) at tiny sizes."""
   config = {
       "architectures": ["DreamModel"], "attention_dropout": 0.0,
       "auto_map": {"AutoConfig": "configuration_dream.DreamConfig",
@@ -161,7 +161,7 @@ def _norm(rng: np.random.Generator, dim: int) -> np.ndarray:
 
 
 def llada_tensors(config: Mapping[str, Any], seed: int = 0) -> dict[str, np.ndarray]:
-  """Random bf16 tensors with LLaDA's names and torch [out, in] shapes (`llada.md` §3)."""
+  """Random bf16 tensors with LLaDA's names and torch [out, in] shapes (`docs/llada.md` §3)."""
   rng = np.random.default_rng(seed)
   d, f, v = config["d_model"], config["mlp_hidden_size"], config["embedding_size"]
   s = d ** -0.5

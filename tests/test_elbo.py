@@ -1,4 +1,4 @@
-"""ELBO estimator tests (`dmpo_jax.diffusion.elbo`, `algorithms.md` §1).
+"""ELBO estimator tests (`dmpo_jax.diffusion.elbo`, `docs/algorithms.md` §1).
 
 The toy check: a tiny transformer with large random weights (strongly context-dependent
 conditionals) over a 4-token completion. All 2^4 masked conditionals are computed in one batched

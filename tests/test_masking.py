@@ -1,4 +1,4 @@
-"""Tests of the Monte-Carlo mask samplers (`dmpo_jax.diffusion.masking`, `algorithms.md` §1)."""
+"""Tests of the Monte-Carlo mask samplers (`dmpo_jax.diffusion.masking`, `docs/algorithms.md` §1)."""
 
 import functools
 

@@ -1,6 +1,6 @@
 """Hand-computed values of the pure pieces of every objective: group statistics, advantages,
 DMPO weights and baselines, BGPO / VRPO-OL / diffu-GRPO / wd1 / SPG / WDDO terms, and
-finiteness for extreme inputs (`algorithms.md` §2-§5)."""
+finiteness for extreme inputs (`docs/algorithms.md` §2-§5)."""
 
 import math
 

@@ -1,4 +1,4 @@
-"""Objectives on a real (tiny) transformer: BGPO / VRPO-OL equivalences (`algorithms.md` §3.3,
+"""Objectives on a real (tiny) transformer: BGPO / VRPO-OL equivalences (`docs/algorithms.md` §3.3,
 §5.1, §5.2), scan accumulation vs an unrolled computation, micro-batched vs full-batch, DMPO
 weights and loss against an independent computation, layout invariance, and the two-pass WDDO
 and SPG-EUBO gradients against direct autodiff of the nonlinear losses."""
@@ -116,7 +116,7 @@ def test_bgpo_on_policy_value_is_mean_advantage_and_gradient_equals_vrpo_ol():
   g_off, out_off, _ = run("bgpo", PARAMS_OLD, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
   np.testing.assert_allclose(out_off.loss, -float(jnp.mean(ADVANTAGES)), atol=1e-5)
   assert_trees_close(g_on, g_off, rtol=1e-3, atol=1e-5)
-  # VRPO-OL (direct) on the same masks at θ = θ_old: the same gradient (`algorithms.md` §5.1)
+  # VRPO-OL (direct) on the same masks at θ = θ_old: the same gradient (`docs/algorithms.md` §5.1)
   g_vrpo, out_vrpo, _ = run("vrpo_ol", PARAMS_OLD, aux=bgpo_aux(), num_mc=3)
   np.testing.assert_allclose(out_vrpo.loss, -float(jnp.mean(ADVANTAGES)), atol=1e-5)
   assert_trees_close(g_on, g_vrpo, rtol=1e-3, atol=1e-5)

@@ -1,4 +1,4 @@
-"""Sampler tests (`dmpo_jax.diffusion.sampler`, `dream_sampler`, `decoding`; `llada.md` §6-§10.4).
+"""Sampler tests (`dmpo_jax.diffusion.sampler`, `dream_sampler`, `decoding`; `docs/llada.md` §6-§10.4).
 
 The τ = 0 references are plain numpy loops written here that call the model's full-canvas logits
 (unchunked, no block slicing) once per step and pick tokens row by row.
@@ -64,7 +64,7 @@ def numpy_factor_rule(conf, candidates, factor):
 
 def numpy_llada(graphdef, params, prompt, prompt_mask, gen, block, steps, cfg_scale=0.0,
                 threshold=None, factor=None):
-  """τ = 0 LLaDA sampler (`llada.md` §6) as a plain loop; returns (canvas, commit steps)."""
+  """τ = 0 LLaDA sampler (`docs/llada.md` §6) as a plain loop; returns (canvas, commit steps)."""
   mc = nnx.merge(graphdef, params).config
   logits_fn = _logits_fn(graphdef)
   b, p = prompt.shape

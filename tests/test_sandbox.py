@@ -1,4 +1,4 @@
-"""Code sandbox (`tasks.md` §6.3, `dmpo_jax/tasks/sandbox.py`): the verdict cannot be forged from
+"""Code sandbox (`docs/tasks.md` §6.3, `dmpo_jax/tasks/sandbox.py`): the verdict cannot be forged from
 the program, nothing the program makes can hang or escape the trainer's cleanup, and the
 isolation layers hold. Attacks run with the audit hook on and off (the OS layers and the judge
 must hold on their own), as root and — when the tests run as root — again as an unprivileged

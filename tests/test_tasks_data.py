@@ -1,4 +1,4 @@
-"""Loaders, prompts and the offline generators (`tasks.md` §0-§5).
+"""Loaders, prompts and the offline generators (`docs/tasks.md` §0-§5).
 
 Every loader format and task is tested on the hand-written files in tests/fixtures/data. The
 checks on the full benchmark files (row counts, every gold answer scoring as correct) run when

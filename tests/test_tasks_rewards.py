@@ -1,4 +1,4 @@
-"""Rewards and evaluation scorers against hand-written completions (`tasks.md` §2-§5, §9)."""
+"""Rewards and evaluation scorers against hand-written completions (`docs/tasks.md` §2-§5, §9)."""
 
 import functools
 

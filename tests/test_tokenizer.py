@@ -1,4 +1,4 @@
-"""Tokenizers and chat templates against expected strings and token ids (`llada.md` §4, §9, §10.2).
+"""Tokenizers and chat templates against expected strings and token ids (`docs/llada.md` §4, §9, §10.2).
 
 HF tokenizers are tiny BPEs trained in the test with LLaDA's / Dream's real special ids
 (`hf_fixtures`), so the ids checked below are the real checkpoints' constants.

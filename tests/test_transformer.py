@@ -1,4 +1,4 @@
-"""The transformer loaded from tiny HF checkpoints vs a NumPy re-implementation of `llada.md` §2/§9.
+"""The transformer loaded from tiny HF checkpoints vs a NumPy re-implementation of `docs/llada.md` §2/§9.
 
 The reference below reads the HF tensors directly (torch [out, in] layout, float64) and is written
 from the spec, independently of `dmpo_jax.models`: rotate-half RoPE, RMSNorm, bidirectional
@@ -370,7 +370,7 @@ def _count_params(config):
 
 def test_param_counts_of_presets():
   llada_count = _count_params(get_preset("llada_8b"))
-  # `llada.md` §1: 2·126464·4096 + 32·(4·4096² + 3·4096·12288) + norms (65·4096).
+  # `docs/llada.md` §1: 2·126464·4096 + 32·(4·4096² + 3·4096·12288) + norms (65·4096).
   assert llada_count == 2 * 126464 * 4096 + 32 * (4 * 4096**2 + 3 * 4096 * 12288) + 65 * 4096
   assert abs(llada_count - 8.02e9) < 0.01e9
   assert llada_count == get_preset("llada_8b").num_params()

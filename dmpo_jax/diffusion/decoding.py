@@ -1,4 +1,4 @@
-"""Shared decoding utilities of the diffusion samplers (`llada.md` §6, §7, §9).
+"""Shared decoding utilities of the diffusion samplers (`docs/llada.md` §6, §7, §9).
 
 * `sample_tokens`: Gumbel-max sampling x̂ = argmax(l/τ + g), g ~ Gumbel(0,1), i.e. a draw from
   softmax(l/τ); τ = 0 is argmax. Equivalent to the reference's argmax(exp(l) / (−log u)^τ) but in
@@ -63,7 +63,7 @@ def commit_top_quota(confidence: jax.Array, candidates: jax.Array, quota: jax.Ar
 
 
 def commit_threshold(confidence: jax.Array, candidates: jax.Array, threshold: float) -> jax.Array:
-  """Fast-dLLM threshold rule (`llada.md` §7): every candidate with confidence ≥ threshold, and
+  """Fast-dLLM threshold rule (`docs/llada.md` §7): every candidate with confidence ≥ threshold, and
   always the most confident candidate (so each step commits at least one while any remain)."""
   scores = jnp.where(candidates, confidence, -jnp.inf)
   top = rank_descending(scores) == 0

@@ -1,4 +1,4 @@
-"""Dream's `diffusion_generate` sampler, jitted with fixed shapes (`llada.md` §9).
+"""Dream's `diffusion_generate` sampler, jitted with fixed shapes (`docs/llada.md` §9).
 
 API note
 --------

@@ -1,4 +1,4 @@
-"""Monte-Carlo ELBO estimates of log π(y | x) for masked diffusion LMs (`algorithms.md` §1).
+"""Monte-Carlo ELBO estimates of log π(y | x) for masked diffusion LMs (`docs/algorithms.md` §1).
 
 API note
 --------

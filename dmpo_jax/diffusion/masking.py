@@ -1,8 +1,8 @@
-"""Monte-Carlo mask samplers for masked-diffusion likelihood estimates (`algorithms.md` §1).
+"""Monte-Carlo mask samplers for masked-diffusion likelihood estimates (`docs/algorithms.md` §1).
 
 API note (for the objectives / train-step code)
 ------------------------------------------------
-Keys (common random numbers, `algorithms.md` §1.7)::
+Keys (common random numbers, `docs/algorithms.md` §1.7)::
 
     keys = mask_keys(base_key, step, example_ids, purpose="loss")   # [B] per-example keys
 
@@ -36,7 +36,7 @@ keyword arguments.
 Laws (L = number of eligible positions of the row):
 
 * `t_iid_mask`: t ~ U(0,1), p = (1−ε)t + ε, each eligible position masked w.p. p, weight 1/p
-  (`algorithms.md` §1.1, `llada.md` §8).
+  (`docs/algorithms.md` §1.1, `docs/llada.md` §8).
 * `k_stratified_mask`: one offset k0 ~ U{1..L} per example (shared by the n MC indices),
   k_i = ((round(k0 + i·L/n) − 1) mod L) + 1, exactly k_i masked, weight L/k_i (§1.2).
 * `uniform_count_mask`: k ~ U{1..L} independently per MC index, exactly k masked, weight L/k
@@ -93,7 +93,7 @@ def purpose_tag(purpose: Union[str, int]) -> int:
 
 def mask_keys(base_key: jax.Array, step: IntLike, example_ids: jax.Array,
               purpose: Union[str, int] = "loss") -> jax.Array:
-  """Per-example mask keys, [B] (`algorithms.md` §1.7).
+  """Per-example mask keys, [B] (`docs/algorithms.md` §1.7).
 
   keys[b] = fold_in(fold_in(fold_in(base_key, tag(purpose)), step), example_ids[b]).
   ``step`` is the rollout / global step (may be traced), ``example_ids`` int [B] global ids of the
@@ -109,7 +109,7 @@ def mask_keys(base_key: jax.Array, step: IntLike, example_ids: jax.Array,
 def completion_eligibility(sequence: jax.Array, prompt_length: int, *,
                            valid: Optional[jax.Array] = None, eos_token_id: Optional[int] = None,
                            include_eos_padding: bool = True) -> jax.Array:
-  """Completion positions that may be masked and scored, bool [B, T] (`algorithms.md` §1.6).
+  """Completion positions that may be masked and scored, bool [B, T] (`docs/algorithms.md` §1.6).
 
   Completion = positions ≥ ``prompt_length`` of the canvas. ``include_eos_padding=True`` (DMPO,
   BGPO): every completion position. ``False`` (d1, wd1, SPG): positions up to and including the
@@ -287,7 +287,7 @@ def spg_block_mask(keys: jax.Array, eligible: jax.Array, mc_index: IntLike, *,
                    max_t: float = 1.0, prompt_positions: Optional[jax.Array] = None,
                    p_mask_prompt: float = 0.0,
                    reference_prompt_masking: bool = False) -> MaskSample:
-  """SPG block-wise masking (`algorithms.md` §1.5, ``forward_type="block_random"``).
+  """SPG block-wise masking (`docs/algorithms.md` §1.5, ``forward_type="block_random"``).
 
   The completion (``completion_positions``, contiguous) is cut into blocks of ``block_length``;
   B_c = number of blocks holding eligible (valid) tokens. A permutation of the blocks drawn from

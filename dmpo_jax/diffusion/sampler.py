@@ -1,4 +1,4 @@
-"""The LLaDA sampler with Fast-dLLM options, jitted with fixed shapes (`llada.md` §6, §6.1, §7).
+"""The LLaDA sampler with Fast-dLLM options, jitted with fixed shapes (`docs/llada.md` §6, §6.1, §7).
 
 API note
 --------
@@ -17,7 +17,7 @@ API note
 ``config`` static: one compile per (batch, prompt length, config). The MASK / EOS / EOT ids come
 from the model config. The RL trainer passes the params it trains (no copy).
 
-Algorithm (`llada.md` §6): canvas x = [prompt, MASK × L]; blocks of K = block_length positions
+Algorithm (`docs/llada.md` §6): canvas x = [prompt, MASK × L]; blocks of K = block_length positions
 decoded left to right (semi-autoregressive), S = steps / (L / K) steps per block; at the first step
 of a block M_b = #masked in the block and step s commits
 quota[s] = ⌊M_b / S⌋ + 1[s < M_b mod S] tokens. Each step: logits of the current block (only
@@ -436,6 +436,6 @@ See the module docstring for the algorithm and options."""
 
 
 def quota_schedule(masked: int, steps_per_block: int) -> list[int]:
-  """quota[s] = ⌊M/S⌋ + 1[s < M mod S] (`llada.md` §6), as a Python list (tests, reporting)."""
+  """quota[s] = ⌊M/S⌋ + 1[s < M mod S] (`docs/llada.md` §6), as a Python list (tests, reporting)."""
   return [masked // steps_per_block + int(s < masked % steps_per_block)
           for s in range(steps_per_block)]

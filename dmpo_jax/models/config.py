@@ -1,6 +1,6 @@
 """Model configuration and presets for the bidirectional masked-diffusion transformer.
 
-One architecture covers LLaDA-8B(-Instruct) (`llada.md` §1-3) and Dream-7B (`llada.md` §9):
+One architecture covers LLaDA-8B(-Instruct) (`docs/llada.md` §1-3) and Dream-7B (`docs/llada.md` §9):
 pre-norm blocks with RMSNorm (fp32), rotate-half RoPE (fp32), SwiGLU MLP, MHA or GQA, optional
 q/k/v bias, untied output head. The two families differ in
 
@@ -22,7 +22,7 @@ import jax.numpy as jnp
 FAMILIES = ("llada", "dream")
 LOGIT_ALIGNMENTS = ("same_position", "shifted")
 DTYPES = ("float32", "bfloat16", "float16")
-# LoRA targets by LLaDA checkpoint name (`llada.md` §3) -> the Flax parameter they adapt. The
+# LoRA targets by LLaDA checkpoint name (`docs/llada.md` §3) -> the Flax parameter they adapt. The
 # HF-Llama / Qwen2 names of the same modules are accepted as aliases (`LORA_TARGET_ALIASES`).
 LORA_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "attn_out": "o_proj",
                 "ff_proj": "gate_proj", "up_proj": "up_proj", "ff_out": "down_proj"}
@@ -215,7 +215,7 @@ class ModelConfig:
 
 
 _PRESETS = {
-    # LLaDA-8B / LLaDA-8B-Instruct (GSAI-ML/LLaDA-8B-Instruct config.json), `llada.md` §1.
+    # LLaDA-8B / LLaDA-8B-Instruct (GSAI-ML/LLaDA-8B-Instruct config.json), `docs/llada.md` §1.
     "llada_8b": dict(
         family="llada", vocab_size=126464, d_model=4096, n_layers=32, n_heads=32, n_kv_heads=32,
         head_dim=128, mlp_hidden_size=12288, rope_theta=500000.0, norm_eps=1e-5, qkv_bias=False,
@@ -223,7 +223,7 @@ _PRESETS = {
         param_dtype="bfloat16", dtype="bfloat16", remat=True,
         mask_token_id=126336, eos_token_id=126081, pad_token_id=126081, eot_token_id=126348,
         bos_token_id=126080),
-    # Dream-v0-Instruct-7B (Qwen2 layout), `llada.md` §9.
+    # Dream-v0-Instruct-7B (Qwen2 layout), `docs/llada.md` §9.
     "dream_7b": dict(
         family="dream", vocab_size=152064, d_model=3584, n_layers=28, n_heads=28, n_kv_heads=4,
         head_dim=128, mlp_hidden_size=18944, rope_theta=1000000.0, norm_eps=1e-6, qkv_bias=True,

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoint I/O for LLaDA and Dream (`llada.md` §1, §3, §9).
+"""Hugging Face checkpoint I/O for LLaDA and Dream (`docs/llada.md` §1, §3, §9).
 
 A HF folder holds ``config.json``, the weights as ``model.safetensors`` or as shards
 ``model-0000k-of-0000n.safetensors`` listed in ``model.safetensors.index.json`` (``weight_map``),
@@ -26,7 +26,7 @@ LLaDA (``model.transformer.``)    Dream / Qwen2              Flax target (stacke
 ``ff_out.weight`` [V, D]          ``lm_head``                ``lm_head`` [D, V]
 ================================  =========================  ==================================
 
-q/k/v output features are head-major (feature = head·hd + d, `llada.md` §2), so the Flax kernel
+q/k/v output features are head-major (feature = head·hd + d, `docs/llada.md` §2), so the Flax kernel
 is ``W.reshape(H, hd, D).transpose(2, 0, 1)``.
 
 Safetensors are parsed here (8-byte little-endian header length, JSON header, raw little-endian
@@ -384,7 +384,7 @@ def _check_unsupported(hf_config: Mapping[str, Any], expected: Mapping[str, Any]
 
 
 def _architecture_from_hf(hf_config: Mapping[str, Any], family: str) -> dict[str, Any]:
-  """ModelConfig architecture fields from config.json (`llada.md` §1 for LLaDA, §9 for Dream)."""
+  """ModelConfig architecture fields from config.json (`docs/llada.md` §1 for LLaDA, §9 for Dream)."""
   if family == "llada":
     _check_unsupported(hf_config, {
         "block_type": ("llama",), "weight_tying": (False,), "include_bias": (False,),
@@ -461,7 +461,7 @@ def model_config_from_hf(path: PathLike, hf_config: Optional[Mapping[str, Any]] 
     raise CheckpointError(f"{pathlib.Path(path) / CONFIG_FILE}: {e}") from e
 
 
-# Special tokens: ModelConfig field -> token string per family (`llada.md` §4, §9).
+# Special tokens: ModelConfig field -> token string per family (`docs/llada.md` §4, §9).
 SPECIAL_TOKEN_FIELDS = ("mask_token_id", "eos_token_id", "pad_token_id", "eot_token_id", "bos_token_id")
 SPECIAL_TOKEN_STRINGS: dict[str, dict[str, str]] = {
     "llada": {"mask_token_id": "<|mdm_mask|>", "eos_token_id": "<|endoftext|>",
@@ -654,7 +654,7 @@ class TensorSpec:
     raise AssertionError(self.kind)
 
 
-# HF tensor names per family (`llada.md` §3 for LLaDA, §9 for Dream / Qwen2); per-layer names
+# HF tensor names per family (`docs/llada.md` §3 for LLaDA, §9 for Dream / Qwen2); per-layer names
 # are relative to ``layer`` formatted with the layer index.
 _HF_NAMES: dict[str, dict[str, str]] = {
     "llada": dict(
@@ -957,7 +957,7 @@ def save_pretrained(model: Transformer, path: PathLike, *, info: Optional[HFChec
                     tokenizer_files_from: Optional[PathLike] = None,
                     max_shard_size: Optional[Union[int, str]] = None,
                     tensor_dtype: Optional[str] = None, overwrite: bool = False) -> pathlib.Path:
-  """Writes ``model`` as a HF folder loadable by PyTorch / HF (`llada.md` §3 names).
+  """Writes ``model`` as a HF folder loadable by PyTorch / HF (`docs/llada.md` §3 names).
 
   Args:
     info: from `load_pretrained`; its raw config.json is written back unchanged and its dtype and

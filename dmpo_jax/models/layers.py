@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 
 def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  """RMSNorm in LLaDA's order (`llada.md` §2): upcast to fp32, x·rsqrt(mean(x²)+eps), cast back
+  """RMSNorm in LLaDA's order (`docs/llada.md` §2): upcast to fp32, x·rsqrt(mean(x²)+eps), cast back
   to the input dtype, then multiply by the (affine) scale."""
   x32 = x.astype(jnp.float32)
   normed = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)

@@ -1,4 +1,4 @@
-"""LoRA adapters for the stacked transformer (Hu et al. 2021; `algorithms.md` §2.5-§2.6, §2.8).
+"""LoRA adapters for the stacked transformer (Hu et al. 2021; `docs/algorithms.md` §2.5-§2.6, §2.8).
 
 A target kernel W (input dims -> output dims, stacked over layers) gets two factors
 
@@ -6,7 +6,7 @@ A target kernel W (input dims -> output dims, stacked over layers) gets two fact
   B: [layers, r, *output dims] = 0
 
 and the adapted output is  y = x W + ((x A) B) · alpha / r.  B = 0 at initialisation, so the
-adapted model starts equal to the base. Targets use LLaDA's checkpoint names (`llada.md` §3,
+adapted model starts equal to the base. Targets use LLaDA's checkpoint names (`docs/llada.md` §3,
 `ModelConfig.lora_targets`): q_proj, k_proj, v_proj, attn_out, ff_proj (gate), up_proj, ff_out
 (down); HF-Llama names o_proj, gate_proj, down_proj are aliases.
 
@@ -17,7 +17,7 @@ base dtype (small; PEFT also keeps adapters in fp32) and cast to the compute dty
 Pure helpers over `nnx.State` (all jit-friendly):
 
 * `disabled(params)`: the same state with every B zeroed: the base model with adapters off, the
-  reference policy of LoRA fine-tuning (`algorithms.md` §2.5 row 11). Base arrays are shared.
+  reference policy of LoRA fine-tuning (`docs/algorithms.md` §2.5 row 11). Base arrays are shared.
 * `split_trainable(params)` / `merge_trainable(trainable, frozen)`: adapters vs everything else;
   without adapters everything is trainable (full fine-tuning).
 * `value_and_grad_trainable(fn)`: ``jax.value_and_grad`` w.r.t. the trainable part only.

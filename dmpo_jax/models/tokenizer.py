@@ -1,4 +1,4 @@
-"""Tokenizers and chat templates (`llada.md` §4, §9, §10.2).
+"""Tokenizers and chat templates (`docs/llada.md` §4, §9, §10.2).
 
 One interface, `Tokenizer`, with two implementations:
 
@@ -10,7 +10,7 @@ One interface, `Tokenizer`, with two implementations:
 
 Chat templates are rendered with plain string formatting (no jinja):
 
-* ``llama3`` (LLaDA, `llada.md` §4): ``BOS`` then, for every message (system included),
+* ``llama3`` (LLaDA, `docs/llada.md` §4): ``BOS`` then, for every message (system included),
   ``<|start_header_id|>{role}<|end_header_id|>\\n\\n{content.strip()}<|eot_id|>``, then the
   assistant header ``<|start_header_id|>assistant<|end_header_id|>\\n\\n`` unconditionally.
 * ``chatml`` (Dream / Qwen2.5): ``<|im_start|>system\\n{system or "You are a helpful
@@ -52,7 +52,7 @@ def _check_messages(messages: Sequence[Message]) -> None:
 
 def render_llama3_chat(messages: Sequence[Message], *, bos_token: str, eot_token: str,
                        prefill: str = "") -> str:
-  """LLaDA-8B-Instruct's template (`llada.md` §4); the assistant header is always appended."""
+  """LLaDA-8B-Instruct's template (`docs/llada.md` §4); the assistant header is always appended."""
   _check_messages(messages)
   turns = "".join(f"{START_HEADER}{m['role']}{END_HEADER}\n\n{m['content'].strip()}{eot_token}"
                   for m in messages)

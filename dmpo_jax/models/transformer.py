@@ -1,6 +1,6 @@
 """The bidirectional masked-diffusion transformer (LLaDA / Dream) in Flax NNX.
 
-Forward pass (`llada.md` §2): x = wte[ids]; per block
+Forward pass (`docs/llada.md` §2): x = wte[ids]; per block
   h = RMSNorm(x); q, k, v = h Wq (+bq), h Wk (+bk), h Wv (+bv); RoPE(q, k) in fp32;
   x = x + Wo · softmax(q kᵀ / √hd + key_mask) v          (non-causal)
   x = x + Wdown (silu(RMSNorm(x) Wgate) ⊙ RMSNorm(x) Wup)
@@ -215,7 +215,7 @@ class Transformer(nnx.Module):
     """Moves hidden states so that position i predicts token i for both families.
 
     Dream (``shifted``) predicts token i from position i-1: aligned = cat(h[:, :1], h[:, :-1]),
-    as Dream's own sampler does with its logits (`llada.md` §9).
+    as Dream's own sampler does with its logits (`docs/llada.md` §9).
     """
     if self.config.logit_alignment == "shifted":
       return jnp.concatenate([hidden[:, :1], hidden[:, :-1]], axis=1)

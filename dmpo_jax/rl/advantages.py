@@ -1,7 +1,7 @@
-"""Group statistics, advantages and DMPO importance weights (`algorithms.md` §2-§4).
+"""Group statistics, advantages and DMPO importance weights (`docs/algorithms.md` §2-§4).
 
 Every group statistic is computed over the **full group** of one prompt on the global batch
-(`algorithms.md` §0.3 rule 3, pitfalls §5.5): group membership is given by ``group_ids`` [B]
+(`docs/algorithms.md` §0.3 rule 3, pitfalls §5.5): group membership is given by ``group_ids`` [B]
 (any integer labels, members in any positions of the batch), and the statistics use the
 [B, B] same-group matrix, so they do not depend on where a group's members sit (device layout,
 shuffling). All statistics are fp32 and safe for extreme inputs (no NaN/inf for finite inputs
@@ -20,7 +20,7 @@ import jax.numpy as jnp
 # realistic values while ±inf/NaN inputs (e.g. r/α overflowing) cannot produce NaN weights.
 LOGIT_LIMIT = 1e30
 BASELINES = ("none", "group", "individual", "model")
-# DMPO's alpha = -1: raw rewards as weights (`algorithms.md` §2.3 step 5).
+# DMPO's alpha = -1: raw rewards as weights (`docs/algorithms.md` §2.3 step 5).
 RAW_REWARD_ALPHA = -1.0
 WEIGHT_SCALES = ("sum1", "mean1")
 
@@ -96,7 +96,7 @@ def group_softmax(logits: jax.Array, group_ids: jax.Array) -> jax.Array:
 
 def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, *, eps: float = 1e-6,
                     std_ddof: int = 1) -> jax.Array:
-  """Group z-score A_i = (r_i − mean_G r) / (std_G r + eps) (BGPO Eq. 18, `algorithms.md` §3.4).
+  """Group z-score A_i = (r_i − mean_G r) / (std_G r + eps) (BGPO Eq. 18, `docs/algorithms.md` §3.4).
 
   Groups with zero spread get A = 0. fp32 [B].
   """
@@ -109,7 +109,7 @@ def grpo_advantages(rewards: jax.Array, group_ids: jax.Array, *, eps: float = 1e
 
 
 def mean_centered_advantages(rewards: jax.Array, group_ids: jax.Array) -> jax.Array:
-  """A_i = r_i − mean_G r, no division by the std (diffu-GRPO, wd1, SPG; `algorithms.md` §4)."""
+  """A_i = r_i − mean_G r, no division by the std (diffu-GRPO, wd1, SPG; `docs/algorithms.md` §4)."""
   chex.assert_equal_shape([rewards, group_ids])
   rewards = rewards.astype(jnp.float32)
   return rewards - group_mean(rewards, group_ids)
@@ -120,11 +120,11 @@ def zero_std_fraction(rewards: jax.Array, group_ids: jax.Array) -> jax.Array:
   return jnp.mean((group_std(rewards, group_ids) == 0).astype(jnp.float32))
 
 
-# -- DMPO weights (`algorithms.md` §2.1-§2.3, §2.9) -----------------------------------------------
+# -- DMPO weights (`docs/algorithms.md` §2.1-§2.3, §2.9) -----------------------------------------------
 
 def dmpo_logits(rewards: jax.Array, log_ratio_ref: jax.Array, *, alpha: float,
                 coeff: jax.Array | float = 1.0) -> tuple[jax.Array, jax.Array]:
-  """Positive and negative weight logits (`algorithms.md` §2.3 step 4).
+  """Positive and negative weight logits (`docs/algorithms.md` §2.3 step 4).
 
   α > 0:  ℓ = coeff·(r/α + log p_ref − log p_v),   ℓ⁻ = coeff·(−r/α + log p_ref − log p_v).
   α = 0 (proximal limit, App. B.2):  ℓ = coeff·r,  ℓ⁻ = −coeff·r.
@@ -203,7 +203,7 @@ def dmpo_weights(rewards: jax.Array, log_ratio_ref: jax.Array, group_ids: jax.Ar
                  alpha: float, coeff: float = 1.0, target_ess: Optional[float] = None,
                  weight_scale: str = "sum1") -> dict[str, jax.Array]:
   """DMPO importance weights w = softmax_G(ℓ) and negative weights w⁻ = softmax_G(ℓ⁻)
-  (`algorithms.md` §2.1 Eq. 10, §2.3), both over the full group of each prompt.
+  (`docs/algorithms.md` §2.1 Eq. 10, §2.3), both over the full group of each prompt.
 
   ``alpha = -1`` (`RAW_REWARD_ALPHA`, the reference code's special case, §2.3 step 5): the raw
   reward is the weight and −r the negative weight (no softmax, no ``weight_scale``).
@@ -234,7 +234,7 @@ def dmpo_weights(rewards: jax.Array, log_ratio_ref: jax.Array, group_ids: jax.Ar
 def dmpo_baseline(kind: str, group_ids: jax.Array, *, negative_weights: Optional[jax.Array] = None,
                   model_log_ratio: Optional[jax.Array] = None,
                   weight_scale: str = "sum1", weights: Optional[jax.Array] = None) -> jax.Array:
-  """Weight baseline w_base of `algorithms.md` §2.2 at the scale of the weights, fp32 [B].
+  """Weight baseline w_base of `docs/algorithms.md` §2.2 at the scale of the weights, fp32 [B].
 
   none: 0.   group (Eq. 13): 1/N (sum-1 scale), 1 (mean-1 scale); with ``weights`` given, their
   group mean (the same for softmax weights; the group mean reward for alpha = -1's raw weights).
@@ -259,6 +259,6 @@ def dmpo_baseline(kind: str, group_ids: jax.Array, *, negative_weights: Optional
 
 
 def wd1_weights(advantages: jax.Array, group_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """wd1 (`algorithms.md` §4.3): w⁺ = softmax_G(A), w⁻ = softmax_G(−A), over the group (the
+  """wd1 (`docs/algorithms.md` §4.3): w⁺ = softmax_G(A), w⁻ = softmax_G(−A), over the group (the
   reference code softmaxes over the per-device batch, a layout bug)."""
   return group_softmax(advantages, group_ids), group_softmax(-advantages, group_ids)

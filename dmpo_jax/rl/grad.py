@@ -1,6 +1,6 @@
-"""Gradient machinery shared by every RL objective (`jax_patterns.md` §4, §6).
+"""Gradient machinery shared by every RL objective (`docs/jax_patterns.md` §4, §6).
 
-* `LossOutput` / `WeightedMetric`: the (numerator, denominator) loss contract (`algorithms.md`
+* `LossOutput` / `WeightedMetric`: the (numerator, denominator) loss contract (`docs/algorithms.md`
   §5.4). Accumulating numerators and denominators separately over MC samples and micro-batches
   and dividing once gives the exact global mean, never a mean of means.
 * `accumulate_gradients`: one loop over (micro-batch, MC sample) pairs with ``value_and_grad``
@@ -14,7 +14,7 @@
   would not need: losses without an MC axis (``num_samples=None``) with one micro-batch take
   their gradient directly.
 * `micro_batch_map`: the gradient-free counterpart (pass 1 of the two-pass method of
-  `algorithms.md` §5.2, old/reference scoring), also a scan over micro-batches.
+  `docs/algorithms.md` §5.2, old/reference scoring), also a scan over micro-batches.
 * `value_with_surrogate_grad`: value v, gradient of a surrogate s (``v + s − stop_gradient(s)``),
   used by the two-pass objectives whose exact loss value comes from pass 1.
 

@@ -1,4 +1,4 @@
-"""The RL training loop (`jax_patterns.md` §2, §8, §10, §11).
+"""The RL training loop (`docs/jax_patterns.md` §2, §8, §10, §11).
 
 One RL step:
   prompts (grain, G per prompt) → rollout with the jitted sampler on the same mesh and the same

@@ -1,4 +1,4 @@
-"""Registry of RL objectives selected by a config string (`jax_patterns.md` §6).
+"""Registry of RL objectives selected by a config string (`docs/jax_patterns.md` §6).
 
 Usage (the trainer's side)::
 

@@ -10,7 +10,7 @@ Batch (a dict of arrays, every leaf batch-leading)::
     group_ids       int  [B]     group (prompt) membership, any labels, any placement
     example_ids     int  [B]     global id of the sequence within the rollout (mask keys)
 
-Keys (`RLKeys`): masks are never stored, they are regenerated from keys (`algorithms.md` §1.7)
+Keys (`RLKeys`): masks are never stored, they are regenerated from keys (`docs/algorithms.md` §1.7)
 with `dmpo_jax.diffusion.masking.mask_keys`:
 
 * masks shared by old / reference / current policy within one rollout (BGPO, VRPO-OL, DMPO
@@ -99,7 +99,7 @@ def example_keys(keys: RLKeys, example_ids: jax.Array, purpose: str, *, fresh: b
 
 def eligible_positions(batch: Mapping[str, jax.Array], eos_token_id: int,
                        include_eos_padding: bool) -> jax.Array:
-  """Completion positions that are masked and scored, bool [B, T] (`algorithms.md` §1.6):
+  """Completion positions that are masked and scored, bool [B, T] (`docs/algorithms.md` §1.6):
   the full canvas (DMPO, BGPO) or up to and including the first EOS (d1, wd1, SPG).
 
   Delegates to `masking.completion_eligibility`; prompt tokens are hidden from its EOS search by
@@ -119,7 +119,7 @@ def real_prompt_positions(batch: Mapping[str, jax.Array]) -> jax.Array:
 def elbo_mask_fn(scheme: str, *, num_samples: int,
                  lambda_range: tuple[float, float] = (0.1, 1.0),
                  t_eps: float = 1e-3) -> masking.MaskFn:
-  """The `MaskFn` of an ELBO scheme (`algorithms.md` §1.1-§1.3, `masking` module)."""
+  """The `MaskFn` of an ELBO scheme (`docs/algorithms.md` §1.1-§1.3, `masking` module)."""
   if scheme == "k_stratified":
     return functools.partial(masking.k_stratified_mask, num_samples=num_samples)
   if scheme == "t_iid":

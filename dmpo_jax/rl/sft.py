@@ -1,4 +1,4 @@
-"""Masked-diffusion SFT (the LLaDA SFT loss, `llada.md` §8) for warm starts before RL.
+"""Masked-diffusion SFT (the LLaDA SFT loss, `docs/llada.md` §8) for warm starts before RL.
 
 Per sequence b: t ~ U(0,1), p = (1−ε)t + ε, each completion position (EOS padding included)
 masked w.p. p, prompt never masked;

@@ -1,4 +1,4 @@
-"""Benchmarks: datasets, prompts, rewards, evaluation scorers and the code sandbox (`tasks.md`).
+"""Benchmarks: datasets, prompts, rewards, evaluation scorers and the code sandbox (`docs/tasks.md`).
 
 Importing the package registers every task; look one up with :func:`get_task`.
 """

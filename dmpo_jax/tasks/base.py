@@ -1,4 +1,4 @@
-"""Task interface, registry and dataset-file readers (`tasks.md` §0-§1).
+"""Task interface, registry and dataset-file readers (`docs/tasks.md` §0-§1).
 
 A :class:`Task` bundles, for one benchmark,
 
@@ -28,7 +28,7 @@ Example = Dict[str, Any]
 RewardFn = Callable[[str, Example], float]
 Messages = List[Dict[str, str]]
 
-# `tasks.md` §9: "d1" (original d1 / wd1), "dmpo" (DMPO code), "spg" (SPG's xmlcount tweak),
+# `docs/tasks.md` §9: "d1" (original d1 / wd1), "dmpo" (DMPO code), "spg" (SPG's xmlcount tweak),
 # "fixed" (default for new runs; quirks removed).
 REWARD_STYLES = ("d1", "dmpo", "spg", "fixed")
 DEFAULT_REWARD_STYLE = "fixed"
@@ -39,10 +39,10 @@ EVAL_STYLES = ("fixed", "d1")
 DEFAULT_EVAL_STYLE = "fixed"
 D1_EVAL_TASKS = ("gsm8k", "math", "countdown", "sudoku")
 
-# `tasks.md` §1: every d1-lineage evaluation prompt is pre-filled with this string.
+# `docs/tasks.md` §1: every d1-lineage evaluation prompt is pre-filled with this string.
 REASONING_PREFILL = "<reasoning>"
 
-# `tasks.md` §1: d1's format instruction used by all training prompts except Sudoku.
+# `docs/tasks.md` §1: d1's format instruction used by all training prompts except Sudoku.
 _log = logging.getLogger(__name__)
 
 SYSTEM_PROMPT = ("\nRespond in the following format:\n<reasoning>\n...\n</reasoning>\n"
@@ -311,7 +311,7 @@ class Task:
   name: str = ""
   # Reference fields a scoring row must hold (launch/score.py).
   reference_fields: Tuple[str, ...] = ()
-  # Where the published protocol gets the evaluation set (`tasks.md` §7).
+  # Where the published protocol gets the evaluation set (`docs/tasks.md` §7).
   default_eval_size: Optional[int] = None
 
   # ---- data

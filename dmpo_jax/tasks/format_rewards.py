@@ -1,4 +1,4 @@
-"""d1-family format rewards shared by the GSM8K task (`tasks.md` §2.4, §9).
+"""d1-family format rewards shared by the GSM8K task (`docs/tasks.md` §2.4, §9).
 
 All functions have the picklable signature ``reward(completion, example, style) -> float`` and are
 bound to a style with ``functools.partial``. ``style`` is one of ``base.REWARD_STYLES``.
@@ -13,7 +13,7 @@ from dmpo_jax.tasks.base import check_reward_style
 
 # The d1/DMPO format regexes, r"<reasoning>.*?</reasoning>\s*<answer>.*?</answer>" (soft) and
 # r"^<reasoning>\n.*?\n</reasoning>\n<answer>\n.*?\n</answer>\n$" (strict), are compiled
-# *without* re.DOTALL (quirk, `tasks.md` §2.4); "fixed" adds it. Both are evaluated by the
+# *without* re.DOTALL (quirk, `docs/tasks.md` §2.4); "fixed" adds it. Both are evaluated by the
 # linear-time equivalents in `text_scan` (the regexes are quadratic on repeated tags).
 
 

@@ -1,4 +1,4 @@
-"""Offline generators for Countdown (3 numbers) and 4x4 Sudoku (`tasks.md` §4.6, §5.5).
+"""Offline generators for Countdown (3 numbers) and 4x4 Sudoku (`docs/tasks.md` §4.6, §5.5).
 
 * Countdown: numbers and targets in the value ranges of d1's ``countdown_cd3_test.jsonl`` (numbers
   1-100, targets 1-100); only solvable instances are kept (every expression over the three numbers

@@ -1,4 +1,4 @@
-"""GSM8K (`tasks.md` §2): data, prompts, d1-family rewards (max 4.0) and evaluation scorer."""
+"""GSM8K (`docs/tasks.md` §2): data, prompts, d1-family rewards (max 4.0) and evaluation scorer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dmpo_jax.tasks import format_rewards as fmt
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
-# `tasks.md` §2.3 (note the space after "\boxed{}.").
+# `docs/tasks.md` §2.3 (note the space after "\boxed{}.").
 GSM_SYSTEM_PROMPT = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
     "final answer in a \\boxed{}. \nRespond in the following format:\n<reasoning>\nYour reasoning "

@@ -1,4 +1,4 @@
-"""MATH (train) / MATH500 (test) (`tasks.md` §3): data, prompts, rewards (max 3.0) and scorer.
+"""MATH (train) / MATH500 (test) (`docs/tasks.md` §3): data, prompts, rewards (max 3.0) and scorer.
 
 The module is not called ``math.py`` so it never shadows the standard library module.
 """
@@ -15,13 +15,13 @@ from dmpo_jax.tasks import text_scan
 MATH_INSTRUCTION = ("You are a math expert. You will be given a question to solve. Solve it step by "
                     "step. Wrap the final answer in a \\boxed{}. ")
 
-# `tasks.md` §3.3: the stray quote and the space after </answer> are in every d1-lineage copy.
+# `docs/tasks.md` §3.3: the stray quote and the space after </answer> are in every d1-lineage copy.
 MATH500_SYSTEM_PROMPT = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
     "final answer in a \\boxed{}.\nRespond in the following format:\n<reasoning>\nYour reasoning "
     "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\" \n")
 
-# Hugging Face source of d1's training split (`tasks.md` §3.1); `launch/prepare_data.py --task=math`
+# Hugging Face source of d1's training split (`docs/tasks.md` §3.1); `launch/prepare_data.py --task=math`
 # writes it to <data folder>/math/train.jsonl.
 DEFAULT_TRAIN_SOURCE = "ankner/math-500"
 
@@ -60,7 +60,7 @@ def fixed_answer(completion: str) -> Optional[str]:
 @text_scan.bounded
 def correctness_reward(completion: str, example: Dict[str, Any], style: str = "fixed",
                        use_math_verify: bool = False) -> float:
-  """2.0 if the answer is equivalent to the gold (`tasks.md` §3.4).
+  """2.0 if the answer is equivalent to the gold (`docs/tasks.md` §3.4).
 
   d1/dmpo/spg: ``is_equiv(remove_boxed(last_boxed_only_string(r)), gold)``. fixed: the answer in
   the ``<answer>`` region in any common form (`fixed_answer`), compared by `answers_equivalent`

@@ -1,4 +1,4 @@
-"""Answer extraction and equivalence for MATH-style answers (`tasks.md` §3.4-§3.5).
+"""Answer extraction and equivalence for MATH-style answers (`docs/tasks.md` §3.4-§3.5).
 
 ``last_boxed_only_string``/``remove_boxed``/``strip_string``/``is_equiv`` follow the behaviour of
 the Hendrycks MATH utilities used by d1 (string normalisation, not symbolic). ``math_verify_equal``
@@ -126,7 +126,7 @@ def _fix_sqrt(string: str) -> str:
 
 
 def strip_string(string: str, reference_exact: bool = False) -> str:
-  """Hendrycks-MATH answer normalisation (`tasks.md` §3.4, in that order); ``reference_exact``
+  """Hendrycks-MATH answer normalisation (`docs/tasks.md` §3.4, in that order); ``reference_exact``
   keeps the reference's ``ValueError`` on ``x/y`` with a non-integer side."""
   string = string.replace("\n", "").replace("\\!", "")
   string = string.replace("\\\\", "\\")

@@ -1,4 +1,4 @@
-"""4x4 Sudoku (`tasks.md` §5): data, prompts, partial-credit reward and cell-accuracy scorer."""
+"""4x4 Sudoku (`docs/tasks.md` §5): data, prompts, partial-credit reward and cell-accuracy scorer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dmpo_jax.tasks import base
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
-# `tasks.md` §5.2.
+# `docs/tasks.md` §5.2.
 SUDOKU_SYSTEM_PROMPT = (
     "\nPlease solve the following 4x4 Sudoku puzzle. The puzzle is provided as a 16-character "
     "string reading left-to-right, top-to-bottom, where '0' represents empty cells.\n\nRules:\n- "
@@ -44,7 +44,7 @@ def cell_counts(answer_digits: str, puzzle: str, solution: str) -> Tuple[int, in
 
 @text_scan.bounded
 def sudoku_reward(completion: str, example: Dict[str, Any], style: str = "fixed") -> float:
-  """`tasks.md` §5.4: digits of the last ``<answer>`` block vs the stored solution on the empty
+  """`docs/tasks.md` §5.4: digits of the last ``<answer>`` block vs the stored solution on the empty
   cells; fraction correct; 0 without a tag. fixed also reads a final ``<answer>`` that is never
   closed (a completion cut at EOS)."""
   if base.check_reward_style(style) == "fixed":

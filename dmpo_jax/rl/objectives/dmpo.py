@@ -1,4 +1,4 @@
-"""DMPO (weighted denoising cross-entropy, WDCE) and WDDO (`algorithms.md` §2).
+"""DMPO (weighted denoising cross-entropy, WDCE) and WDDO (`docs/algorithms.md` §2).
 
 Per rollout (``prepare``, no gradient, deterministic): ELBO_v (current = behaviour policy) and
 ELBO_ref on the **same** K weight masks (antithetic Bernoulli by default, weight L/m), then
@@ -91,7 +91,7 @@ class _ElboWeightConfig(ObjectiveConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DMPOConfig(_ElboWeightConfig):
-  """DMPO (defaults: `algorithms.md` §2.8 reproduction defaults).
+  """DMPO (defaults: `docs/algorithms.md` §2.8 reproduction defaults).
 
   baseline: none / group / individual / model (§2.2); baseline_strength: s. loss_num_mc: R
   fresh loss masks per update. model_baseline_masks: ``weights`` (ELBO_θ on the weight masks,

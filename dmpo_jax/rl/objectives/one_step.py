@@ -1,4 +1,4 @@
-"""diffu-GRPO (d1) and wd1: objectives on d1's one-step likelihood estimate (`algorithms.md`
+"""diffu-GRPO (d1) and wd1: objectives on d1's one-step likelihood estimate (`docs/algorithms.md`
 §1.4, §4.1, §4.3).
 
 One-step estimate: every completion position masked, each real prompt token masked with

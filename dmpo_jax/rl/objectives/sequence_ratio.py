@@ -1,4 +1,4 @@
-"""BGPO and VRPO-OL: sequence-level ELBO importance ratios (`algorithms.md` §3, §4.2, §5.1-§5.2).
+"""BGPO and VRPO-OL: sequence-level ELBO importance ratios (`docs/algorithms.md` §3, §4.2, §5.1-§5.2).
 
 Both use n_t ELBO samples per response on masks drawn once per rollout (k-stratified by
 default) and shared by π_old and π_θ (CRN): per-sample terms
@@ -89,7 +89,7 @@ class SequenceRatioConfig(ObjectiveConfig):
 
 @dataclasses.dataclass(frozen=True)
 class BGPOConfig(SequenceRatioConfig):
-  """BGPO (`algorithms.md` §3.6 defaults). bound: ``both`` (paper), ``lemma1_only`` (linear
+  """BGPO (`docs/algorithms.md` §3.6 defaults). bound: ``both`` (paper), ``lemma1_only`` (linear
   (1 + d)·A for every A) or ``lemma2_only`` (exp(d)·A for every A) ablations. taylor_clamp: |d|
   clamp of the linear branch, only to keep it finite for absurd d (inactive in practice)."""
   bound: str = "both"
@@ -120,7 +120,7 @@ class VRPOOLConfig(SequenceRatioConfig):
 @functools.partial(jax.custom_jvp, nondiff_argnums=(1,))
 def clamped_exp(x: jax.Array, clamp: float) -> jax.Array:
   """exp(min(x, clamp)) whose derivative is exp(min(x, clamp)) everywhere: VRPO-OL's sequence
-  ratio, whose gradient coefficient `algorithms.md` §5.2 gives as c = exp(min(δ̄, 20))·A (bounded,
+  ratio, whose gradient coefficient `docs/algorithms.md` §5.2 gives as c = exp(min(δ̄, 20))·A (bounded,
   not 0, above the clamp). Used by the direct and the two-pass form alike, so they stay equal.
   BGPO's Lemma-2 branch keeps the plain clamp of §3.8 (no gradient above it)."""
   return jnp.exp(jnp.minimum(x, clamp))
@@ -159,7 +159,7 @@ def bgpo_sample_objective(d: jax.Array, advantages: jax.Array, num_samples: int,
                           taylor_clamp: float = 1e6, clip_eps: Optional[float] = None,
                           clip_eps_high: Optional[float] = None,
                           dual_clip: Optional[float] = None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Per-MC-sample BGPO lower-bound terms g_j (`algorithms.md` §3.2), fp32 [B].
+  """Per-MC-sample BGPO lower-bound terms g_j (`docs/algorithms.md` §3.2), fp32 [B].
 
   ratio_j = 1 + d_j  (Lemma 1, A ≥ 0)  or  exp(min(d_j, exp_clamp))  (Lemma 2, A < 0);
   g_j = ratio_j·A/n_t, optionally PPO-clipped (off by default). Finite for any d_j: both branches

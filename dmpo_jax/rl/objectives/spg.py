@@ -1,4 +1,4 @@
-"""SPG, Sandwiched Policy Gradient (`algorithms.md` §1.5, §4.4).
+"""SPG, Sandwiched Policy Gradient (`docs/algorithms.md` §1.5, §4.4).
 
 A = r − mean_G r (no std). Block-wise masks (SPG ``block_random``), ``num_mc`` draws per
 iteration, fresh per inner iteration. Sequence scores (c = valid completion positions, M_j =
