@@ -92,7 +92,9 @@ NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
     "rollout.steps": (int, 1, INF),
     "rollout.temperature": (float, 0, INF),
     "rollout.cfg_scale": (float, 0, INF),
-    "rollout.threshold": (float, -INF, 1),       # < 0: off
+    "rollout.threshold": (float, -INF, 1),       # <= 0: off
+    "rollout.factor": (float, -INF, INF),         # <= 0: off
+    "rollout.max_tokens_per_step": (int, -INF, INF),  # <= 0: no cap
     "optimizer.learning_rate": (float, 0, INF),  # > 0, checked below
     "optimizer.weight_decay": (float, 0, INF),
     "optimizer.b1": (float, 0, 1),

@@ -356,6 +356,8 @@ def run_program(source: str, config: SandboxConfig = SandboxConfig(),
         status, reason = "output_limit", f"file-size limit ({name})"
       else:
         status, reason = "killed", f"the program process was killed by {name}"
+    elif program_code == 128 + signal.SIGXCPU:  # the runner's SIGXCPU handler
+      status, reason = "timeout", f"CPU-time limit of {config.cpu_time_s}s (SIGXCPU)"
     elif program_code is not None:
       reason += f" (exit code {program_code})"
     return ExecutionResult(status == "passed", status, reason, duration, text, protections)
