@@ -57,3 +57,23 @@ def dmpo_llada():
   # summed loss, ½ of the per-prompt mean at G = 16): the published LR and max_grad_norm assume it.
   config.dmpo.reference_micro_batch_size = 8
   return config
+
+
+def d1_llada(objective: str):
+  """Base config with d1's training recipe for LLaDA-8B-Instruct, shared by diffu-GRPO and the
+  d1-family baselines built on its code (wd1, SPG): `docs/algorithms.md` §4.1, §4.3, §4.4."""
+  config = base.get_config()
+  config.objective = objective
+  config.model.checkpoint = ""  # set to a LLaDA-8B-Instruct HF folder
+  config.model.preset = "llada_8b"
+  config.task.name = "gsm8k"
+  config.task.prompt_length = 200
+  config.num_steps = 1000
+  config.optimizer.learning_rate = 3e-6
+  config.optimizer.weight_decay = 0.1
+  config.optimizer.b1, config.optimizer.b2 = 0.9, 0.99
+  config.optimizer.max_grad_norm = 0.2
+  config.rollout.gen_length, config.rollout.block_length, config.rollout.steps = 256, 32, 128
+  config.rollout.temperature = 0.9
+  config.eval.gen_length, config.eval.block_length, config.eval.steps = 256, 32, 128
+  return config
