@@ -173,11 +173,13 @@ def test_reward_pool_matches_in_process():
     pool.close()
 
 
-def test_reward_pool_wall_limit_scores_zero_and_replaces_worker():
+def test_reward_pool_wall_limit_scores_zero_and_replaces_worker(monkeypatch, fixture_data_dir):
   """A call past the wall limit (a program that sleeps) scores 0 with a reason; its worker is
   killed and replaced, and the pool keeps working."""
+  # The pool's worker processes read the data folder from the environment (fixture files here).
+  monkeypatch.setenv("DMPO_JAX_DATA_DIR", str(fixture_data_dir))
   task = get_task("mbpp")
-  example = task.load_eval()[0]
+  example = task.load_eval(data_dir=fixture_data_dir)[0]
   solution = "[BEGIN]\n" + example["code"] + "\n[DONE]"
   sleeper = "[BEGIN]\nimport time\ntime.sleep(30)\n[DONE]"
   pool = rollout.RewardPool("mbpp", "fixed", 1, timeout_s=3.0)
