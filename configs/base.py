@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.eval_source = ""
   config.task.reward_style = "fixed"
   config.task.prompt_length = 256   # prompt bucket (left-padded; longer prompts left-truncated)
+  # Truncated prompts are counted before training (a warning); a larger share than this in the
+  # training or the held-out set stops the run.
+  config.task.max_truncated_fraction = 0.05
   config.task.reward_workers = 4    # parallel reward processes (0 = in the trainer process)
   config.task.reward_timeout_s = 0.0  # wall limit of one reward call in a worker (0 = task default)
 

@@ -44,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dmpo_jax.models import finite
 from dmpo_jax.models.config import ModelConfig
 from dmpo_jax.models.hf_io import CheckpointError
 from dmpo_jax.models.transformer import Transformer
@@ -439,6 +440,7 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
     verify_array_checksums(restored, checksums["params"], f"Model checkpoint {path}, {MODEL_PARAMS_DIR}/")
     restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
                             restored, abstract)
+  finite.check_finite(restored, f"Model checkpoint {path}")
   abstract_state.replace_by_pure_dict(restored)
   return nnx.merge(graphdef, abstract_state)
 
@@ -610,6 +612,17 @@ class TrainCheckpointer:
     """Newest finalized checkpoint step on disk, or None when there is none."""
     steps = self.all_steps()
     return steps[-1] if steps else None
+
+  def metadata(self, step: int) -> dict:
+    """The user metadata saved with ``step`` (e.g. the run config), verified against its
+    checksum, without reading the state."""
+    checksums = (self._restore_json_item(step, CHECKSUMS_ITEM, None)
+                 if self._item_path(step, CHECKSUMS_ITEM).is_dir() else {})
+    meta = self._restore_json_item(step, METADATA_ITEM, (checksums or {}).get(METADATA_ITEM))
+    if not isinstance(meta, dict):
+      raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}: the metadata "
+                                     "item must be a JSON object")
+    return meta
 
   def should_save(self, step: int) -> bool:
     """True when ``step`` is a multiple of ``save_interval_steps`` and not saved yet."""

@@ -17,6 +17,11 @@ library INFO lines off) and turns a user mistake into ONE line on stderr with ex
   * a `UserError` raised by the script (missing checkpoint, malformed input file, a config that
     cannot run, ...).
 
+A `Fault` (the environment failed: a read-only or full disk, a file where a folder belongs, a
+missing permission) is also one line, naming the path and the operation, with exit code 1; an
+`OSError` of that kind that reaches `run_main` unwrapped gets the same treatment. Ctrl-C prints
+one line and exits with 130 (without unwinding into JAX's compile threads, see `run_main`).
+
 Any other exception is a bug and keeps its traceback. ``--debug`` shows the traceback for user
 errors too and turns library INFO logging back on.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import errno
 import logging
 import os
 import sys
@@ -33,6 +39,8 @@ from typing import Callable, Iterator, Optional, Sequence
 from absl import flags
 
 EXIT_USER_ERROR = 2
+EXIT_FAULT = 1
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 HELP_ARGS = ("-h", "--help", "--helpshort", "--helpfull", "-?")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -40,8 +48,46 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 class UserError(Exception):
   """A mistake in the command line, a config or an input file (not a bug).
 
-  `run_main` prints it as ``error: <message>`` on one line and exits with code 2.
+  `run_main` prints it as ``error: <message>`` on one line and exits with `exit_code` (2).
   """
+  exit_code = EXIT_USER_ERROR
+
+
+class Fault(UserError):
+  """The environment failed (disk full, read-only or missing permission, a file where a folder
+  belongs): one line naming the path and the operation, exit code 1."""
+  exit_code = EXIT_FAULT
+
+
+# errno values of a failed write: the disk is full or read-only, a permission is missing, a file
+# is where a folder belongs (or the reverse), the device fails.
+WRITE_ERRNOS = frozenset(getattr(errno, name) for name in (
+    "ENOSPC", "EDQUOT", "EROFS", "EACCES", "EPERM", "EFBIG", "ENOTDIR", "EISDIR", "EIO")
+                         if hasattr(errno, name))
+# errno values of a file-system fault (as opposed to a bug): reported as one `Fault` line.
+FILESYSTEM_ERRNOS = WRITE_ERRNOS | frozenset(getattr(errno, name) for name in (
+    "EEXIST", "ENOENT", "ENAMETOOLONG", "ENOTEMPTY", "EBUSY", "ETXTBSY") if hasattr(errno, name))
+
+
+def filesystem_fault(operation: str, path, error: OSError) -> Fault:
+  """``cannot <operation> <path>: <reason>`` for an OSError of a file-system call."""
+  reason = error.strerror or _one_line(error)
+  where = error.filename if error.filename not in (None, "") else path
+  extra = f" ({where})" if str(where) != str(path) else ""
+  return Fault(f"cannot {operation} {path}{extra}: {reason}")
+
+
+@contextlib.contextmanager
+def file_operation(operation: str, path) -> Iterator[None]:
+  """Reports an `OSError` raised inside as a `Fault` naming ``operation`` (e.g. "write the
+  checkpoint") and ``path``: ``error: cannot write the checkpoint runs/x/checkpoints: No space
+  left on device``."""
+  try:
+    yield
+  except UserError:
+    raise
+  except OSError as e:
+    raise filesystem_fault(operation, path, e) from e
 
 
 @contextlib.contextmanager
@@ -63,6 +109,29 @@ def require_path(flag: str, path: Optional[str], what: str = "path") -> None:
     raise UserError(f"--{flag} is required ({what})")
   if not os.path.exists(path):
     raise UserError(f"--{flag}: {what} {path} does not exist")
+
+
+def model_folder_problem(path: str) -> Optional[str]:
+  """Why ``path`` is no model folder (None when it is one): a model is an HF folder (with
+  ``config.json``) or a checkpoint written by this project (``model_config.json`` + ``params/``)."""
+  expected = ("expected an HF folder with config.json or a dmpo_jax model checkpoint with "
+              "model_config.json")
+  if not os.path.exists(path):
+    return f"{path} does not exist"
+  if not os.path.isdir(path):
+    return f"{path} is a file, not a model folder ({expected})"
+  if not any(os.path.isfile(os.path.join(path, name)) for name in ("config.json", "model_config.json")):
+    return f"{path} is not a model folder ({expected})"
+  return None
+
+
+def require_model_folder(flag: str, path: Optional[str]) -> None:
+  """Raises a `UserError` unless ``path`` is an HF folder or a project model checkpoint."""
+  if not path:
+    raise UserError(f"--{flag} is required (model checkpoint)")
+  problem = model_folder_problem(path)
+  if problem:
+    raise UserError(f"--{flag}: model checkpoint {problem}")
 
 
 def check(condition: bool, message: str) -> None:
@@ -194,6 +263,7 @@ def run_main(main: Callable[[], Optional[int]], fv: flags.FlagValues,
                       flag_values=fv)
   from_command_line = argv is None
   argv = list(sys.argv if argv is None else [sys.argv[0]] + list(argv))
+  program = os.path.basename(argv[0]) if argv else "dmpo_jax"
   if any(arg in HELP_ARGS for arg in argv[1:]):
     print(help_text(fv, doc))
     return 0
@@ -208,6 +278,21 @@ def run_main(main: Callable[[], Optional[int]], fv: flags.FlagValues,
   except UserError as e:
     if debug:
       raise
-    print(f"error: {e}", file=sys.stderr)
-    return EXIT_USER_ERROR
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return e.exit_code
+  except OSError as e:
+    if debug or e.errno not in FILESYSTEM_ERRNOS:
+      raise
+    print(f"error: {_one_line(filesystem_fault('access', e.filename or '?', e))}", file=sys.stderr)
+    return EXIT_FAULT
+  except KeyboardInterrupt:
+    if not from_command_line or debug:
+      raise
+    # Exit at once: unwinding lets the interpreter tear down JAX's runtime while one of its
+    # threads may still be compiling for the interrupted call, which then dereferences the freed
+    # client (a segmentation fault). Files are written atomically, so there is nothing to undo.
+    print(f"error: {program} interrupted (Ctrl-C)", file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(EXIT_INTERRUPTED)  # pylint: disable=protected-access
   return 0 if code is None else int(code)

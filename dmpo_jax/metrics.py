@@ -4,7 +4,8 @@
   (a) ``<workdir>/metrics.jsonl``: always; one JSON object per call, ``{"step": int, name: float}``,
       flushed and fsynced so a crash loses nothing already written;
   (b) TensorBoard event files under ``<workdir>/tensorboard`` (the ``tensorboard`` package's own
-      `EventFileWriter` and protos; no TensorFlow needed), when ``tensorboard=True``;
+      `EventFileWriter` and protos; no TensorFlow needed), when ``tensorboard=True`` and the
+      package (the ``tensorboard`` extra) is installed (a warning naming the install otherwise);
   (c) Weights & Biases when ``wandb=True`` and the ``wandb`` package is importable (a warning and
       no W&B otherwise).
 Only the process with ``process_index == 0`` writes anything (multi-host runs).
@@ -30,6 +31,8 @@ from typing import Any, Callable, Iterator, Mapping, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from dmpo_jax import extras
 
 PathLike = Union[str, os.PathLike]
 
@@ -175,6 +178,10 @@ class MetricWriter:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self._prepare_jsonl(resume_step)
     self._file = open(self.path, "a", encoding="utf-8")
+    if tensorboard and not extras.available("tensorboard"):
+      _log.warning("TensorBoard event files are off: the `tensorboard` package is not installed "
+                   "(%s); metrics go to %s", extras.install_command("tensorboard"), self.path)
+      tensorboard = False
     if tensorboard:
       self._tensorboard = _TensorBoardWriter(self.workdir / TENSORBOARD_DIR, resume_step)
       if config is not None:

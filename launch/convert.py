@@ -10,6 +10,10 @@ checkpoint's metadata and copies config.json and the tokenizer / remote-code fil
 For a checkpoint without that metadata (e.g. one written by training), ``--reference_hf`` names
 a HF folder whose config.json, dtype, shard layout and tokenizer files are used instead;
 without either, a config.json is generated from the `ModelConfig`.
+
+The output is written into a temporary folder next to ``--output`` and renamed when complete:
+a failure (a full disk, Ctrl-C) leaves no partial output, and a file-system error is one line
+naming the path.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from absl import flags
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from dmpo_jax import checkpointing, cli  # noqa: E402
+from dmpo_jax import checkpointing, cli, workdir as workdir_lib  # noqa: E402
 from dmpo_jax.models import hf_io  # noqa: E402
 
 HF_METADATA_KEY = "hf_checkpoint"
@@ -94,20 +98,38 @@ def orbax_to_hf(input_dir, output_dir, *, reference_hf=None, tokenizer_from=None
 flags.mark_flags_as_required(["direction", "input", "output"], flag_values=FLAGS)
 
 
+def _check_output(output: str, overwrite: bool) -> pathlib.Path:
+  path = pathlib.Path(output)
+  cli.check(bool(output.strip()), "--output is empty: give the folder to write")
+  cli.check(not path.exists() or path.is_dir(), f"--output {output} is a file, not a folder")
+  cli.check(overwrite or not path.exists() or not any(path.iterdir()),
+            f"--output {output} already exists; pass --overwrite to replace it")
+  return path
+
+
 def _run() -> int:
   cli.require_path("input", _INPUT.value, "source folder")
+  cli.check(pathlib.Path(_INPUT.value).is_dir(), f"--input {_INPUT.value} is a file, not a model "
+            "folder (an HF folder with config.json or a dmpo_jax model checkpoint)")
   if _REFERENCE_HF.value:
     cli.require_path("reference_hf", _REFERENCE_HF.value, "HF folder")
   if _TOKENIZER_FROM.value:
     cli.require_path("tokenizer_from", _TOKENIZER_FROM.value, "tokenizer folder")
-  with cli.user_input(f"--input={_INPUT.value}", ValueError, FileNotFoundError, FileExistsError):
-    if _DIRECTION.value == "hf_to_orbax":
-      out = hf_to_orbax(_INPUT.value, _OUTPUT.value, param_dtype=_PARAM_DTYPE.value,
-                        overwrite=_OVERWRITE.value)
-    else:
-      out = orbax_to_hf(_INPUT.value, _OUTPUT.value, reference_hf=_REFERENCE_HF.value,
-                        tokenizer_from=_TOKENIZER_FROM.value, max_shard_size=_MAX_SHARD_SIZE.value,
-                        overwrite=_OVERWRITE.value)
+  output = _check_output(_OUTPUT.value, _OVERWRITE.value)
+  workdir_lib.remove_temporaries(output)  # left by an interrupted conversion
+  temporary = workdir_lib.temporary_sibling(output.absolute())
+  try:
+    with cli.user_input(f"--input={_INPUT.value}", ValueError, FileNotFoundError, FileExistsError), \
+        workdir_lib.storage_operation("write", output):
+      if _DIRECTION.value == "hf_to_orbax":
+        hf_to_orbax(_INPUT.value, temporary, param_dtype=_PARAM_DTYPE.value)
+      else:
+        orbax_to_hf(_INPUT.value, temporary, reference_hf=_REFERENCE_HF.value,
+                    tokenizer_from=_TOKENIZER_FROM.value, max_shard_size=_MAX_SHARD_SIZE.value)
+    out = workdir_lib.publish_folder(temporary, output)
+  finally:
+    if temporary.exists():
+      shutil.rmtree(temporary, ignore_errors=True)
   print(out)
   return 0
 

@@ -36,7 +36,8 @@ import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
 
-from dmpo_jax import cli, metrics as metrics_lib  # noqa: E402  pylint: disable=wrong-import-position
+from dmpo_jax import cli, extras, metrics as metrics_lib  # noqa: E402  pylint: disable=wrong-import-position
+from dmpo_jax import workdir as workdir_lib  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402  pylint: disable=wrong-import-position
 
 PROMPT_LENGTH_MULTIPLE = 32  # left-pad prompts to a multiple of this to reuse compiled programs
@@ -53,10 +54,7 @@ def load_model(checkpoint: str, dtype: Optional[str] = None):
     from dmpo_jax.models import hf_io  # pylint: disable=import-outside-toplevel
     model, _ = hf_io.load_pretrained(path, param_dtype=dtype)
     return model, model.config
-  if not path.exists():
-    raise cli.UserError(f"model checkpoint {checkpoint} does not exist")
-  raise cli.UserError(f"{checkpoint} is neither an HF folder (config.json) nor a model checkpoint "
-                      "(model_config.json)")
+  raise cli.UserError(f"model checkpoint {cli.model_folder_problem(checkpoint)}")
 
 
 def resolve_steps(steps: str, gen_length: int) -> int:
@@ -168,7 +166,10 @@ flags.mark_flags_as_required(["checkpoint", "task"], flag_values=FLAGS)
 
 def check_flags(args) -> list[int]:
   """The generation lengths; raises `cli.UserError` for flags that cannot run."""
-  cli.require_path("checkpoint", args.checkpoint, "model checkpoint")
+  cli.require_model_folder("checkpoint", args.checkpoint)
+  output_dir = pathlib.Path(args.output_dir)
+  cli.check(not output_dir.exists() or output_dir.is_dir(),
+            f"--output_dir {output_dir} is a file, not a folder")
   try:
     lengths = [int(x) for x in args.gen_lengths]
     for length in lengths:
@@ -184,6 +185,8 @@ def check_flags(args) -> list[int]:
 def _run() -> int:
   args = FLAGS
   lengths = check_flags(args)
+  if args.use_math_verify:
+    extras.require("math_verify", "--use_math_verify")
   from dmpo_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   task = get_task(args.task)
   with cli.user_input(f"--eval_style={args.eval_style}"):
@@ -199,7 +202,8 @@ def _run() -> int:
     model, model_config = load_model(args.checkpoint, dtype=args.dtype)
     tokenizer = load_tokenizer(args.tokenizer or args.checkpoint, family=model_config.family)
   output_dir = pathlib.Path(args.output_dir)
-  output_dir.mkdir(parents=True, exist_ok=True)
+  with cli.file_operation("create the output folder", output_dir):
+    output_dir.mkdir(parents=True, exist_ok=True)
   score_options = {"use_math_verify": True} if args.use_math_verify else {}
   if args.eval_style != "fixed":
     score_options["eval_style"] = args.eval_style
@@ -210,15 +214,16 @@ def _run() -> int:
                              args.steps, args.batch_size, args.seed, score_options,
                              progress=not args.no_progress)
     summary.update({"checkpoint": str(args.checkpoint), "seconds": round(time.time() - start, 2)})
-    with open(output_dir / f"{task.name}_L{gen_length}.jsonl", "w", encoding="utf-8") as f:
-      for row in rows:
-        f.write(json.dumps(row, default=str) + "\n")
-    with open(output_dir / f"{task.name}_L{gen_length}_summary.json", "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    # Each file is written whole or not at all (a temporary file, then a rename).
+    workdir_lib.write_text_atomic(output_dir / f"{task.name}_L{gen_length}.jsonl",
+                                  "".join(json.dumps(row, default=str) + "\n" for row in rows),
+                                  operation="write the generations")
+    workdir_lib.write_text_atomic(output_dir / f"{task.name}_L{gen_length}_summary.json",
+                                  json.dumps(summary, indent=2), operation="write the summary")
     summaries.append(summary)
     print(json.dumps(summary))
-  with open(output_dir / f"{task.name}_summary.json", "w", encoding="utf-8") as f:
-    json.dump(summaries, f, indent=2)
+  workdir_lib.write_text_atomic(output_dir / f"{task.name}_summary.json",
+                                json.dumps(summaries, indent=2), operation="write the summary")
   return 0
 
 

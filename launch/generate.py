@@ -90,7 +90,7 @@ def check_flags(args) -> None:
   cli.check(bool(args.checkpoint) != bool(args.preset), "give exactly one of --checkpoint and --preset")
   cli.check(bool(args.prompt or args.prompt_ids), "give at least one --prompt or --prompt_ids")
   if args.checkpoint:
-    cli.require_path("checkpoint", args.checkpoint, "model checkpoint")
+    cli.require_model_folder("checkpoint", args.checkpoint)
   cli.check(args.gen_length % args.block_length == 0,
             f"--gen_length={args.gen_length} is not a multiple of --block_length={args.block_length}")
 

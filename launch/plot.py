@@ -10,6 +10,7 @@ one panel per available curve. Default output: ``DIR/curves.png``.
 
 from __future__ import annotations
 
+import os
 import pathlib
 import sys
 from typing import Optional, Sequence
@@ -17,10 +18,10 @@ from typing import Optional, Sequence
 from absl import flags
 
 try:
-  from dmpo_jax import cli
+  from dmpo_jax import cli, extras, workdir as workdir_lib
 except ImportError:  # run from a checkout without `pip install -e .`
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-  from dmpo_jax import cli
+  from dmpo_jax import cli, extras, workdir as workdir_lib
 from dmpo_jax.metrics import METRICS_FILE, read_metrics
 
 REWARD_MEAN = "reward/mean"
@@ -34,12 +35,16 @@ def _series(records: Sequence[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(workdir: pathlib.Path, output: Optional[pathlib.Path] = None) -> pathlib.Path:
-  """Writes the PNG and returns its path; raises if the file or all curve keys are missing."""
+  """Writes the PNG and returns its path; raises if the file or all curve keys are missing (or
+  matplotlib, the ``plot`` extra, is not installed: `extras.MissingExtra`)."""
+  extras.require("matplotlib", "drawing the curves (launch/plot.py)")
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
   workdir = pathlib.Path(workdir)
+  if workdir.exists() and not workdir.is_dir():
+    raise NotADirectoryError(f"{workdir} is a file, not the folder of a training run")
   metrics_path = workdir / METRICS_FILE
   if not metrics_path.is_file():
     raise FileNotFoundError(f"{metrics_path} not found: is --workdir the folder of a training run?")
@@ -77,9 +82,17 @@ def plot_curves(workdir: pathlib.Path, output: Optional[pathlib.Path] = None) ->
   fig.suptitle(str(workdir.name))
   fig.tight_layout()
   output = pathlib.Path(output) if output is not None else workdir / "curves.png"
-  output.parent.mkdir(parents=True, exist_ok=True)
-  fig.savefig(output, dpi=100)
-  plt.close(fig)
+  # A temporary file, then a rename: a failed write (full disk) leaves no partial PNG.
+  temporary = output.with_name(f".{output.name}{workdir_lib.TEMPORARY_MARKER}-{os.getpid()}.png")
+  try:
+    with cli.file_operation("write the plot", output):
+      output.parent.mkdir(parents=True, exist_ok=True)
+      fig.savefig(temporary, dpi=100)
+      os.replace(temporary, output)
+  finally:
+    plt.close(fig)
+    if temporary.exists():
+      temporary.unlink()
   return output
 
 
@@ -90,7 +103,8 @@ flags.mark_flags_as_required(["workdir"], flag_values=FLAGS)
 
 
 def _run() -> int:
-  with cli.user_input(f"--workdir={FLAGS.workdir}", FileNotFoundError, ValueError):
+  with cli.user_input(f"--workdir={FLAGS.workdir}", FileNotFoundError, NotADirectoryError,
+                      ValueError):
     path = plot_curves(pathlib.Path(FLAGS.workdir), FLAGS.output and pathlib.Path(FLAGS.output))
   print(path)
   return 0

@@ -26,21 +26,25 @@ from typing import Any, Dict, List, Optional
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
+from dmpo_jax import cli, extras  # noqa: E402
 from dmpo_jax.tasks import base, hub_sources  # noqa: E402
 
+FLAGS = flags.FlagValues()
 _TASK = flags.DEFINE_list("task", None, "Tasks to prepare (comma-separated), or 'all'; known: "
-                          + ", ".join(sorted(hub_sources.DATA_FILES)) + ".")
+                          + ", ".join(sorted(hub_sources.DATA_FILES)) + ".", flag_values=FLAGS)
 _OUT = flags.DEFINE_string("out", None, "Data folder to write (default: $DMPO_JAX_DATA_DIR, else "
-                           "~/.cache/dmpo_jax/data).")
+                           "~/.cache/dmpo_jax/data).", flag_values=FLAGS)
 _MIRROR = flags.DEFINE_string("mirror", None, "Local folder holding copies of the hub "
-                              "repositories and raw files (offline use; see the module doc).")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Download files that already exist again.")
+                              "repositories and raw files (offline use; see the module doc).",
+                              flag_values=FLAGS)
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Download files that already exist again.",
+                               flag_values=FLAGS)
 
 
-class PrepareError(Exception):
-  """A user-facing problem (unknown task, missing mirror file, bad rows)."""
+class PrepareError(cli.UserError):
+  """A user-facing problem (unknown task, missing mirror file, bad rows): one line, exit 2."""
 
 
 def _load_split(datasets_module, spec: hub_sources.DataFile, split: str,
@@ -70,10 +74,8 @@ def _load_split(datasets_module, spec: hub_sources.DataFile, split: str,
 def fetch_rows(spec: hub_sources.DataFile, mirror: Optional[pathlib.Path] = None
                ) -> List[Dict[str, Any]]:
   """The rows of one data file: its splits concatenated, filtered and sorted as ``spec`` says."""
-  try:
-    import datasets  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise PrepareError("prepare_data needs the `datasets` package: pip install -e \".[data]\"") from e
+  extras.require("datasets", "launch/prepare_data.py")
+  import datasets  # pylint: disable=import-outside-toplevel
   datasets.disable_progress_bars()
   datasets.logging.set_verbosity_error()
   rows: List[Dict[str, Any]] = []
@@ -119,16 +121,19 @@ def prepare_file(task: str, spec: hub_sources.DataFile, out: pathlib.Path,
   if target.is_file() and not overwrite:
     return {"task": task, "file": str(target), "status": "exists (use --overwrite to refresh)"}
   rows = fetch_rows(spec, mirror)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp_", suffix=target.name)
+  with cli.file_operation("create the data folder", target.parent):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=target.parent, prefix=".tmp_", suffix=target.name)
   os.close(handle)
   try:
-    write_rows(rows, pathlib.Path(temporary))
+    with cli.file_operation("write", target):
+      write_rows(rows, pathlib.Path(temporary))
     try:  # The task's loader must read the file back (fields, grids, answers).
       examples = base.get_task(task).load_rows(temporary)
     except (KeyError, ValueError) as e:
       raise PrepareError(f"{spec.source} does not give valid {task} rows: {e}") from e
-    os.replace(temporary, target)
+    with cli.file_operation("write", target):
+      os.replace(temporary, target)
   finally:
     if os.path.exists(temporary):
       os.remove(temporary)
@@ -146,27 +151,23 @@ def prepare(tasks: List[str], out: pathlib.Path, mirror: Optional[pathlib.Path] 
           for task in tasks for spec in hub_sources.data_files(task)]
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments {argv[1:]}")
-  from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
-  absl_logging.set_verbosity(absl_logging.WARNING)
-  if not _TASK.value:
-    print(f"error: --task is required (one or more of {sorted(hub_sources.DATA_FILES)}, or all)",
-          file=sys.stderr)
-    sys.exit(2)
+def _run() -> int:
+  cli.check(bool(_TASK.value), f"--task is required (one or more of "
+            f"{sorted(hub_sources.DATA_FILES)}, or all)")
   out = base.data_dir_from_env(_OUT.value)
+  cli.check(not out.exists() or out.is_dir(), f"--out {out} is a file, not a folder")
   mirror = pathlib.Path(_MIRROR.value).expanduser() if _MIRROR.value else None
-  try:
-    results = prepare(_TASK.value, out, mirror, _OVERWRITE.value)
-  except PrepareError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+  results = prepare(_TASK.value, out, mirror, _OVERWRITE.value)
   for result in results:
     print(json.dumps(result))
   print(f"data folder: {out}  (set DMPO_JAX_DATA_DIR={out} if it is not the default)",
         file=sys.stderr)
+  return 0
+
+
+def main(argv=None) -> int:
+  return cli.run_main(_run, FLAGS, argv, doc=__doc__)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main())

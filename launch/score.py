@@ -10,9 +10,12 @@ Each input row holds ``completion`` plus the task's reference fields:
   (looked up in the dataset). Optional: ``use_math_verify`` is a flag, not a row field.
 Prints one JSON line per row (with ``score``; with ``--rewards`` also the training rewards and
 their sum) and a final summary line (JSON, with ``accuracy``). A row that cannot be scored
-(binary data, broken JSON, missing fields, ...) gets a line ``{"index", "skipped": reason}``
-and is counted in the summary's ``skipped_rows``; accuracy is over the scored rows. The exit
-status is 0 unless ``--strict`` is given and a row was skipped (then 1).
+(binary data, broken JSON, missing fields, ...) gets a line ``{"index", "skipped": reason}``,
+is named on stderr (``warning: skipped ...``) and is counted in the summary's
+``skipped_rows``; accuracy is over the scored rows. JSONL, JSON and CSV files may start with a
+UTF-8 byte-order mark and use CRLF line ends. The exit status is 0 when at least one row was
+scored; 2 with one line when none was (an empty file, or every row unusable); 1 with
+``--strict`` when a row was skipped.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
 
-from dmpo_jax import cli  # noqa: E402  pylint: disable=wrong-import-position
+from dmpo_jax import cli, extras  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import base  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import BadRow, get_task, map_rows, read_rows, task_names  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -104,17 +107,33 @@ flags.mark_flags_as_required(["task", "input"], flag_values=FLAGS)
 def _run() -> int:
   args = FLAGS
   cli.require_path("input", args.input, "generations file")
+  if args.use_math_verify:
+    extras.require("math_verify", "--use_math_verify")
   with cli.user_input(f"--input={args.input}"):
     table = read_rows(args.input)
+    cli.check(table.num_rows > 0, f"--input={args.input} has no rows: nothing to score")
     results, summary = score_rows(args.task, [row for _, row in table.rows], rewards=args.rewards,
                                   reward_style=args.reward_style,
                                   use_math_verify=args.use_math_verify, data_dir=args.data_dir,
                                   eval_style=args.eval_style,
                                   indices=[index for index, _ in table.rows], bad_rows=table.bad)
+  skipped = [r for r in results if "skipped" in r]
+  cli.check(len(skipped) < len(results),
+            f"--input={args.input}: none of its {len(results)} row(s) could be scored; "
+            f"{_describe_skipped(skipped)}")
   for result in results:
     print(json.dumps(result, default=str))
   print(json.dumps(summary))
+  if skipped:
+    print(f"warning: skipped {len(skipped)} of {len(results)} row(s) of {args.input}: "
+          f"{_describe_skipped(skipped)}", file=sys.stderr)
   return 1 if args.strict and summary["skipped_rows"] else 0
+
+
+def _describe_skipped(skipped: Sequence[Dict[str, Any]], limit: int = 5) -> str:
+  described = [f"row {r['index']}" + (f" (line {r['line']})" if "line" in r else "") +
+               f": {r['skipped']}" for r in skipped[:limit]]
+  return "; ".join(described) + (f"; ... ({len(skipped) - limit} more)" if len(skipped) > limit else "")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

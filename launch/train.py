@@ -4,8 +4,11 @@
       --config.model.checkpoint=/models/LLaDA-8B-Instruct [--config.optimizer.learning_rate=1e-6 ...]
 
 Any config field can be overridden with --config.KEY=VALUE (e.g. --config.dmpo.alpha=0.05).
-Re-running with the same --workdir resumes from the latest checkpoint; a finished run says so and
-exits 0. A preset other than `tiny` needs --config.model.checkpoint (or --config.model.init=random).
+Re-running the same command resumes from the latest checkpoint (or starts again when it was
+stopped before its first one); a finished run says so and exits 0. One run at a time per
+--workdir. Ctrl-C stops cleanly (exit 130), saving a checkpoint once an RL step is done; SIGTERM
+(preemption) saves and exits 0. A preset other than `tiny` needs --config.model.checkpoint (or
+--config.model.init=random).
 The built-in demo (no download, 2 CPU cores, a few minutes):
 
   python launch/train.py --config=configs/demo.py --workdir=runs/demo
@@ -35,9 +38,11 @@ _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Call jax.distributed.initialize() (multi-host TPU/GPU pods).",
                                  flag_values=FLAGS)
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "Start from scratch in a --workdir that holds metrics but no checkpoint "
-    "(its metrics.jsonl rows are discarded); without it such a workdir is an error.",
-    flag_values=FLAGS)
+    "overwrite", False, "Start from scratch where --workdir holds a run this config cannot "
+    "continue (checkpoints that differ in a structural key such as the objective, the model or "
+    "LoRA, or metrics of another config without a checkpoint): its checkpoints, metrics and "
+    "final model are discarded. Without it such a workdir is an error; a workdir this config "
+    "can resume is always resumed.", flag_values=FLAGS)
 _FALLBACK = flags.DEFINE_bool(
     "fallback_to_previous_checkpoint", False, "If the latest checkpoint fails its checksums, "
     "resume from the newest intact one (the damaged steps are renamed corrupt-<step>); without "
@@ -69,14 +74,20 @@ def _run():
   except checkpointing.CheckpointIntegrityError as e:
     raise cli.UserError(f"{e} (--fallback_to_previous_checkpoint resumes from the newest intact "
                         "checkpoint)") from e
-  if _PLOT.value and jax.process_index() == 0 and "finished" not in results:
+  stopped = "interrupted_at" in results or "preempted_at" in results
+  if _PLOT.value and jax.process_index() == 0 and "finished" not in results and not stopped:
     from launch import plot  # pylint: disable=import-outside-toplevel
     try:
       out = plot.plot_curves(pathlib.Path(_WORKDIR.value), pathlib.Path(_WORKDIR.value) / "curves.png")
-      results["plot"] = str(out)
-    except (ValueError, FileNotFoundError) as e:
+      results["plot"] = str(out.absolute())
+    except (ValueError, OSError, cli.UserError) as e:
       logging.warning("no plot: %s", e)
   print(json.dumps(results, indent=2, default=float))
+  if "interrupted_at" in results:
+    print(f"error: interrupted by Ctrl-C (SIGINT) at step {results['interrupted_at']}: checkpoint "
+          "saved; re-run the same command to resume", file=sys.stderr)
+    return cli.EXIT_INTERRUPTED
+  return 0
 
 
 def main(argv=None) -> int:

@@ -19,7 +19,7 @@ from dmpo_jax import checkpointing, metrics
 from dmpo_jax.rl import loop, registry
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-SCRIPTS = ("train", "generate", "eval", "score", "convert", "plot")
+SCRIPTS = ("train", "generate", "eval", "score", "convert", "plot", "prepare_data")
 DEMO = str(REPO / "configs" / "demo.py")
 
 
@@ -52,6 +52,8 @@ def files(tmp_path_factory):
   # Every row unusable: loaders skip single bad rows with a warning, an all-bad file is an error.
   (root / "bad.jsonl").write_text('not json\n{"question": "1+1?"\n')
   (root / "bad.json").write_text('{"rows": 3}')
+  (root / "empty.jsonl").write_text("")
+  (root / "README.md").write_text("# a file where a folder is expected\n")
   return root
 
 
@@ -96,36 +98,77 @@ ERRORS = [
     (_train("w8", "--config.num_steps=abc"), "--config.num_steps=abc", "w8"),
     (_train("w9", "--config.task.name=gsm8k", "--config.task.train_source=bad.jsonl"),
      "bad.jsonl: 2 of 2 row(s) unusable", "w9"),
+    # ... a value outside a fixed set, a file where a folder belongs, lengths beyond the model's
+    # context, an empty or file workdir, prompts the bucket cuts (found after the model load,
+    # before any compile: the new folder is removed again).
+    (_train("w10", "--config.optimizer.schedule=cosineish"),
+     "optimizer.schedule='cosineish' is not one of ['constant', 'cosine', 'linear'] (did you mean "
+     "'cosine'?)", "w10"),
+    (_train("w11", "--config.task.reward_style=lenient"),
+     "task.reward_style='lenient' is not one of ['d1', 'dmpo', 'spg', 'fixed']", "w11"),
+    (_train(""), "--workdir is empty", None),
+    (_train("w12", "--config.model.checkpoint=README.md"),
+     "model.checkpoint=README.md is a file, not a model folder (expected an HF folder with "
+     "config.json or a dmpo_jax model checkpoint with model_config.json)", "w12"),
+    (_train("w13", "--config.eval.gen_length=510", "--config.eval.block_length=510",
+            "--config.eval.steps=510"),
+     "task.prompt_length + eval.gen_length = 5 + 510 = 515 exceeds the model's max_seq_len=512 "
+     "(preset tiny): lower eval.gen_length to at most 507", "w13"),
+    (_train("README.md"), "--workdir README.md is a file, not a folder", None),
+    (_train("w14", "--config.tokenizer="), "tokenizer='' means the checkpoint's tokenizer", "w14"),
+    (_train("w15", "--config.task.prompt_length=4"),
+     "task.prompt_length=4 truncates 4096 of 4096 training prompts (100.0 %; the longest has 5 "
+     "tokens); task.prompt_length=4 truncates 256 of 256 held-out prompts (100.0 %; the longest "
+     "has 5 tokens), more than task.max_truncated_fraction=0.05", "w15"),
+    (_train("w16", "--config.task.max_truncated_fraction=2"),
+     "task.max_truncated_fraction=2.0 must be in [0, 1]", "w16"),
     # generate
     (("generate", ["--checkpoint=missing", "--prompt=x"]), "model checkpoint missing does not exist",
      None),
     (("generate", ["--checkpoint=ckpt", "--prompt=x", "--gen_length=0"]), "--gen_length=0", None),
     (("generate", ["--checkpoint=ckpt", "--prompt_ids=1,a", "--output_ids"]),
      "comma-separated integers", None),
+    (("generate", ["--checkpoint=README.md", "--prompt=x"]),
+     "--checkpoint: model checkpoint README.md is a file, not a model folder", None),
     # eval
     (("eval", ["--checkpoint=missing", "--task=gsm8k", "--output_dir=e1"]), "does not exist", "e1"),
     (("eval", ["--checkpoint=ckpt", "--task=gsm8k", "--eval_source=bad.jsonl", "--output_dir=e2"]),
      "bad.jsonl: 2 of 2 row(s) unusable", "e2"),
     (("eval", ["--checkpoint=ckpt", "--task=gsm8k", "--steps=zero", "--output_dir=e3"]),
      "--steps=zero", "e3"),
+    (("eval", ["--checkpoint=README.md", "--task=gsm8k", "--output_dir=e4"]),
+     "model checkpoint README.md is a file, not a model folder", "e4"),
+    (("eval", ["--checkpoint=ckpt", "--task=gsm8k", "--output_dir=README.md"]),
+     "--output_dir README.md is a file, not a folder", None),
     # score
     (("score", ["--task=gsm8k", "--input=missing.jsonl"]), "missing.jsonl does not exist", None),
     (("score", ["--task=gsm8k", "--input=bad.json"]), "expected a JSON array of objects", None),
     (("score", ["--task=gsm8k", "--input=bad.json", "--reward_style=nope"]), "--reward_style=nope",
      None),
+    (("score", ["--task=gsm8k", "--input=empty.jsonl"]), "empty.jsonl has no rows: nothing to score",
+     None),
+    (("score", ["--task=gsm8k", "--input=bad.jsonl"]),
+     "none of its 2 row(s) could be scored; row 0 (line 1): not valid JSON", None),
+    (("score", ["--task=gsm8k", "--input=."]), ". is not a file", None),
     # convert
     (("convert", ["--direction=orbax_to_hf", "--input=missing", "--output=c1"]),
      "source folder missing does not exist", "c1"),
     (("convert", ["--direction=orbax_to_hf", "--input=bad.json", "--output=c2"]), "bad.json", "c2"),
     (("convert", ["--direction=sideways", "--input=ckpt", "--output=c3"]), "--direction=sideways",
      "c3"),
+    (("convert", ["--direction=orbax_to_hf", "--input=ckpt", "--output=README.md"]),
+     "--output README.md is a file, not a folder", None),
+    (("convert", ["--direction=orbax_to_hf", "--input=ckpt", "--output=ckpt"]),
+     "--output ckpt already exists; pass --overwrite to replace it", None),
     # plot
     (("plot", ["--workdir=."]), "metrics.jsonl not found", None),
     (("plot", ["--workdir=.", "--outptu=x.png"]), "unknown flag --outptu (did you mean 'output'?)",
      None),
+    (("plot", ["--workdir=README.md"]), "README.md is a file, not the folder of a training run", None),
 ]
 
 
+@pytest.mark.slow  # about 40 commands, each a fresh Python process
 def test_user_errors_are_one_line_with_exit_code_2(files):
   results = run_scripts([command for command, _, _ in ERRORS], cwd=files)
   for (command, expected, folder), result in zip(ERRORS, results):

@@ -1,12 +1,15 @@
 """Rewards and scorers are bounded in time and never raise (adversarial completions).
 
 The bound is `reward_timing.TIME_BOUND_S` (50 ms) per call on completions up to 64 KiB.
-Time is the CPU time of the calling thread (robust to other jobs on a shared machine); the tests
-assert `SLACK` times the bound so a slow CI machine does not flake, and
-``benchmarks/reward_time.py`` reports the real numbers. Each linear scan is also checked against
-the regex it replaces, on generated text.
+Time is the CPU time of the calling thread (robust to other jobs on a shared machine), the least
+of two calls with the garbage collector paused (`steady_cpu_seconds`); the tests assert `SLACK`
+times the bound so a slow CI machine does not flake, and ``benchmarks/reward_time.py`` reports
+the real numbers. Each linear scan is also checked against the regex it replaces, on generated
+text. The math-verify and RewardPool limits are wall-clock limits by design; their tests check
+that the limit fired (a kill counter), with wall-clock bounds far above the limit.
 """
 
+import gc
 import re
 import time
 
@@ -23,9 +26,24 @@ LIMIT_S = SLACK * reward_timing.TIME_BOUND_S
 CORPUS = reward_timing.adversarial_completions()
 
 
+def steady_cpu_seconds(call, repeats=2):
+  """(CPU seconds, result) of the cheapest of ``repeats`` calls, with the garbage collector
+  paused: the bound is on the scorer's own work. A collection of the whole test process's
+  objects that happens to start inside a call (about 0.6 s of CPU with JAX and 4 million objects
+  in the process, on the 2-core CI machine) or a first call's lazy import is not the scorer's
+  cost; a super-linear scan is slow in every call."""
+  enabled = gc.isenabled()
+  gc.disable()
+  try:
+    return min((reward_timing.cpu_seconds(call) for _ in range(repeats)), key=lambda r: r[0])
+  finally:
+    if enabled:
+      gc.enable()
+
+
 def assert_fast_and_total(task_name, completion, name=""):
   for label, call in reward_timing.scorer_calls(task_name, completion):
-    seconds, result = reward_timing.cpu_seconds(call)
+    seconds, result = steady_cpu_seconds(call)
     assert seconds <= LIMIT_S, f"{task_name} {label} on {name}: {1000 * seconds:.1f} ms"
     assert result is None or isinstance(result, (float, int, str, dict)), label
 
@@ -42,7 +60,7 @@ def test_mbpp_begin_done_whitespace():
   """\\[BEGIN\\]\\s*(.*?)\\s*\\[DONE\\] was cubic: 3.6 s at 2,000 whitespace characters."""
   for n in (2000, 4000, 60000):
     completion = "[BEGIN]" + " " * n + "x"
-    seconds, code = reward_timing.cpu_seconds(
+    seconds, code = steady_cpu_seconds(
         lambda c=completion: code_tasks.extract_code(c, mbpp_style=True))
     assert seconds <= LIMIT_S and code is None
   assert code_tasks.extract_code("[BEGIN]\n 'def f(): pass' \n[DONE]", True) == "def f(): pass"
@@ -60,7 +78,7 @@ def test_answer_and_soft_format_repeats():
 def test_code_fence_spaces():
   """The code-fence regex took 14 s on 100k spaces."""
   for completion in ("```" + " " * 100_000, " " * 100_000, "```python" + " \t" * 50_000):
-    seconds, code = reward_timing.cpu_seconds(lambda c=completion: code_tasks.extract_code(c))
+    seconds, code = steady_cpu_seconds(lambda c=completion: code_tasks.extract_code(c))
     assert seconds <= LIMIT_S and code is None
 
 
@@ -103,11 +121,13 @@ def test_math_verify_hard_timeout():
   worker = math_verify_worker.MathVerifyWorker(call_timeout_s=60.0)
   try:
     assert worker.equal("\\frac{1}{2}", "0.5")  # starts the worker, imports sympy
-    for answer in ("9^{9^{9}}", "1000000!"):
+    for count, answer in enumerate(("9^{9^{9}}", "1000000!"), 1):
       worker.call_timeout_s = 1.0
       start = time.monotonic()
       assert not worker.equal("1", answer)
-      assert time.monotonic() - start < 1.0 + 2.0
+      # Killed at its limit (the counter), not finished: 9^{9^{9}} never returns, 1000000! takes
+      # 11 s. The wall-clock bound is only a backstop, far above the 1 s limit (shared machines).
+      assert worker.timeouts == count and time.monotonic() - start < 30.0
       worker.call_timeout_s = 60.0  # a fresh worker's first call may be slow on a loaded machine
       assert worker.equal("2", "2")  # replaced worker
     assert worker.timeouts == 2

@@ -262,14 +262,18 @@ def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkey
   restored = _final_params(run)
   assert int(restored["step"]) == 8 * 2
 
-  # Metrics but no checkpoint (checkpoints/ emptied, or a kill before the first save).
+  # Metrics but no checkpoint (checkpoints/ emptied, or a kill before the first save): another
+  # config is refused unless `overwrite` (the rows may be another run's). The same config starts
+  # from scratch (tests/test_run_lifecycle.py).
   for step in checkpointing.TrainCheckpointer.steps_in(run / "checkpoints"):
     __import__("shutil").rmtree(run / "checkpoints" / str(step))
   before = (run / "metrics.jsonl").read_text()
-  with pytest.raises(loop.WorkdirError, match=r"metrics.jsonl holds metrics .* pass --overwrite"):
-    loop.train(config, "run")
+  other = small_config(**{**overrides, "num_steps": 2, "seed": 1})
+  with pytest.raises(loop.WorkdirError, match=r"metrics.jsonl holds metrics of a run with another "
+                     r"config \(num_steps: 8 -> 2; seed: 0 -> 1\) .* pass --overwrite"):
+    loop.train(other, "run")
   assert (run / "metrics.jsonl").read_text() == before  # refused before touching anything
-  loop.train(small_config(**{**overrides, "num_steps": 2}), "run", overwrite=True)
+  loop.train(other, "run", overwrite=True)
   assert _metric_steps(run) == [0, 1, 2]
 
 

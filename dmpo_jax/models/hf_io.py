@@ -854,6 +854,8 @@ def load_pretrained(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None,
     for key in path_key[:-1]:
       node = node.setdefault(key, {})
     node[path_key[-1]] = array
+  from dmpo_jax.models import finite  # pylint: disable=import-outside-toplevel  # imports this module
+  finite.check_finite(nested, f"HF checkpoint {folder}")
   abstract_state.replace_by_pure_dict(nested)
   return nnx.merge(graphdef, abstract_state), info
 

@@ -19,6 +19,7 @@ import functools
 import logging
 import math
 import pathlib
+import signal
 from typing import Any, Optional
 
 import jax
@@ -27,11 +28,13 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmpo_jax import checkpointing, cli, metrics as metrics_lib, sharding
+from dmpo_jax import checkpointing, cli, interrupts, metrics as metrics_lib, sharding
+from dmpo_jax import workdir as workdir_lib
 from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
-from dmpo_jax.rl import registry, rollout, sft, train_state as ts, train_step
+from dmpo_jax.rl import config_checks, data_checks, final_model, registry, rollout, run_start, sft
+from dmpo_jax.rl import train_state as ts, train_step
 from dmpo_jax.tasks import base as task_base, pipeline
 from dmpo_jax.tasks import digit_sort
 
@@ -42,27 +45,8 @@ class ConfigError(cli.UserError, ValueError):
   """A training config that cannot run (the message names the key and the problem)."""
 
 
-class WorkdirError(ConfigError):
-  """The workdir holds a previous run's metrics but no checkpoint to resume from."""
-
-
-def check_workdir(workdir: pathlib.Path, overwrite: bool) -> None:
-  """Refuses a fresh start over an earlier run's metrics (rows would be appended twice).
-
-  A workdir with a checkpoint resumes (metrics.jsonl is cut back to the restored step); one with
-  metric rows but no checkpoint (killed before the first save, or checkpoints/ deleted) needs
-  ``overwrite=True``, which starts clean: the old rows are dropped. Raises `WorkdirError`.
-  """
-  checkpoint_dir = pathlib.Path(workdir) / "checkpoints"
-  if checkpoint_dir.is_dir() and checkpointing.TrainCheckpointer.steps_in(checkpoint_dir):
-    return
-  metrics_file = pathlib.Path(workdir) / metrics_lib.METRICS_FILE
-  if overwrite or not metrics_file.is_file() or not metrics_file.read_text(errors="replace").strip():
-    return
-  raise WorkdirError(
-      f"{metrics_file} holds metrics of an earlier run but {checkpoint_dir} has no checkpoint to "
-      "resume from; pass --overwrite to start from scratch (its rows are discarded) or use "
-      "another --workdir")
+# The workdir holds a run this config cannot continue (`run_start.plan`).
+WorkdirError = run_start.WorkdirError
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,6 +71,7 @@ NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
     "task.prompt_length": (int, 1, INF),
     "task.reward_workers": (int, 0, INF),
     "task.reward_timeout_s": (float, 0, INF),    # 0: the task's default wall limit
+    "task.max_truncated_fraction": (float, 0, 1),
     "rollout.gen_length": (int, 1, INF),
     "rollout.block_length": (int, 1, INF),
     "rollout.steps": (int, 1, INF),
@@ -208,6 +193,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
                   f"the update batch prompts_per_step*group_size/minibatches_per_rollout="
                   f"{update_batch}")
   errors += _model_errors(config.model)
+  errors += config_checks.errors(config)
   for name in ("dtype", "param_dtype"):
     if config.model[name] not in ("",) + model_config_lib.DTYPES:
       errors.append(f"model.{name}: must be '' (the preset's / checkpoint's) or one of "
@@ -248,9 +234,8 @@ def _model_errors(model) -> list[str]:
   if model.checkpoint:
     if init == "random":
       return [f"model.init='random' contradicts model.checkpoint={model.checkpoint!r}: give one"]
-    if not pathlib.Path(model.checkpoint).exists():
-      return [f"model.checkpoint={model.checkpoint} does not exist"]
-    return []
+    problem = cli.model_folder_problem(model.checkpoint)
+    return [f"model.checkpoint={problem}"] if problem else []
   if model.preset not in model_config_lib.PRESET_NAMES:
     return [f"model.preset={model.preset!r} is unknown; known {model_config_lib.PRESET_NAMES}"]
   if init == "auto" and model.preset not in RANDOM_INIT_PRESETS:
@@ -343,8 +328,8 @@ class Trainer:
   """Holds the compiled functions and the run's state; `run` is the loop."""
   config: ml_collections.ConfigDict
   workdir: pathlib.Path
-  # Start over in a workdir holding metrics but no checkpoint (`check_workdir`).
-  overwrite: bool = False
+  # `run_start.FRESH` or `run_start.RESUME` (`run_start.plan`, under the workdir's lock).
+  start: str = run_start.FRESH
   # Damaged latest checkpoint: resume from the newest intact one instead of failing.
   fallback_to_previous_checkpoint: bool = False
 
@@ -352,7 +337,6 @@ class Trainer:
     config = self.config
     self.workdir = pathlib.Path(self.workdir)
     validate_config(config, jax.device_count())
-    check_workdir(self.workdir, self.overwrite)
     self.task = task_base.get_task(config.task.name)
     with cli.user_input(f"task {config.task.name} data"):  # before the (slow) model load
       self.data = self.load_data()
@@ -362,6 +346,9 @@ class Trainer:
     self.mesh = sharding.create_mesh(_mesh_shape(config, jax.device_count()))
     with cli.user_input(f"model {config.model.checkpoint or config.model.preset}"):
       self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
+    self.data_report = data_checks.check_truncation(  # before anything is compiled or written
+        self.tokenizer, self.task, self.data[0], self.data[2], config.task.prompt_length,
+        config.task.get("max_truncated_fraction", 0.05))
     if config.model.lora_rank:
       self.model = lora.add_adapters(self.model, rank=config.model.lora_rank,
                                      alpha=config.model.lora_alpha,
@@ -397,8 +384,9 @@ class Trainer:
                                 seed=c.seed)
     else:
       train = task.load_train(c.task.train_source or None)
-      held_out = task.load_eval(c.task.eval_source or None)[: c.eval.num_examples]
+      held_out = task.load_eval(c.task.eval_source or None)
       warmup = train if c.sft.num_steps else []
+    held_out = data_checks.distinct_held_out(task, train, held_out)[0][: c.eval.num_examples]
     return train, warmup, held_out
 
   def make_iterator(self, train):
@@ -559,16 +547,36 @@ class Trainer:
 
   # -- the loop ---------------------------------------------------------------------------------
   def run(self) -> dict[str, Any]:
+    """Trains from the start or the latest checkpoint. SIGINT / SIGTERM never raise inside it
+    (`interrupts.InterruptHandler`); a file-system failure is one `cli.Fault` line."""
+    guard = interrupts.InterruptHandler(multi_process=jax.process_count() > 1).install()
+    try:
+      with workdir_lib.quiet_storage_error_logs(), workdir_lib.storage_operation(
+          "write to the workdir", self.workdir):
+        return self._run(guard)
+    finally:
+      guard.uninstall()
+
+  def _run(self, guard: interrupts.InterruptHandler) -> dict[str, Any]:
     c = self.config
     train, warmup_examples, held_out = self.data
     self.workdir.mkdir(parents=True, exist_ok=True)  # only once config, data and model are good
+    if self.start == run_start.FRESH and jax.process_index() == 0:
+      workdir_lib.write_run_config(self.workdir, run_start.config_json(c))
     iterator = self.make_iterator(train)
     ckpt = checkpointing.TrainCheckpointer(self.workdir / "checkpoints",
                                            save_interval_steps=c.checkpoint.every_steps,
                                            max_to_keep=c.checkpoint.max_to_keep)
     start_step = 0
     if ckpt.latest_step() is not None:
-      restored = ckpt.restore(abstract_state=self.state, fallback=self.fallback_to_previous_checkpoint)
+      try:
+        restored = ckpt.restore(abstract_state=self.state,
+                                fallback=self.fallback_to_previous_checkpoint)
+      except checkpointing.CheckpointIntegrityError:
+        raise
+      except ValueError as e:  # another run's state (a workdir without run_config.json)
+        raise WorkdirError(f"{e}; a resume needs the same model, LoRA and optimizer settings: use "
+                           "another --workdir, or pass --overwrite to start from scratch") from e
       start_step = int(restored.metadata["checkpoint_step"])
       self.state = jax.device_put(restored.state, self.state_shardings)
       iterator.set_state(restored.iterator_state)
@@ -576,11 +584,15 @@ class Trainer:
     reference_dir = self.workdir / "reference_model"
     # Resume: rows after the restored step are dropped (they are recomputed). Fresh start: any
     # rows left by an earlier run without a checkpoint (allowed by `overwrite`) are dropped too.
-    writer = metrics_lib.MetricWriter(self.workdir, process_index=jax.process_index(),
-                                      resume_step=start_step if start_step else -1,
-                                      wandb=bool(c.wandb.enabled), wandb_project=c.wandb.project,
-                                      config=c.to_dict())
-    results: dict[str, Any] = {}
+    with cli.file_operation("write the metrics", self.workdir / metrics_lib.METRICS_FILE):
+      writer = metrics_lib.MetricWriter(self.workdir, process_index=jax.process_index(),
+                                        resume_step=start_step if start_step else -1,
+                                        wandb=bool(c.wandb.enabled), wandb_project=c.wandb.project,
+                                        config=c.to_dict())
+    guard.exit_note = ("nothing to save yet; re-run the same command to start again" if not start_step
+                       else f"nothing new since the checkpoint of step {start_step}; re-run the same "
+                       "command to resume")
+    results: dict[str, Any] = {**self.data_report}
     bar_enabled = bool(c.progress_bar)
     if not start_step:
       if c.sft.num_steps:
@@ -597,8 +609,9 @@ class Trainer:
             reference_dir, shardings=self.param_shardings))[1]
       else:
         ref_params = jax.tree.map(jnp.copy, self.state.params)
-        checkpointing.save_model_checkpoint(reference_dir, self.state.params, self.model.config,
-                                            overwrite=True)
+        with workdir_lib.storage_operation("write the reference model", reference_dir):
+          checkpointing.save_model_checkpoint(reference_dir, self.state.params, self.model.config,
+                                              overwrite=True)
     elif not start_step and jax.process_index() == 0:
       reference_dir.mkdir(exist_ok=True)
 
@@ -611,9 +624,10 @@ class Trainer:
                                        process_index=jax.process_index(),
                                        log_every_steps=c.log_every_steps,
                                        log_every_seconds=c.log_every_seconds)
-    preemption = checkpointing.PreemptionHandler().install()
     last_metrics: dict[str, float] = {}
     step = start_step
+    checkpoints = workdir_lib.storage_operation  # a failed save: one line, older steps intact
+    failed = False
     try:
       for step in range(start_step, c.num_steps):
         element = next(iterator)
@@ -641,6 +655,7 @@ class Trainer:
                                              jnp.int32(iteration))
             update_metrics.append(m)
           update_metrics = jax.device_get(update_metrics)
+        guard.unsaved_progress = True  # a stop now saves this step first
         step_metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
         step_metrics.update({f"prepare/{k}": float(v) for k, v in jax.device_get(prepared.metrics).items()})
         # Reward statistics over the global batch (every process's rows).
@@ -659,49 +674,81 @@ class Trainer:
         step_metrics["time/rollout_share"] = rollout_share(times)
         step_metrics["rollout/tokens_per_second"] = metrics_lib.tokens_per_second(
             sequences.shape[0] * c.rollout.gen_length, times.get("time/rollout", 0.0))
-        writer.write(done, step_metrics)
+        with cli.file_operation("write the metrics", writer.path):
+          writer.write(done, step_metrics)
         last_metrics = step_metrics
         progress.update(done, {"reward": step_metrics["reward/mean"],
                                "correct": step_metrics["reward/accuracy"],
                                **({"eval_acc": step_metrics["eval/accuracy"]}
                                   if "eval/accuracy" in step_metrics else {})},
                         phases={k.removeprefix("time/"): v for k, v in times.items()})
-        ckpt.save(done, self.state, iterator_state=iterator.get_state(),
-                  consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
-                  force=done == c.num_steps)
-        if preemption.should_stop():
-          _log.warning("stop requested (SIGTERM): saving step %d and exiting", done)
+        stop = guard.should_stop()
+        with checkpoints("write the checkpoint", ckpt.directory, self._last_saved_note(ckpt)):
           ckpt.save(done, self.state, iterator_state=iterator.get_state(),
                     consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
-                    force=True)
-          results["preempted_at"] = done
-          break
+                    force=done == c.num_steps or stop)
+          if stop:
+            signum = guard.first_signal or signal.SIGTERM  # another process was signalled
+            _log.warning("stop requested (%s): saving step %d and exiting",
+                         interrupts.signal_name(signum), done)
+            ckpt.wait_until_finished()
+            results["interrupted_at" if signum == signal.SIGINT else "preempted_at"] = done
+            break
+    except BaseException:
+      failed = True
+      raise
     finally:
-      preemption.uninstall()
       progress.close()
-      ckpt.wait_until_finished()
-      ckpt.close()
-      reward_pool.close()
-      writer.close()
+      try:
+        with checkpoints("write the checkpoint", ckpt.directory, self._last_saved_note(ckpt)):
+          _close_all([ckpt.wait_until_finished, ckpt.close, reward_pool.close, writer.close],
+                     suppress=failed)
+      except BaseException:
+        failed = True
+        raise
+      finally:
+        if failed and jax.process_index() == 0:  # a failed save leaves no partial step behind
+          workdir_lib.remove_incomplete_checkpoints(ckpt.directory)
     results.update({k: v for k, v in last_metrics.items() if k.startswith("eval/")})
-    if "preempted_at" not in results:  # every process takes part in the (orbax) save
-      # The trained policy in the project's model format: launch/eval.py, launch/generate.py and
-      # launch/convert.py (to a Hugging Face folder) take it directly.
-      # LoRA adapters are folded into the base weights (W + A B alpha/r) for export.
-      final_model = lora.merged_model(nnx.merge(self.graphdef, self.state.params))
-      final = checkpointing.save_model_checkpoint(self.workdir / "final_model",
-                                                  nnx.split(final_model)[1], final_model.config,
-                                                  overwrite=True)
+    if "preempted_at" not in results and "interrupted_at" not in results:
+      # The trained policy (LoRA adapters folded in) in the project's model format: launch/eval.py,
+      # launch/generate.py and launch/convert.py (to a Hugging Face folder) take it directly.
+      guard.unsaved_progress = False  # every step is in the last checkpoint now
+      guard.exit_note = (f"the checkpoint of step {c.num_steps} is saved but not the final model; "
+                         "re-run the same command to write it")
+      final = final_model.export(self.workdir, self.graphdef, self.state.params, self.mesh)
       if jax.process_index() == 0:
         results["final_model"] = str(final)
     return results
 
+  @staticmethod
+  def _last_saved_note(ckpt: checkpointing.TrainCheckpointer) -> str:
+    latest = ckpt.latest_step()
+    return ("no checkpoint was completed" if latest is None else
+            f"the last complete checkpoint, step {latest}, is intact")
+
+
+def _close_all(closers, suppress: bool) -> None:
+  """Calls every closer; raises the first error afterwards, unless ``suppress`` (an error is
+  already on its way)."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      first = first or e
+      _log.debug("while closing after an error: %s", e)
+  if first is not None and not suppress:
+    raise first
+
 
 def finished_step(config: ml_collections.ConfigDict, workdir: str) -> Optional[int]:
   """The step of the last checkpoint in ``workdir`` when it is ``config.num_steps`` or later and
-  the final model is written (the run is finished), else None."""
+  the final model is written and verified (`final_model.is_complete`: the run is finished),
+  else None."""
   workdir = pathlib.Path(workdir)
-  if not (workdir / "checkpoints").is_dir() or not (workdir / "final_model").is_dir():
+  if (not (workdir / "checkpoints").is_dir()
+      or not final_model.is_complete(workdir / final_model.FINAL_MODEL_DIR)):
     return None
   ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints")
   try:
@@ -714,18 +761,30 @@ def finished_step(config: ml_collections.ConfigDict, workdir: str) -> Optional[i
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
           fallback_to_previous_checkpoint: bool = False) -> dict[str, Any]:
   """Runs (or resumes) training in ``workdir``; returns summary numbers. A finished run (its last
-  checkpoint at ``num_steps``) is left as it is: ``{"finished": step, "final_model": ...}``.
+  checkpoint at ``num_steps`` and its final model written) is left as it is:
+  ``{"finished": step, "final_model": ...}``.
 
-  ``overwrite``: start over in a workdir that holds metrics but no checkpoint (otherwise an
-  error). ``fallback_to_previous_checkpoint``: if the latest checkpoint fails its checksums,
+  The workdir is locked for the run (`workdir.RunFolder`: a second run on it is refused) and
+  how the run starts is decided under the lock (`run_start.plan`): ``overwrite`` starts from
+  scratch where the workdir holds a run this config cannot continue (metrics of another run
+  without a checkpoint, or checkpoints that differ in a structural key), which is an error
+  otherwise. ``fallback_to_previous_checkpoint``: if the latest checkpoint fails its checksums,
   resume from the newest intact one (otherwise the error stops the run).
   """
   validate_config(config, jax.device_count())
-  step = finished_step(config, workdir)
-  if step is not None:
-    final = pathlib.Path(workdir) / "final_model"
-    _log.info("the run in %s is finished (step %d of num_steps=%d); its final model is %s. Raise "
-              "--config.num_steps to train further.", workdir, step, config.num_steps, final)
-    return {"finished": step, "final_model": str(final)}
-  return Trainer(config, pathlib.Path(workdir), overwrite=overwrite,
-                 fallback_to_previous_checkpoint=fallback_to_previous_checkpoint).run()
+  with workdir_lib.RunFolder(workdir, lock=jax.process_index() == 0) as folder:
+    step = finished_step(config, folder.path)
+    if step is not None:
+      final = (folder.path / final_model.FINAL_MODEL_DIR).absolute()
+      _log.info("the run in %s is finished (step %d of num_steps=%d); its final model is %s. "
+                "Raise --config.num_steps to train further.", workdir, step, config.num_steps, final)
+      return {"finished": step, "final_model": str(final)}
+    start = run_start.FRESH
+    if jax.process_index() == 0:
+      start = run_start.plan(folder.path, run_start.config_json(config), overwrite)
+    if jax.process_count() > 1:  # every process follows process 0's decision
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      start = [run_start.FRESH, run_start.RESUME][int(multihost_utils.broadcast_one_to_all(
+          np.int32(start == run_start.RESUME)))]
+    return Trainer(config, folder.path, start=start,
+                   fallback_to_previous_checkpoint=fallback_to_previous_checkpoint).run()

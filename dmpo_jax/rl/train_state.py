@@ -77,6 +77,9 @@ def with_state_dtype(inner: optax.GradientTransformation,
   return optax.GradientTransformation(init, update)
 
 
+SCHEDULES = ("constant", "cosine", "linear")  # learning-rate schedules of `make_optimizer`
+
+
 def make_optimizer(learning_rate: float, *, weight_decay: float = 0.0, b1: float = 0.9,
                    b2: float = 0.999, eps: float = 1e-8, max_grad_norm: float = 1.0,
                    warmup_steps: int = 0, total_steps: int = 0,
@@ -86,8 +89,8 @@ def make_optimizer(learning_rate: float, *, weight_decay: float = 0.0, b1: float
   ``state_dtype`` (moments, clipping and the update itself; `with_state_dtype`)."""
   if learning_rate <= 0:
     raise ValueError(f"learning_rate must be positive, got {learning_rate}")
-  if schedule not in ("constant", "cosine", "linear"):
-    raise ValueError(f"schedule must be constant, cosine or linear, got {schedule!r}")
+  if schedule not in SCHEDULES:
+    raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
   decay_steps = max(1, total_steps - warmup_steps)
   if schedule == "constant":
     main = optax.constant_schedule(learning_rate)

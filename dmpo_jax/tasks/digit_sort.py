@@ -8,7 +8,8 @@ The warm-up demonstrations are deliberately *mixed*: a fraction ``ascending_frac
 shows the ascending order and the rest the descending order. After masked-diffusion SFT on them
 the model can sort, but its greedy answer follows the majority (descending) order; RL with the
 ascending reward must move it. Train and held-out prompts are disjoint digit strings (split by a
-hash of the string), so the held-out accuracy measures generalisation, not memorisation.
+hash of the string), so the held-out accuracy measures generalisation, not memorisation; the
+held-out strings are distinct, so each counts once.
 """
 
 from __future__ import annotations
@@ -29,22 +30,35 @@ def _is_held_out(digits: str, held_out_fraction: float) -> bool:
 
 def generate_examples(num_examples: int, *, num_digits: int = 4, split: str = "train",
                       seed: int = 0, held_out_fraction: float = 0.2,
-                      ascending_fraction: float = 1.0) -> List[Example]:
+                      ascending_fraction: float = 1.0, distinct: bool = False) -> List[Example]:
   """Random digit strings of the requested split (by hash: train and test never share one).
 
   Each example holds ``digits`` (prompt), ``answer`` (ascending, what the reward checks) and
   ``demonstration`` (the SFT target: ascending w.p. ``ascending_fraction``, else descending).
+  ``distinct``: no digit string twice (the held-out set); more examples than the split has
+  distinct strings is a ValueError.
   """
   if split not in ("train", "test"):
     raise ValueError(f"split must be 'train' or 'test', got {split!r}")
   if not 0.0 < held_out_fraction < 1.0:
     raise ValueError(f"held_out_fraction must be in (0, 1), got {held_out_fraction}")
+  if distinct and num_digits <= 6:
+    available = sum(_is_held_out(f"{i:0{num_digits}d}", held_out_fraction) == (split == "test")
+                    for i in range(10 ** num_digits))
+    if num_examples > available:
+      raise ValueError(f"the {split} split has {available} distinct {num_digits}-digit strings, "
+                       f"fewer than the {num_examples} requested")
   rng = np.random.default_rng([seed, 0 if split == "train" else 1])
   out: List[Example] = []
+  seen = set()
   while len(out) < num_examples:
     digits = "".join(str(d) for d in rng.integers(0, 10, num_digits))
     if _is_held_out(digits, held_out_fraction) != (split == "test"):
       continue
+    if distinct:
+      if digits in seen:
+        continue
+      seen.add(digits)
     answer = "".join(sorted(digits))
     demo = answer if rng.random() < ascending_fraction else answer[::-1]
     out.append({"digits": digits, "answer": answer, "demonstration": demo})
@@ -77,7 +91,8 @@ class DigitSortTask(base.Task):
                 seed: int = 0) -> List[Example]:
     if source:
       return self.load_rows(source)
-    return generate_examples(num_examples, num_digits=self.num_digits, split="test", seed=seed)
+    return generate_examples(num_examples, num_digits=self.num_digits, split="test", seed=seed,
+                             distinct=True)
 
   def normalize(self, row: Example) -> Example:
     digits = str(row["digits"])

@@ -65,6 +65,8 @@ class MathVerifyWorker:
     return line
 
   def _start(self) -> bool:
+    from dmpo_jax import extras  # pylint: disable=import-outside-toplevel
+    extras.require("math_verify", "math-verify equivalence (use_math_verify)")
     self._process = subprocess.Popen(  # pylint: disable=consider-using-with
         [sys.executable, "-I", "-c", _WORKER_CODE], stdin=subprocess.PIPE,
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
