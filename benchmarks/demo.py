@@ -85,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.error(f"unknown arguments {bad} (only --config.* overrides are passed through)")
   seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
   objectives = [o.strip() for o in args.objectives.split(",") if o.strip()]
+  load_at_start = os.getloadavg()
   with tempfile.TemporaryDirectory(prefix="demo_bench_") as scratch:
     root = pathlib.Path(args.workdir_root or scratch)
     runs = []
@@ -99,7 +100,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       "command": "python benchmarks/demo.py " + " ".join(
           [f"--objectives={args.objectives}", f"--seeds={args.seeds}", *overrides]),
       "machine": {"platform": platform.platform(), "processor": platform.machine(),
-                  "cpu_count": os.cpu_count(), "load_average_at_end": os.getloadavg()},
+                  "cpu_count": os.cpu_count(), "load_average_at_start": load_at_start,
+                  "load_average_at_end": os.getloadavg()},
       "summary": summarize(runs), "runs": runs}, indent=2))
   return 0
 
