@@ -349,3 +349,31 @@ def test_relative_workdir_resume_progress_lines_and_finished_run(tmp_path):
   assert third.returncode == 0, third.stderr[-3000:]
   assert "is finished (step 2 of num_steps=2)" in third.stderr
   assert json.loads(third.stdout)["finished"] == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# Ctrl-C and file-system faults in the shared entry point
+# ------------------------------------------------------------------------------------------------
+
+def _run_main_raising(error, tmp_path):
+  """A script whose main raises ``error`` (Python source), run as a user runs a launch script."""
+  code = ("import errno, os, sys\n"
+          "from absl import flags\n"
+          "from dmpo_jax import cli\n"
+          "def main():\n"
+          f"  raise {error}\n"
+          "sys.exit(cli.run_main(main, flags.FlagValues()))\n")
+  return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=_env(), capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_run_main_turns_ctrl_c_and_disk_faults_into_one_line(tmp_path):
+  interrupted = _run_main_raising("KeyboardInterrupt", tmp_path)
+  assert interrupted.returncode == 130
+  assert interrupted.stderr.strip().splitlines() == ["error: -c interrupted (Ctrl-C)"]
+  full = _run_main_raising("OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), 'out/x.bin')", tmp_path)
+  assert full.returncode == 1
+  assert full.stderr.strip().splitlines() == [
+      "error: cannot access out/x.bin: No space left on device"]
+  bug = _run_main_raising("OSError(errno.EBADF, 'bad file descriptor')", tmp_path)
+  assert bug.returncode == 1 and "Traceback" in bug.stderr  # not a file-system fault: a bug

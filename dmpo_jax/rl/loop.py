@@ -683,7 +683,7 @@ class Trainer:
                                   if "eval/accuracy" in step_metrics else {})},
                         phases={k.removeprefix("time/"): v for k, v in times.items()})
         stop = guard.should_stop()
-        with checkpoints("write the checkpoint", ckpt.directory, self._last_saved_note(ckpt)):
+        with checkpoints("write the checkpoint", ckpt.directory, run_start.last_checkpoint_note(ckpt)):
           ckpt.save(done, self.state, iterator_state=iterator.get_state(),
                     consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
                     force=done == c.num_steps or stop)
@@ -700,8 +700,8 @@ class Trainer:
     finally:
       progress.close()
       try:
-        with checkpoints("write the checkpoint", ckpt.directory, self._last_saved_note(ckpt)):
-          _close_all([ckpt.wait_until_finished, ckpt.close, reward_pool.close, writer.close],
+        with checkpoints("write the checkpoint", ckpt.directory, run_start.last_checkpoint_note(ckpt)):
+          run_start.close_all([ckpt.wait_until_finished, ckpt.close, reward_pool.close, writer.close],
                      suppress=failed)
       except BaseException:
         failed = True
@@ -710,10 +710,15 @@ class Trainer:
         if failed and jax.process_index() == 0:  # a failed save leaves no partial step behind
           workdir_lib.remove_incomplete_checkpoints(ckpt.directory)
     results.update({k: v for k, v in last_metrics.items() if k.startswith("eval/")})
+    guard.unsaved_progress = False  # every step is in the last checkpoint now
+    if guard.stop_requested and "preempted_at" not in results and "interrupted_at" not in results:
+      # A signal during the last step's save: stop without the final model (the same command
+      # writes it).
+      signum = guard.first_signal or signal.SIGTERM
+      results["interrupted_at" if signum == signal.SIGINT else "preempted_at"] = c.num_steps
     if "preempted_at" not in results and "interrupted_at" not in results:
       # The trained policy (LoRA adapters folded in) in the project's model format: launch/eval.py,
       # launch/generate.py and launch/convert.py (to a Hugging Face folder) take it directly.
-      guard.unsaved_progress = False  # every step is in the last checkpoint now
       guard.exit_note = (f"the checkpoint of step {c.num_steps} is saved but not the final model; "
                          "re-run the same command to write it")
       final = final_model.export(self.workdir, self.graphdef, self.state.params, self.mesh)
@@ -721,41 +726,6 @@ class Trainer:
         results["final_model"] = str(final)
     return results
 
-  @staticmethod
-  def _last_saved_note(ckpt: checkpointing.TrainCheckpointer) -> str:
-    latest = ckpt.latest_step()
-    return ("no checkpoint was completed" if latest is None else
-            f"the last complete checkpoint, step {latest}, is intact")
-
-
-def _close_all(closers, suppress: bool) -> None:
-  """Calls every closer; raises the first error afterwards, unless ``suppress`` (an error is
-  already on its way)."""
-  first = None
-  for close in closers:
-    try:
-      close()
-    except Exception as e:  # pylint: disable=broad-except
-      first = first or e
-      _log.debug("while closing after an error: %s", e)
-  if first is not None and not suppress:
-    raise first
-
-
-def finished_step(config: ml_collections.ConfigDict, workdir: str) -> Optional[int]:
-  """The step of the last checkpoint in ``workdir`` when it is ``config.num_steps`` or later and
-  the final model is written and verified (`final_model.is_complete`: the run is finished),
-  else None."""
-  workdir = pathlib.Path(workdir)
-  if (not (workdir / "checkpoints").is_dir()
-      or not final_model.is_complete(workdir / final_model.FINAL_MODEL_DIR)):
-    return None
-  ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints")
-  try:
-    step = ckpt.latest_step()
-  finally:
-    ckpt.close()
-  return step if step is not None and step >= config.num_steps else None
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = False,
@@ -773,18 +743,12 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, overwrite: bool = 
   """
   validate_config(config, jax.device_count())
   with workdir_lib.RunFolder(workdir, lock=jax.process_index() == 0) as folder:
-    step = finished_step(config, folder.path)
+    step = run_start.finished_step(config, folder.path)
     if step is not None:
       final = (folder.path / final_model.FINAL_MODEL_DIR).absolute()
       _log.info("the run in %s is finished (step %d of num_steps=%d); its final model is %s. "
                 "Raise --config.num_steps to train further.", workdir, step, config.num_steps, final)
       return {"finished": step, "final_model": str(final)}
-    start = run_start.FRESH
-    if jax.process_index() == 0:
-      start = run_start.plan(folder.path, run_start.config_json(config), overwrite)
-    if jax.process_count() > 1:  # every process follows process 0's decision
-      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-      start = [run_start.FRESH, run_start.RESUME][int(multihost_utils.broadcast_one_to_all(
-          np.int32(start == run_start.RESUME)))]
+    start = run_start.plan_on_every_process(folder.path, run_start.config_json(config), overwrite)
     return Trainer(config, folder.path, start=start,
                    fallback_to_previous_checkpoint=fallback_to_previous_checkpoint).run()

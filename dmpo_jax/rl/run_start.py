@@ -1,4 +1,8 @@
-"""How a training run starts in its workdir: fresh, resumed, or refused with one line.
+"""How a training run starts in its workdir: finished, fresh, resumed, or refused with one line
+(and the one-line report of a save that failed).
+
+A run is finished (`finished_step`) when its last checkpoint is at ``num_steps`` and its final
+model is complete (`final_model.is_complete`).
 
 A fresh start records its config in ``run_config.json`` (`workdir.write_run_config`); every
 checkpoint also holds the config it was saved with (a workdir of an older version has only
@@ -20,9 +24,13 @@ import json
 import logging
 import pathlib
 import shutil
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import jax
+import numpy as np
 
 from dmpo_jax import checkpointing, cli, metrics as metrics_lib, workdir as workdir_lib
+from dmpo_jax.rl import final_model
 
 _log = logging.getLogger("dmpo_jax.train")
 
@@ -124,3 +132,51 @@ def discard(workdir: pathlib.Path) -> None:
 def config_json(config) -> dict:
   """A ConfigDict as plain JSON values (tuples as lists), as `run_config.json` holds it."""
   return json.loads(config.to_json())
+
+
+def plan_on_every_process(workdir: pathlib.Path, config_json: Mapping[str, Any],
+                          overwrite: bool) -> str:
+  """`plan` on process 0 (which holds the workdir's lock), followed by every process."""
+  start = plan(workdir, config_json, overwrite) if jax.process_index() == 0 else FRESH
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    resume = multihost_utils.broadcast_one_to_all(np.int32(start == RESUME))
+    start = RESUME if int(resume) else FRESH
+  return start
+
+
+def finished_step(config, workdir: pathlib.Path) -> Optional[int]:
+  """The step of the last checkpoint in ``workdir`` when it is ``config.num_steps`` or later and
+  the final model is written and verified (`final_model.is_complete`: the run is finished),
+  else None."""
+  workdir = pathlib.Path(workdir)
+  if (not (workdir / "checkpoints").is_dir()
+      or not final_model.is_complete(workdir / final_model.FINAL_MODEL_DIR)):
+    return None
+  ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints")
+  try:
+    step = ckpt.latest_step()
+  finally:
+    ckpt.close()
+  return step if step is not None and step >= config.num_steps else None
+
+
+def last_checkpoint_note(ckpt: checkpointing.TrainCheckpointer) -> str:
+  """What a failed save leaves: the last complete checkpoint (for the one-line error)."""
+  latest = ckpt.latest_step()
+  return ("no checkpoint was completed" if latest is None else
+          f"the last complete checkpoint, step {latest}, is intact")
+
+
+def close_all(closers: Sequence[Callable[[], Any]], suppress: bool) -> None:
+  """Calls every closer; raises the first error afterwards, unless ``suppress`` (an error is
+  already on its way)."""
+  first = None
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # pylint: disable=broad-except
+      first = first or e
+      _log.debug("while closing after an error: %s", e)
+  if first is not None and not suppress:
+    raise first
