@@ -14,9 +14,8 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dmpo_jax.rl import rollout
 from dmpo_jax.tasks import (code_tasks, countdown, get_task, gsm8k, math_task, math_utils,
-                            math_verify_worker, reward_timing, sudoku, text_scan)
+                            math_verify_worker, reward_pool, reward_timing, sudoku, text_scan)
 
 SLACK = 3.0
 LIMIT_S = SLACK * reward_timing.TIME_BOUND_S
@@ -164,8 +163,8 @@ def test_linear_scans_equal_the_regexes(body, prefix, suffix):
 def test_reward_pool_matches_in_process():
   examples = [{"answer": "18"}, {"answer": "7"}, {"answer": "3"}]
   completions = ["<answer>\\boxed{18}</answer>", "<answer>8</answer>", "<answer>" * 20000]
-  expected = rollout.RewardPool("gsm8k", "fixed", 0)(completions, examples)
-  pool = rollout.RewardPool("gsm8k", "fixed", 2)
+  expected = reward_pool.RewardPool("gsm8k", "fixed", 0)(completions, examples)
+  pool = reward_pool.RewardPool("gsm8k", "fixed", 2)
   try:
     np.testing.assert_array_equal(pool(completions, examples), expected)
     assert pool.last_failures == []
@@ -182,7 +181,7 @@ def test_reward_pool_wall_limit_scores_zero_and_replaces_worker(monkeypatch, fix
   example = task.load_eval(data_dir=fixture_data_dir)[0]
   solution = "[BEGIN]\n" + example["code"] + "\n[DONE]"
   sleeper = "[BEGIN]\nimport time\ntime.sleep(30)\n[DONE]"
-  pool = rollout.RewardPool("mbpp", "fixed", 1, timeout_s=3.0)
+  pool = reward_pool.RewardPool("mbpp", "fixed", 1, timeout_s=3.0)
   try:
     start = time.monotonic()
     rewards = pool([sleeper, solution], [example, example])
@@ -226,7 +225,7 @@ def test_vectorised_brace_matching_equals_a_stack(text):
 def test_reward_pool_propagates_task_errors_and_recovers():
   """A reward that raises (here: an example without its gold field) is a bug: the error names the
   completion; in-flight calls are dropped, so the next call gets only its own answers."""
-  pool = rollout.RewardPool("gsm8k", "fixed", 2)
+  pool = reward_pool.RewardPool("gsm8k", "fixed", 2)
   try:
     with pytest.raises(RuntimeError, match="KeyError.*<answer>7"):
       pool(["<answer>7</answer>", "<answer>8</answer>"], [{}, {"answer": "8"}])

@@ -32,7 +32,7 @@ from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import registry, rollout, sft, train_state as ts, train_step
-from dmpo_jax.tasks import base as task_base, pipeline
+from dmpo_jax.tasks import base as task_base, pipeline, reward_pool as reward_pool_lib
 from dmpo_jax.tasks import digit_sort
 
 _log = logging.getLogger("dmpo_jax.train")
@@ -87,6 +87,9 @@ NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
     "task.prompt_length": (int, 1, INF),
     "task.reward_workers": (int, 0, INF),
     "task.reward_timeout_s": (float, 0, INF),    # 0: the task's default wall limit
+    "sandbox.cpu_time_s": (int, 1, INF),
+    "sandbox.wall_time_s": (float, 0, INF),      # > 0, checked by SandboxConfig
+    "sandbox.memory_bytes": (int, 64 << 20, INF),
     "rollout.gen_length": (int, 1, INF),
     "rollout.block_length": (int, 1, INF),
     "rollout.steps": (int, 1, INF),
@@ -184,6 +187,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       task_base.check_eval_style(config.eval.get("style", "fixed"), config.task.name)
     except ValueError as e:
       errors.append(f"eval.style: {e}")
+    errors += reward_pool_lib.config_errors(config)
   for block, prefix in ((config.rollout, "rollout"), (config.eval, "eval")):
     gen, blk, steps = block.gen_length, block.block_length, block.steps
     if gen % blk:
@@ -354,6 +358,7 @@ class Trainer:
     validate_config(config, jax.device_count())
     check_workdir(self.workdir, self.overwrite)
     self.task = task_base.get_task(config.task.name)
+    reward_pool_lib.configure_task(self.task, config)  # code tasks: config.sandbox
     with cli.user_input(f"task {config.task.name} data"):  # before the (slow) model load
       self.data = self.load_data()
     cli.check(len(self.data[0]) > 0 and len(self.data[2]) > 0,
@@ -603,8 +608,10 @@ class Trainer:
       reference_dir.mkdir(exist_ok=True)
 
     results.update(self.compile_steps(ref_params))
-    reward_pool = rollout.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers,
-                                     timeout_s=c.task.get("reward_timeout_s", 0.0) or None)
+    reward_pool = reward_pool_lib.RewardPool(
+        c.task.name, c.task.reward_style, c.task.reward_workers,
+        timeout_s=c.task.get("reward_timeout_s", 0.0) or None,
+        sandbox=reward_pool_lib.sandbox_from_config(c, self.task))
     timer = metrics_lib.PhaseTimer()
     progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
                                        disable=None if bar_enabled else True,
