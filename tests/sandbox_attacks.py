@@ -221,9 +221,9 @@ def _roots():
         pass
   except Exception:
     pass
-  return roots + list(HINTS)
-def _search(budget=30000):
-  stack, hits, seen = _roots(), [], set()
+  return roots
+def _search(roots, budget=30000):
+  stack, hits, seen = list(roots), [], set()
   while stack and budget > 0:
     top = stack.pop()
     if top in seen:
@@ -241,8 +241,10 @@ def _search(budget=30000):
       elif name not in ("proc", "sys", "dev") and os.path.isdir(path) and not os.path.islink(path):
         stack.append(path)
   return hits
+def _find():  # the guessed folders first; the whole file system only when they hold nothing
+  return _search(HINTS) or _search(_roots())
 STOLEN = 0
-for _path in _search():
+for _path in _find():
   for _row in _rows(_path):
     if isinstance(_row, dict):
       _code = _row.get("code") or (_row.get("prompt") or "") + (_row.get("canonical_solution") or "")

@@ -89,8 +89,9 @@ def config_errors(config: Any) -> List[str]:
   return []
 
 
-def code_digest(package: pathlib.Path = _PACKAGE) -> Dict[str, str]:
-  """sha256 of every ``.py`` file of the package, by relative path."""
+def code_digest(package: Optional[pathlib.Path] = None) -> Dict[str, str]:
+  """sha256 of every ``.py`` file of the package (default: this project's), by relative path."""
+  package = package or _PACKAGE
   return {str(path.relative_to(package)): hashlib.sha256(path.read_bytes()).hexdigest()
           for path in sorted(package.rglob("*.py"))}
 
