@@ -80,14 +80,17 @@ def test_one_bad_program_never_aborts_the_step(private_tmp):
 
 def test_a_raising_reward_lets_the_calls_in_flight_finish(private_tmp):
   """A reward that raises (an example without its tests) propagates only after the other call
-  in flight finished: its worker is not killed, its sandbox not orphaned."""
+  in flight finished: its worker is not killed, its sandbox not orphaned (they were)."""
   example = mbpp_example()
   broken = {k: v for k, v in example.items() if k != "test_list"}
-  slow_good = sandbox_attacks.fenced("import time\ntime.sleep(1.5)\n" + example["code"])
+  broken["code"] = "x = 1\n" * 20000  # parsed before the missing tests are noticed
+  correct = sandbox_attacks.correct_completion("mbpp", example)
+  slow_good = sandbox_attacks.fenced("import time\ntime.sleep(3)\n" + example["code"])
   pool = reward_pool.RewardPool("mbpp", "fixed", 2, sandbox=LANDLOCK)
   try:
+    np.testing.assert_array_equal(pool([correct] * 2, [example] * 2), [1.0, 1.0])  # both ready
     with pytest.raises(RuntimeError, match="KeyError"):
-      pool(["```python\nx = 1\n```", slow_good], [broken, example])
+      pool([slow_good, "```python\nx = 1\n```"], [example, broken])  # slow call starts first
     assert pool.replaced_workers == 0
     assert leftovers(private_tmp) == ([], [])  # no wait: nothing was cut off
     np.testing.assert_array_equal(pool([slow_good], [example]), [1.0])

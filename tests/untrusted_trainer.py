@@ -45,7 +45,7 @@ def main():
                           "allow_unisolated": True}}
   out = {}
   for mode, overrides in modes.items():
-    config = sandbox.SandboxConfig(cpu_time_s=2, wall_time_s=5.0, audit_hook=False, **overrides)
+    config = sandbox.SandboxConfig(cpu_time_s=2, wall_time_s=5.0, **overrides)  # audit hook on
     pool = reward_pool.RewardPool("mbpp", "fixed", 1, timeout_s=4.0, sandbox=config)
     try:
       first = pool(attacks, [example] * 2).tolist()
