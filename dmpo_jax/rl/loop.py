@@ -608,10 +608,8 @@ class Trainer:
       reference_dir.mkdir(exist_ok=True)
 
     results.update(self.compile_steps(ref_params))
-    reward_pool = reward_pool_lib.RewardPool(
-        c.task.name, c.task.reward_style, c.task.reward_workers,
-        timeout_s=c.task.get("reward_timeout_s", 0.0) or None,
-        sandbox=reward_pool_lib.sandbox_from_config(c, self.task))
+    reward_pool = reward_pool_lib.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers,
+                                             timeout_s=c.task.get("reward_timeout_s", 0.0) or None)
     timer = metrics_lib.PhaseTimer()
     progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
                                        disable=None if bar_enabled else True,
