@@ -195,6 +195,7 @@ def main(setup):
       raise EOFError("no job on stdin")
     os.close(0)
     isolation.isolate(setup, report, in_namespaces)
+    os.environ["HOME"] = os.environ["TMPDIR"] = os.getcwd()  # the working folder
   except BaseException as e:  # pylint: disable=broad-except
     status = "refused" if isinstance(e, isolation.Refused) else "setup_error"
     message = "sandbox %s: %s: %s" % ("refused" if status == "refused" else "setup failed",
