@@ -10,7 +10,6 @@ import os
 import pathlib
 import shutil
 import socket
-import stat
 import subprocess
 import sys
 import tempfile
