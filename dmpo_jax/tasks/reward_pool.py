@@ -202,8 +202,9 @@ class RewardPool:
     self.last_failures: list[tuple[int, str]] = []
     self.replaced_workers = 0
     self._context = multiprocessing.get_context("spawn")
-    self._root = tempfile.mkdtemp(prefix="dmpo_rewards_")
-    os.chmod(self._root, 0o711)  # a dropped uid reaches its own run folder inside
+    self._root = tempfile.mkdtemp(prefix="dmpo_rewards_") if num_workers else None
+    if self._root:
+      os.chmod(self._root, 0o711)  # a dropped uid reaches its own run folder inside
     self._workers = [self._new_worker(slot) for slot in range(num_workers)]
 
   def _new_worker(self, slot: int) -> _Worker:
@@ -297,4 +298,5 @@ class RewardPool:
       else:
         worker.connection.close()
     self._workers = []
-    sandbox_lib.remove_tree(self._root)
+    if self._root:
+      sandbox_lib.remove_tree(self._root)
