@@ -113,23 +113,38 @@ def manifest_problem(manifest: Any) -> Optional[str]:
   return None
 
 
-def _verdict(root: pathlib.Path, name: str, entry: Mapping[str, Any],
-             segment_bytes: int) -> tuple[int, int]:
-  path = root / name
-  try:
-    size = path.stat().st_size
-  except OSError:
-    return _MISSING, 0
-  if size != entry["bytes"] or len(entry["sha256"]) != len(_segments(size, segment_bytes)):
-    return _SIZE, 0
-  for index, ((offset, length), saved) in enumerate(zip(_segments(size, segment_bytes),
-                                                         entry["sha256"])):
+def _local_verdicts(root: pathlib.Path, files: Mapping[str, Mapping[str, Any]], names: list[str],
+                    segment_bytes: int) -> dict[str, tuple[int, int]]:
+  """(code, first bad segment) of each of ``names``; the segments of all files are hashed on
+  one thread pool, like `digest_files`."""
+  verdicts, jobs = {}, []
+  for name in names:
     try:
-      if _segment_sha256(path, offset, length) != saved:
-        return _DIGEST, index
+      size = (root / name).stat().st_size
     except OSError:
-      return _MISSING, 0
-  return _OK, 0
+      verdicts[name] = (_MISSING, 0)
+      continue
+    segments = _segments(size, segment_bytes)
+    if size != files[name]["bytes"] or len(files[name]["sha256"]) != len(segments):
+      verdicts[name] = (_SIZE, 0)
+      continue
+    verdicts[name] = (_OK, 0)
+    jobs += [(name, index, offset, length) for index, (offset, length) in enumerate(segments)]
+
+  def check(job):
+    name, index, offset, length = job
+    try:
+      return _segment_sha256(root / name, offset, length) == files[name]["sha256"][index]
+    except OSError:
+      return None
+
+  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
+    for (name, index, _, _), ok in zip(jobs, pool.map(check, jobs)):
+      if ok is None:
+        verdicts[name] = (_MISSING, 0)
+      elif not ok and (verdicts[name][0] == _OK or index < verdicts[name][1]):
+        verdicts[name] = (_DIGEST, index)
+  return verdicts
 
 
 def verify_files(root: pathlib.Path, manifest: Mapping[str, Any], *, collective: bool = True,
@@ -147,12 +162,8 @@ def verify_files(root: pathlib.Path, manifest: Mapping[str, Any], *, collective:
   names = sorted(files if names is None else names)
   processes = jax.process_count() if collective else 1
   mine = names[jax.process_index()::processes] if processes > 1 else names
-  verdicts = np.zeros((len(names), 2), np.int32)
-  position = {name: i for i, name in enumerate(names)}
-  with concurrent.futures.ThreadPoolExecutor(max(1, min(len(mine), os.cpu_count() or 1))) as pool:
-    for name, verdict in zip(mine, pool.map(
-        lambda n: _verdict(root, n, files[n], segment_bytes), mine)):
-      verdicts[position[name]] = verdict
+  local = _local_verdicts(root, files, mine, segment_bytes)
+  verdicts = np.asarray([local.get(name, (_OK, 0)) for name in names], np.int32).reshape(-1, 2)
   if processes > 1 and names:
     from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     verdicts = np.asarray(multihost_utils.process_allgather(verdicts)).sum(axis=0)

@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -367,6 +368,41 @@ def test_byte_flip_in_saved_adam_moment_is_detected(tmp_path, dtype):
     assert checkpointer.save(3, state, force=True)  # the step can be written again
     checkpointer.wait_until_finished()
     assert checkpointer.all_steps() == [2, 3]
+    _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
+
+
+def test_save_returns_before_the_digests_and_a_step_appears_only_with_them(tmp_path, monkeypatch):
+  """The file digests are taken in orbax's background commit thread: `save` returns while they
+  are held back, the step becomes visible only once they are written, and they catch a byte
+  flipped afterwards. ``async_save=False`` waits for them inside `save`."""
+  started, release = threading.Event(), threading.Event()
+  digest_files = file_digests.digest_files
+
+  def held_back(*args, **kwargs):
+    started.set()
+    assert release.wait(120), "the test never released the digests"
+    return digest_files(*args, **kwargs)
+
+  monkeypatch.setattr(file_digests, "digest_files", held_back)
+  w = _random_bits((256, 64), np.float32, 4)
+  state = {"w": jnp.asarray(w), "step": jnp.int32(1)}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    assert checkpointer.save(1, state, iterator_state={"pos": 1}, force=True)
+    assert started.wait(120)  # save() returned; the commit thread is inside the digests
+    assert checkpointer.all_steps() == []  # not visible without its digests
+    release.set()
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [1]
+  manifest = json.loads((tmp_path / "ckpt" / "1" / ckpt.STEP_CHECKSUMS_FILE).read_text())
+  assert sorted({name.split("/")[0] for name in manifest["files"]}) == sorted(ckpt.STEP_ITEMS)
+  _flip_byte_of(tmp_path / "ckpt" / "1" / ckpt.STATE_ITEM, w)
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=r"step 1 .*item 'state': file .* differ"):
+      checkpointer.restore(abstract_state=state)
+  monkeypatch.setattr(file_digests, "digest_files", digest_files)
+  with ckpt.TrainCheckpointer(tmp_path / "sync", async_save=False) as checkpointer:
+    assert checkpointer.save(2, state, force=True)
+    assert (tmp_path / "sync" / "2" / ckpt.STEP_CHECKSUMS_FILE).is_file()
     _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
 
 
