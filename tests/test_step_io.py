@@ -1,4 +1,5 @@
-"""Host <-> device traffic of the RL step (`dmpo_jax.rl.step_io`) and the profiler hook.
+"""Host <-> device traffic of the RL step (`dmpo_jax.rl.step_io`), the donated train-state init and
+the profiler hook.
 
 The trainer test counts every device-to-host copy (`jax.Array._value`, through which
 ``np.asarray``, ``jax.device_get``, ``float`` and ``tolist`` fetch a value; on CPU the transfer
@@ -19,7 +20,7 @@ import pytest
 from jax._src import array as array_lib
 
 from dmpo_jax import metrics as metrics_lib, profiling
-from dmpo_jax.rl import loop, rollout, step_io
+from dmpo_jax.rl import loop, rollout, step_io, train_step
 from tests.test_trainer import small_config
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -130,3 +131,22 @@ def test_rl_step_copies_to_host_twice_and_the_profile_trace_is_written(tmp_path,
       next(traces[0].parent.glob("perfetto_trace.json.gz")).read_bytes()))["traceEvents"]
   steps = sorted(int(e["args"]["step_num"]) for e in events if e.get("name") == profiling.STEP_NAME)
   assert steps == [2, 3]
+
+
+def test_trainer_init_donates_the_parameters(tmp_path, monkeypatch):
+  """The train-state init takes over the loaded parameters' buffers: the arrays passed in are
+  deleted (donated) and the state's parameters live at the same addresses (no second copy)."""
+  captured = {}
+  state_shardings = train_step.state_shardings
+
+  def capture(init, params, mesh):
+    if not captured:
+      captured["params"] = params
+      captured["pointers"] = [x.unsafe_buffer_pointer() for x in jax.tree.leaves(params)]
+    return state_shardings(init, params, mesh)
+
+  monkeypatch.setattr(train_step, "state_shardings", capture)
+  trainer = loop.Trainer(small_config(), tmp_path)
+  leaves = jax.tree.leaves(captured["params"])
+  assert len(leaves) > 5 and all(x.is_deleted() for x in leaves)
+  assert [x.unsafe_buffer_pointer() for x in jax.tree.leaves(trainer.state.params)] == captured["pointers"]
