@@ -473,9 +473,9 @@ class TrainCheckpointer:
   runs in the background after the device-to-host copy; call `wait_until_finished` before
   reading the files and `close` at the end (``async_save=False`` waits inside `save`). The file
   digests are computed in orbax's background commit thread, after the files are written and
-  before the step folder is renamed into place (`_write_step_checksums`). Only the newest ``max_to_keep`` steps are kept. An
-  interrupted save stays a ``<step>.orbax-checkpoint-tmp*`` folder, which
-  `latest_step`/`all_steps` ignore and the next save deletes.
+  before the step folder is renamed into place (`_write_step_checksums`). Only the newest
+  ``max_to_keep`` steps are kept. An interrupted save stays a ``<step>.orbax-checkpoint-tmp*``
+  folder, which `latest_step`/`all_steps` ignore and the next save deletes.
 
   Typical loop::
 
