@@ -127,6 +127,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.wandb.enabled = False
   config.wandb.project = "dmpo_jax"
   config.progress_bar = True
+  # "a,b": a jax.profiler trace of RL steps a..b (numbered as in metrics.jsonl) written to
+  # <workdir>/profile, for TensorBoard's profile plugin or ui.perfetto.dev ("" = no trace).
+  config.profile_steps = ""
 
   # One block per objective, pre-filled with validated defaults.
   for name in registry.objective_names():

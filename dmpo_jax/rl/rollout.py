@@ -10,6 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmpo_jax.diffusion import sampler as sampler_lib
@@ -87,29 +89,22 @@ def decode_completions(tokenizer: Any, sequences: np.ndarray, prompt_length: int
           for ids in completion_token_ids(sequences, prompt_length, stop_ids)]
 
 
-def rl_batch(sequences: np.ndarray, prompt_mask: np.ndarray, rewards: np.ndarray,
-             group_ids: np.ndarray, example_ids: np.ndarray) -> dict[str, np.ndarray]:
-  """The RL batch contract of `dmpo_jax.rl.scoring` from a sampled canvas [B, P + L]."""
+def rl_batch(sequences: Any, prompt_mask: Any, rewards: Any, group_ids: Any,
+             example_ids: Any) -> dict[str, Any]:
+  """The RL batch contract of `dmpo_jax.rl.scoring` from a sampled canvas [B, P + L]: numpy
+  arrays from host arrays, jax arrays from device arrays (also inside ``jit``)."""
+  xp = jnp if isinstance(sequences, jax.Array) or isinstance(prompt_mask, jax.Array) else np
   b, total = sequences.shape
   p = prompt_mask.shape[1]
-  completion = np.zeros((b, total), bool)
-  completion[:, p:] = True
+  completion = (xp.zeros((b, total), xp.int32) + xp.arange(total, dtype=xp.int32)) >= p
   return {
-      "sequences": np.asarray(sequences, np.int32),
-      "attention_mask": np.concatenate([prompt_mask, np.ones((b, total - p), bool)], axis=1),
+      "sequences": xp.asarray(sequences, xp.int32),
+      "attention_mask": xp.concatenate([xp.asarray(prompt_mask, bool), xp.ones((b, total - p), bool)],
+                                       axis=1),
       "prompt_mask": ~completion,
       "completion_mask": completion,
-      "rewards": np.asarray(rewards, np.float32),
-      "group_ids": np.asarray(group_ids, np.int32),
-      "example_ids": np.asarray(example_ids, np.int32),
+      "rewards": xp.asarray(rewards, xp.float32),
+      "group_ids": xp.asarray(group_ids, xp.int32),
+      "example_ids": xp.asarray(example_ids, xp.int32),
   }
 
-
-def group_reward_stats(rewards: np.ndarray, group_ids: np.ndarray) -> dict[str, float]:
-  """Reward mean/std over the batch and the fraction of groups whose rewards are all equal."""
-  groups = {}
-  for r, g in zip(rewards, group_ids):
-    groups.setdefault(int(g), []).append(float(r))
-  zero_std = np.mean([np.std(v) == 0 for v in groups.values()]) if groups else 0.0
-  return {"reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
-          "reward/zero_std_group_fraction": float(zero_std)}
