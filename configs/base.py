@@ -54,6 +54,14 @@ def get_config() -> ml_collections.ConfigDict:
   config.task.reward_workers = 4    # parallel reward processes (0 = in the trainer process)
   config.task.reward_timeout_s = 0.0  # wall limit of one reward call in a worker (0 = task default)
 
+  # Code sandbox of the code tasks (`docs/sandbox.md`); task.reward_timeout_s must not be below
+  # 2 * wall_time_s + 2 (the run and its cleanup).
+  config.sandbox = ml_collections.ConfigDict()
+  config.sandbox.cpu_time_s = 5
+  config.sandbox.wall_time_s = 10.0
+  config.sandbox.memory_bytes = 1 << 30
+  config.sandbox.allow_unisolated = False  # run code where neither namespaces nor Landlock hold
+
   config.prompts_per_step = 8       # P distinct prompts per RL step (global)
   config.group_size = 8             # G completions per prompt
 
@@ -122,6 +130,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.wandb.enabled = False
   config.wandb.project = "dmpo_jax"
   config.progress_bar = True
+  # "a,b": a jax.profiler trace of RL steps a..b (numbered as in metrics.jsonl) written to
+  # <workdir>/profile, for TensorBoard's profile plugin or ui.perfetto.dev ("" = no trace).
+  config.profile_steps = ""
 
   # One block per objective, pre-filled with validated defaults.
   for name in registry.objective_names():

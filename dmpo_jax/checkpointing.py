@@ -17,19 +17,19 @@ Two formats (`docs/jax_patterns.md` §10):
   Orbax writes every step into ``<step>.orbax-checkpoint-tmp-*`` and renames it when complete, so
   a crash mid-save leaves the previous checkpoint as the latest one.
 
-Integrity: both formats store a checksum of every array and of every JSON file, computed at save
-time and verified at restore (`array_checksums`); a mismatch raises `CheckpointIntegrityError`
-naming the step (training checkpoints), the item / file and the array. A model checkpoint keeps
-them in ``checksums.json``; a training step in its fourth item ``checksums``. Checksums are taken
-from the logical (global) value of each array, so they do not depend on how it is sharded.
+Integrity (`dmpo_jax.file_digests`): both formats store the SHA-256 digests of every file they
+wrote and check them before reading anything back; a mismatch raises `CheckpointIntegrityError`
+naming the step (training checkpoints), the item and the file. A model checkpoint keeps them in
+``checksums.json``; a training step in ``file_checksums.json``, written by orbax's background
+commit thread before the step folder is renamed (so the save call never waits for it and a
+visible step always has its digests). The digests are of the bytes on disk, so they do not depend
+on how the arrays are sharded when saved or restored.
 """
 
 from __future__ import annotations
 
 import base64
-import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -44,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from dmpo_jax import file_digests, sharding as sharding_lib
 from dmpo_jax.models import finite
 from dmpo_jax.models.config import ModelConfig
 from dmpo_jax.models.hf_io import CheckpointError
@@ -55,6 +56,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 MODEL_METADATA_FILE = "metadata.json"
 MODEL_PARAMS_DIR = "params"
 MODEL_CHECKSUMS_FILE = "checksums.json"
+STEP_CHECKSUMS_FILE = "file_checksums.json"
 
 _log = logging.getLogger(__name__)
 
@@ -119,135 +121,8 @@ def _model_config_from_json(data: Mapping[str, Any], source: PathLike) -> ModelC
 # ------------------------------------------------------------------------------------------------
 
 class CheckpointIntegrityError(CheckpointError):
-  """A saved array or JSON file does not match the checksum written with it (or cannot be read):
-  the checkpoint's files were changed or damaged after the save."""
-
-
-def _word_view(tile: np.ndarray) -> np.ndarray:
-  """A host array's raw bits as unsigned words, without copying (unless the tile is not
-  contiguous): one word per element (uint8 / uint16 / uint32 for 1-, 2-, 4-byte dtypes); 8-byte
-  dtypes give a trailing axis of two uint32 words (low word first on little-endian hosts)."""
-  tile = np.ascontiguousarray(tile)
-  size = tile.dtype.itemsize
-  if tile.dtype.kind == "c" or size not in (1, 2, 4, 8):
-    raise TypeError(f"no checksum for dtype {tile.dtype}")
-  if size == 8:
-    return tile.view(np.uint32).reshape(tile.shape + (2,))
-  return tile.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[size])
-
-
-def _tile_sums(tile: np.ndarray, start: tuple[int, ...],
-               global_shape: tuple[int, ...]) -> tuple[int, int]:
-  """This tile's share of (s1, s2) mod 2^32 (see `array_checksums`) for a tile at offset
-  ``start`` of an array of ``global_shape``: one vectorised pass (row sums along the contiguous
-  last axis, accumulated in uint32, i.e. mod 2^32), then a small weighted sum over the rows."""
-  words = _word_view(tile)
-  shape = tuple(global_shape) + words.shape[len(global_shape):]
-  start = tuple(start) + (0,) * (len(shape) - len(start))
-  if words.ndim == 0:
-    words, shape, start = words.reshape(1), (1,), (0,)
-  if words.size == 0:
-    return 0, 0
-  row_sums = words.sum(axis=-1, dtype=np.uint32)  # shape: the tile's leading axes
-  row_index = np.zeros(row_sums.shape, np.uint64)
-  stride = 1
-  for axis in reversed(range(len(shape) - 1)):
-    positions = np.arange(start[axis], start[axis] + words.shape[axis], dtype=np.uint64)
-    row_index = row_index + (positions * np.uint64(stride)).reshape(
-        (-1,) + (1,) * (len(shape) - 2 - axis))
-    stride *= shape[axis]
-  s1 = int(row_sums.sum(dtype=np.uint64))
-  s2 = int(((row_index + np.uint64(1)) * row_sums.astype(np.uint64)).sum(dtype=np.uint64))
-  return s1 & 0xFFFFFFFF, s2 & 0xFFFFFFFF
-
-
-# Tiles larger than this are checksummed in row blocks on several threads.
-_CHUNK_BYTES = 32 * 2**20
-
-
-def _host_pieces(leaf):
-  """Yields (host tile, start offset) pieces that together cover ``leaf`` exactly once: for a
-  jax.Array this process's addressable shards with ``replica_id == 0`` (every element is owned by
-  exactly one replica-0 shard over all processes), copied to the host one at a time (zero-copy
-  on CPU); a host value is one piece, on process 0."""
-  if isinstance(leaf, jax.Array):
-    for shard in leaf.addressable_shards:
-      if shard.replica_id == 0:
-        yield np.asarray(shard.data), tuple(sl.start or 0 for sl in shard.index)
-  elif jax.process_index() == 0:  # the same host value on every process: counted once
-    yield np.asarray(leaf), (0,) * np.ndim(leaf)
-
-
-def _row_blocks(tile: np.ndarray, start: tuple[int, ...]):
-  """Splits a large tile along axis 0 into blocks of about `_CHUNK_BYTES` (views, no copy)."""
-  if tile.ndim == 0 or tile.nbytes <= _CHUNK_BYTES or tile.shape[0] < 2:
-    return [(tile, start)]
-  rows = max(1, _CHUNK_BYTES * tile.shape[0] // tile.nbytes)
-  return [(tile[i:i + rows], (start[0] + i,) + tuple(start[1:]))
-          for i in range(0, tile.shape[0], rows)]
-
-
-def array_checksums(tree) -> dict[str, dict[str, Any]]:
-  """``{leaf path: {"dtype", "shape", "checksum"}}`` for every array leaf of ``tree``.
-
-  Over the raw bits as words (one per element: uint8/16/32 for 1-, 2-, 4-byte dtypes, two uint32
-  for 8-byte ones), grouped in rows along the last axis (row r = the r-th index over the leading
-  axes, row-major), the checksum is the pair s1 = sum of all words and s2 = sum_r (r + 1) *
-  (sum of row r), both mod 2^32. Changing any one word changes s1 (by a non-zero multiple of a
-  power of two below 2^32); s2 also changes when rows are moved. Both are sums, so each process
-  adds up the shares of its own replica-0 shards on the host (in row blocks on a thread pool:
-  numpy releases the GIL) and the shares of all processes are added: the result is the checksum
-  of the global value, whatever sharding it is saved from or restored into. With several
-  processes this is a collective (an all-gather): call it on every process, like the save itself.
-  Typed PRNG keys must be converted to ``key_data`` first.
-  """
-  flat = _flatten_with_names(tree)
-  names = list(flat)
-  sums = np.zeros((len(names), 2), np.uint64)
-  with concurrent.futures.ThreadPoolExecutor(max(1, os.cpu_count() or 1)) as pool:
-    for i, name in enumerate(names):
-      global_shape = np.shape(flat[name])
-      for tile, start in _host_pieces(flat[name]):
-        blocks = _row_blocks(tile, start)
-        for s1, s2 in pool.map(lambda block, shape=global_shape: _tile_sums(*block, shape), blocks):
-          sums[i] += np.array([s1, s2], np.uint64)
-  sums &= np.uint64(0xFFFFFFFF)
-  if jax.process_count() > 1:  # uint32 shares (jax may lack 64-bit types), added mod 2^32
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    shares = multihost_utils.process_allgather(sums.astype(np.uint32))
-    sums = np.asarray(shares).sum(axis=0, dtype=np.uint64) & np.uint64(0xFFFFFFFF)
-  out = {}
-  for i, name in enumerate(names):
-    leaf = flat[name]
-    dtype = np.dtype(leaf.dtype) if hasattr(leaf, "dtype") else np.asarray(leaf).dtype
-    s1, s2 = (int(v) for v in sums[i])
-    out[name] = {"dtype": str(dtype), "shape": list(np.shape(leaf)),
-                 "checksum": f"fletcher32x2:{s1:08x}{s2:08x}"}
-  return out
-
-
-def verify_array_checksums(tree, saved: Mapping[str, Mapping[str, Any]], where: str) -> None:
-  """Recomputes `array_checksums` of the restored ``tree`` and compares with ``saved``; raises
-  `CheckpointIntegrityError` naming ``where`` and every differing array."""
-  got = array_checksums(tree)
-  problems = []
-  for name in sorted(set(got) | set(saved)):
-    if name not in saved:
-      problems.append(f"array {name!r} has no saved checksum")
-    elif name not in got:
-      problems.append(f"array {name!r} was not restored")
-    elif got[name]["checksum"] != saved[name]["checksum"]:
-      problems.append(f"array {name!r} ({saved[name]['dtype']}{tuple(saved[name]['shape'])}): "
-                      f"checksum {got[name]['checksum']} != saved {saved[name]['checksum']}")
-  if problems:
-    raise CheckpointIntegrityError(f"{where}: " + "; ".join(problems) +
-                                   " (the files were changed or damaged after the save)")
-
-
-def json_checksum(value: Any) -> str:
-  """SHA-256 of the canonical JSON text of ``value`` (sorted keys, no spaces)."""
-  text = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-  return "sha256:" + hashlib.sha256(text.encode("ascii")).hexdigest()
+  """A checkpoint file does not match the digest written with it (or cannot be read): the
+  checkpoint's files were changed or damaged after the save."""
 
 
 def _read_json_file(path: pathlib.Path) -> Any:
@@ -256,6 +131,39 @@ def _read_json_file(path: pathlib.Path) -> Any:
     return json.loads(path.read_text(encoding="utf-8"))
   except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
     raise CheckpointIntegrityError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from e
+
+
+_DAMAGED = "checksum mismatch: changed or damaged after the save"
+
+
+def _read_manifest(manifest_path: pathlib.Path, what: str) -> Optional[dict]:
+  """The file-digest manifest at ``manifest_path``; None (with a warning) when there is none or
+  it is in an older format (the files are then not verified)."""
+  if not manifest_path.is_file():
+    _log.warning("%s has no %s (saved by an older version): its files are not verified", what,
+                 manifest_path.name)
+    return None
+  manifest = _read_json_file(manifest_path)
+  if isinstance(manifest, dict) and "format" not in manifest:
+    _log.warning("%s is in an older checksum format: the files of %s are not verified",
+                 manifest_path, what)
+    return None
+  problem = file_digests.manifest_problem(manifest)
+  if problem:
+    raise CheckpointIntegrityError(f"{manifest_path}: {problem}")
+  return manifest
+
+
+def _check_files(root: pathlib.Path, manifest: Optional[dict], where: str, *,
+                 names: Optional[list[str]] = None, collective: bool = True) -> None:
+  """Raises `CheckpointIntegrityError` (``where``: damaged file(s) ...) when a file under ``root``
+  differs from ``manifest`` (`file_digests.verify_files`)."""
+  if manifest is None:
+    return
+  problems = file_digests.verify_files(root, manifest, names=names, collective=collective)
+  if problems:
+    raise CheckpointIntegrityError(
+        f"{where}: " + "; ".join(f"file {root}/{p}" for p in problems) + f" ({_DAMAGED})")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -284,25 +192,28 @@ def save_model_checkpoint(path: PathLike, model_or_state, config: ModelConfig,
   if params_dir.exists() and not overwrite:
     raise FileExistsError(f"Model checkpoint {path} already exists (pass overwrite=True to replace it)")
   path.mkdir(parents=True, exist_ok=True)
-  checksums = {"params": array_checksums(params), "model_config": json_checksum(config_json),
-               "metadata": None if extra_metadata is None else json_checksum(json.loads(metadata_text))}
   # Checkpointer (synchronous): the files exist when this function returns.
   with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
     checkpointer.save(params_dir, args=ocp.args.StandardSave(params), force=overwrite)
   if jax.process_index() == 0:
-    # model_config.json last: its presence marks a complete checkpoint.
-    _write_text_atomic(path / MODEL_CHECKSUMS_FILE, json.dumps(checksums, indent=2, sort_keys=True))
+    config_bytes = json.dumps(config_json, indent=2, sort_keys=True).encode("utf-8")
+    files = file_digests.digest_files(path, file_digests.list_files(path, [MODEL_PARAMS_DIR]))
+    files[MODEL_CONFIG_FILE] = file_digests.digest_bytes(config_bytes)
     if extra_metadata is not None:
-      _write_text_atomic(path / MODEL_METADATA_FILE, metadata_text)
+      files[MODEL_METADATA_FILE] = file_digests.digest_bytes(metadata_text.encode("utf-8"))
+    # model_config.json last: its presence marks a complete checkpoint.
+    file_digests.write_json_atomic(path / MODEL_CHECKSUMS_FILE, file_digests.make_manifest(files))
+    if extra_metadata is not None:
+      _write_bytes_atomic(path / MODEL_METADATA_FILE, metadata_text.encode("utf-8"))
     elif (path / MODEL_METADATA_FILE).exists():
       (path / MODEL_METADATA_FILE).unlink()  # overwrite: no stale metadata beside new weights
-    _write_text_atomic(path / MODEL_CONFIG_FILE, json.dumps(config_json, indent=2, sort_keys=True))
+    _write_bytes_atomic(path / MODEL_CONFIG_FILE, config_bytes)
   return path
 
 
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
+def _write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
+  tmp.write_bytes(data)
   os.replace(tmp, path)
 
 
@@ -317,35 +228,30 @@ def load_model_config(path: PathLike) -> ModelConfig:
         f"{config_path} not found: {path} is not a dmpo_jax model checkpoint (expected "
         f"{MODEL_CONFIG_FILE} and {MODEL_PARAMS_DIR}/)")
   data = _read_json_file(config_path)
-  _verify_model_json(path, "model_config", data, config_path)
+  _verify_model_json(path, config_path)
   if not isinstance(data, dict):
     raise CheckpointError(f"{config_path} must hold a JSON object, got {type(data).__name__}")
   return _model_config_from_json(data, config_path)
 
 
 def _model_checksums(path: pathlib.Path) -> Optional[dict]:
-  """The folder's ``checksums.json`` (None, with a warning, for checkpoints saved without one)."""
-  checksums_path = path / MODEL_CHECKSUMS_FILE
-  if not checksums_path.is_file():
-    _log.warning("%s has no %s (saved by an older version): its arrays are not verified", path,
-                 MODEL_CHECKSUMS_FILE)
-    return None
-  checksums = _read_json_file(checksums_path)
-  if not isinstance(checksums, dict) or not isinstance(checksums.get("params"), dict):
-    raise CheckpointIntegrityError(f"{checksums_path} does not hold a 'params' checksum table")
-  return checksums
+  """The folder's file-digest manifest (None, with a warning, for checkpoints saved without one)."""
+  return _read_manifest(path / MODEL_CHECKSUMS_FILE, f"model checkpoint {path}")
 
 
-def _verify_model_json(path: pathlib.Path, key: str, data: Any, file: pathlib.Path) -> None:
-  checksums = _model_checksums(path)
-  if checksums is None:
+def _verify_model_json(path: pathlib.Path, file: pathlib.Path) -> None:
+  """Checks one JSON file of a model checkpoint against its saved digest (this process alone)."""
+  manifest = _model_checksums(path)
+  if manifest is None:
     return
-  saved = checksums.get(key)
-  if saved != json_checksum(data):
+  if file.name not in manifest["files"]:
+    raise CheckpointIntegrityError(f"{file} has no saved checksum in {path / MODEL_CHECKSUMS_FILE}")
+  try:
+    _check_files(path, manifest, f"Model checkpoint {path}", names=[file.name], collective=False)
+  except CheckpointIntegrityError as e:
     raise CheckpointIntegrityError(
-        f"{file}: checksum {json_checksum(data)} != saved {saved} in {path / MODEL_CHECKSUMS_FILE} "
-        f"(the file was changed or damaged; after a deliberate edit, delete {MODEL_CHECKSUMS_FILE} "
-        "to load it unverified)")
+        f"{e}; after a deliberate edit of {file.name}, delete {MODEL_CHECKSUMS_FILE} to load the "
+        "checkpoint unverified") from e
 
 
 def load_model_metadata(path: PathLike) -> dict:
@@ -355,25 +261,33 @@ def load_model_metadata(path: PathLike) -> dict:
   if not metadata_path.is_file():
     return {}
   data = _read_json_file(metadata_path)
-  _verify_model_json(path, "metadata", data, metadata_path)
+  _verify_model_json(path, metadata_path)
   return data
+
+
+def _saved_shapes(item_dir: pathlib.Path, where: str) -> dict[str, tuple]:
+  """``{leaf name: shape}`` of an orbax pytree item, from its metadata (no array is read)."""
+  try:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+      stored = checkpointer.metadata(item_dir)
+  except (ValueError, OSError, KeyError, TypeError) as e:
+    raise CheckpointIntegrityError(f"{where}: cannot read the metadata of {item_dir}: {e}") from e
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  return {name: tuple(leaf.shape) for name, leaf in _flatten_with_names(stored_tree).items()}
 
 
 def _check_saved_shapes(params_dir: pathlib.Path, abstract: dict) -> None:
   """Compares the stored array shapes with the model's; raises naming every mismatching tensor."""
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-    stored = checkpointer.metadata(params_dir)
-  stored_tree = getattr(stored, "item_metadata", stored)
-  stored_tree = getattr(stored_tree, "tree", stored_tree)
-  stored_flat = _flatten_with_names(stored_tree)
+  stored_shapes = _saved_shapes(params_dir, f"Model checkpoint {params_dir.parent}")
   expected_flat = _flatten_with_names(abstract)
   problems = []
-  for name in sorted(set(expected_flat) - set(stored_flat)):
+  for name in sorted(set(expected_flat) - set(stored_shapes)):
     problems.append(f"parameter {name!r} is missing from the checkpoint")
-  for name in sorted(set(stored_flat) - set(expected_flat)):
+  for name in sorted(set(stored_shapes) - set(expected_flat)):
     problems.append(f"checkpoint has unexpected parameter {name!r}")
-  for name in sorted(set(stored_flat) & set(expected_flat)):
-    got = tuple(stored_flat[name].shape)
+  for name in sorted(set(stored_shapes) & set(expected_flat)):
+    got = stored_shapes[name]
     want = tuple(expected_flat[name].shape)
     if got != want:
       problems.append(f"parameter {name!r}: checkpoint shape {got} != model shape {want}")
@@ -383,14 +297,18 @@ def _check_saved_shapes(params_dir: pathlib.Path, abstract: dict) -> None:
 
 
 def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] = None,
-                          shardings=None, dtype: Optional[str] = None) -> Transformer:
-  """Rebuilds the `Transformer` saved by `save_model_checkpoint`.
+                          shardings=None, dtype: Optional[str] = None,
+                          rules: Optional[Mapping[str, Any]] = None) -> Transformer:
+  """Rebuilds the `Transformer` saved by `save_model_checkpoint`; every array is read straight
+  into its sharding (each device reads only its own shard: no full copy on any device).
 
   ``shardings``: a pytree of `jax.sharding.Sharding` with the params' structure (an `nnx.State`
-  or nested dict, e.g. from `dmpo_jax.sharding`); every array is restored straight into its
-  sharding. ``mesh`` without ``shardings``: every array is replicated over the mesh. Neither:
-  arrays land on the default device. ``dtype`` overrides the stored ``param_dtype`` (cast on
-  restore, e.g. "bfloat16" to load fp32 weights for inference).
+  or nested dict, e.g. from `dmpo_jax.sharding`). ``mesh`` without ``shardings``: the shardings
+  of the parameters' logical axes under ``rules`` (default `sharding.TRAIN_RULES`: FSDP), as
+  `hf_io.load_pretrained` places them. Neither: arrays land on the default device. ``dtype``
+  overrides the stored ``param_dtype`` (cast while reading, e.g. "bfloat16" to load fp32 weights
+  for inference). The files are checked against their saved digests first (a collective with
+  several processes: call it on every process).
   """
   # orbax returns no metadata for a relative path: resolve it once here, for every caller.
   path = pathlib.Path(path).absolute()
@@ -406,6 +324,9 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
   abstract = abstract_state.to_pure_dict()
   _check_saved_shapes(params_dir, abstract)
 
+  if shardings is None and mesh is not None:
+    shardings = sharding_lib.state_shardings(abstract_state, mesh,
+                                             sharding_lib.TRAIN_RULES if rules is None else rules)
   if shardings is not None:
     sharding_tree = shardings.to_pure_dict() if isinstance(shardings, nnx.State) else shardings
     sharding_flat = _flatten_with_names(sharding_tree)
@@ -418,28 +339,18 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
         jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding_flat[_key_path_str(p)])
         for p, x in leaves])
   else:
-    if mesh is not None:
-      sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    else:
-      sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), abstract)
 
-  checksums = _model_checksums(path)
-  if checksums is not None and dtype is not None:
-    # Verify the stored bits, then cast (orbax would cast while reading).
-    stored_dtypes = {name: entry["dtype"] for name, entry in checksums["params"].items()}
-    target = jax.tree_util.tree_map_with_path(
-        lambda p, x: jax.ShapeDtypeStruct(x.shape, stored_dtypes.get(_key_path_str(p), x.dtype),
-                                          sharding=x.sharding), target)
+  manifest = _model_checksums(path)
+  if manifest is not None:
+    params_files = [name for name in manifest["files"] if name.startswith(MODEL_PARAMS_DIR + "/")]
+    _check_files(path, manifest, f"Model checkpoint {path}, {MODEL_PARAMS_DIR}/", names=params_files)
   try:
     with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
       restored = checkpointer.restore(params_dir, args=ocp.args.StandardRestore(target))
   except (ValueError, OSError) as e:
     raise CheckpointIntegrityError(f"Model checkpoint {path}: cannot read {params_dir}: {e}") from e
-  if checksums is not None:
-    verify_array_checksums(restored, checksums["params"], f"Model checkpoint {path}, {MODEL_PARAMS_DIR}/")
-    restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
-                            restored, abstract)
   finite.check_finite(restored, f"Model checkpoint {path}")
   abstract_state.replace_by_pure_dict(restored)
   return nnx.merge(graphdef, abstract_state)
@@ -452,7 +363,7 @@ def load_model_checkpoint(path: PathLike, *, mesh: Optional[jax.sharding.Mesh] =
 STATE_ITEM = "state"
 ITERATOR_ITEM = "iterator"
 METADATA_ITEM = "metadata"
-CHECKSUMS_ITEM = "checksums"
+STEP_ITEMS = (STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM)
 CORRUPT_PREFIX = "corrupt-"
 _RESERVED_METADATA_KEYS = ("consumed_prompts", "checkpoint_step", "prng_key_impls")
 
@@ -533,16 +444,16 @@ def _decode_iterator_state(encoded: Mapping[str, Any]):
   raise ValueError(f"Unknown iterator state encoding {kind!r} in checkpoint")
 
 
-def _check_target_matches(target, saved_arrays: Mapping[str, Mapping[str, Any]], where: str) -> None:
-  """Compares the restore target's leaf names and shapes with the saved checksum table."""
+def _check_target_matches(target, saved_shapes: Mapping[str, tuple], where: str) -> None:
+  """Compares the restore target's leaf names and shapes with the saved ones (orbax metadata)."""
   flat = _flatten_with_names(target)
-  problems = [f"{name!r} is not in the checkpoint" for name in sorted(set(flat) - set(saved_arrays))]
+  problems = [f"{name!r} is not in the checkpoint" for name in sorted(set(flat) - set(saved_shapes))]
   problems += [f"checkpoint has {name!r}, abstract_state does not"
-               for name in sorted(set(saved_arrays) - set(flat))]
-  problems += [f"{name!r}: checkpoint shape {tuple(saved_arrays[name]['shape'])} != "
+               for name in sorted(set(saved_shapes) - set(flat))]
+  problems += [f"{name!r}: checkpoint shape {tuple(saved_shapes[name])} != "
                f"abstract_state shape {tuple(flat[name].shape)}"
-               for name in sorted(set(flat) & set(saved_arrays))
-               if tuple(saved_arrays[name]["shape"]) != tuple(flat[name].shape)]
+               for name in sorted(set(flat) & set(saved_shapes))
+               if tuple(saved_shapes[name]) != tuple(flat[name].shape)]
   if problems:
     raise ValueError(f"{where} does not match abstract_state: " + "; ".join(problems))
 
@@ -560,12 +471,13 @@ class RestoredCheckpoint(NamedTuple):
 class TrainCheckpointer:
   """Periodic, asynchronous, pruned training checkpoints around `ocp.CheckpointManager`.
 
-  Layout: ``directory/<step>/{state,iterator,metadata,checksums}``. A save runs in the background
-  after the device-to-host copy (``async_save=True``); call `wait_until_finished` before reading
-  the files and `close` at the end. The checksums are computed before the background write
-  starts, from the values being saved. Only the newest ``max_to_keep`` steps are kept. An
-  interrupted save stays a ``<step>.orbax-checkpoint-tmp*`` folder, which
-  `latest_step`/`all_steps` ignore and the next save deletes.
+  Layout: ``directory/<step>/{state,iterator,metadata}/`` and ``file_checksums.json``. A save
+  runs in the background after the device-to-host copy; call `wait_until_finished` before
+  reading the files and `close` at the end (``async_save=False`` waits inside `save`). The file
+  digests are computed in orbax's background commit thread, after the files are written and
+  before the step folder is renamed into place (`_write_step_checksums`). Only the newest
+  ``max_to_keep`` steps are kept. An interrupted save stays a ``<step>.orbax-checkpoint-tmp*``
+  folder, which `latest_step`/`all_steps` ignore and the next save deletes.
 
   Typical loop::
 
@@ -586,15 +498,18 @@ class TrainCheckpointer:
     if not create and not self.directory.is_dir():
       raise FileNotFoundError(f"Checkpoint directory {self.directory} does not exist")
     self.save_interval_steps = int(save_interval_steps)
+    self._async_save = bool(async_save)
+    self._saving_step: Optional[int] = None
+    # Always orbax's asynchronous path: its commit thread runs `_write_step_checksums` between
+    # writing the files and renaming the step folder into place.
     options = ocp.CheckpointManagerOptions(
         save_interval_steps=self.save_interval_steps,
         max_to_keep=max_to_keep,
-        enable_async_checkpointing=async_save,
+        enable_async_checkpointing=True,
+        async_options=ocp.AsyncOptions(post_finalization_callback=self._write_step_checksums),
         create=create,
         cleanup_tmp_directories=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_names=(STATE_ITEM, ITERATOR_ITEM, METADATA_ITEM, CHECKSUMS_ITEM))
+    self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=STEP_ITEMS)
 
   # -- queries -----------------------------------------------------------------------------------
   @staticmethod
@@ -614,11 +529,9 @@ class TrainCheckpointer:
     return steps[-1] if steps else None
 
   def metadata(self, step: int) -> dict:
-    """The user metadata saved with ``step`` (e.g. the run config), verified against its
-    checksum, without reading the state."""
-    checksums = (self._restore_json_item(step, CHECKSUMS_ITEM, None)
-                 if self._item_path(step, CHECKSUMS_ITEM).is_dir() else {})
-    meta = self._restore_json_item(step, METADATA_ITEM, (checksums or {}).get(METADATA_ITEM))
+    """The user metadata saved with ``step`` (e.g. the run config), without reading the state
+    (and without the file digests, which `restore` checks)."""
+    meta = self._restore_json_item(step, METADATA_ITEM)
     if not isinstance(meta, dict):
       raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}: the metadata "
                                      "item must be a JSON object")
@@ -655,20 +568,32 @@ class TrainCheckpointer:
     except TypeError as e:
       raise TypeError(f"checkpoint metadata for step {step} is not JSON-serialisable: {e}") from e
     encoded_iterator = _encode_iterator_state(iterator_state)
-    # Checksums of the values being saved (on device, before the asynchronous write starts); the
-    # JSON item is written by the primary process, like the other JSON items.
-    checksums = {STATE_ITEM: array_checksums(state_data),
-                 ITERATOR_ITEM: json_checksum(encoded_iterator),
-                 METADATA_ITEM: json_checksum(meta)}
-    return bool(self._manager.save(
+    self._manager.wait_until_finished()  # the previous save's commit thread reads _saving_step
+    self._saving_step = step
+    saved = bool(self._manager.save(
         step,
         args=ocp.args.Composite(**{
             STATE_ITEM: ocp.args.StandardSave(state_data),
             ITERATOR_ITEM: ocp.args.JsonSave(encoded_iterator),
             METADATA_ITEM: ocp.args.JsonSave(meta),
-            CHECKSUMS_ITEM: ocp.args.JsonSave(checksums),
         }),
         force=True))
+    if not self._async_save:
+      self._manager.wait_until_finished()
+    return saved
+
+  def _write_step_checksums(self) -> None:
+    """orbax's post-finalization callback (primary process, background commit thread, after
+    every process wrote its files and before the step folder is renamed): writes the SHA-256
+    digests of the step's item files into ``file_checksums.json`` inside the folder."""
+    step = self._saving_step
+    pending = sorted(self.directory.glob(f"{step}{ocp.step.TMP_DIR_SUFFIX}*"))
+    folder = pending[-1] if pending else self.directory / str(step)  # commit-file atomicity
+    names = file_digests.list_files(folder, STEP_ITEMS)
+    if not names:
+      raise FileNotFoundError(f"checkpoint step {step}: no files found in {folder}")
+    manifest = file_digests.make_manifest(file_digests.digest_files(folder, names))
+    file_digests.write_json_atomic(folder / STEP_CHECKSUMS_FILE, manifest)
 
   def restore(self, step: Optional[int] = None, *, abstract_state=None,
               fallback: bool = False) -> RestoredCheckpoint:
@@ -734,33 +659,32 @@ class TrainCheckpointer:
   def _item_path(self, step: int, item: str) -> pathlib.Path:
     return self.directory / str(step) / item
 
-  def _restore_json_item(self, step: int, item: str, saved_checksum: Optional[str]) -> Any:
+  def _verify_step_files(self, step: int, where: str) -> None:
+    """Checks every file of the step against ``file_checksums.json`` (a collective with several
+    processes); raises `CheckpointIntegrityError` naming the item and file of each mismatch."""
+    folder = self.directory / str(step)
+    manifest = _read_manifest(folder / STEP_CHECKSUMS_FILE, where)
+    if manifest is None:
+      return
+    problems = file_digests.verify_files(folder, manifest)
+    if problems:
+      raise CheckpointIntegrityError(
+          f"{where}: " + "; ".join(f"item {p.split('/', 1)[0]!r}: file {folder}/{p}" for p in problems)
+          + f" ({_DAMAGED})")
+
+  def _restore_json_item(self, step: int, item: str) -> Any:
     where = f"Checkpoint step {step} in {self.directory}, item {item!r}"
     item_dir = self._item_path(step, item)
-    files = sorted(p for p in item_dir.glob("*") if p.is_file() and p.name != "commit_success.txt") \
-        if item_dir.is_dir() else []
     try:
-      value = self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
+      return self._manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.JsonRestore()}))[item]
     except (ValueError, OSError, RecursionError, UnicodeDecodeError) as e:
-      names = ", ".join(str(p) for p in files) or str(item_dir)
-      raise CheckpointIntegrityError(f"{where}: cannot read {names}: {type(e).__name__}: {e}") from e
-    if saved_checksum is not None and json_checksum(value) != saved_checksum:
-      names = ", ".join(str(p) for p in files) or str(item_dir)
-      raise CheckpointIntegrityError(f"{where} ({names}): checksum {json_checksum(value)} != saved "
-                                     f"{saved_checksum} (the file was changed or damaged)")
-    return value
+      raise CheckpointIntegrityError(f"{where}: cannot read {item_dir}: {type(e).__name__}: {e}") from e
 
   def _restore_step(self, step: int, abstract_state) -> RestoredCheckpoint:
     where = f"Checkpoint step {step} in {self.directory}"
-    if (self._item_path(step, CHECKSUMS_ITEM)).is_dir():
-      checksums = self._restore_json_item(step, CHECKSUMS_ITEM, None)
-      if not isinstance(checksums, dict) or not isinstance(checksums.get(STATE_ITEM), dict):
-        raise CheckpointIntegrityError(f"{where}, item {CHECKSUMS_ITEM!r}: not a checksum table")
-    else:
-      _log.warning("%s has no checksums (saved by an older version): not verified", where)
-      checksums = {}
-    meta = self._restore_json_item(step, METADATA_ITEM, checksums.get(METADATA_ITEM))
-    encoded_iterator = self._restore_json_item(step, ITERATOR_ITEM, checksums.get(ITERATOR_ITEM))
+    self._verify_step_files(step, where)
+    meta = self._restore_json_item(step, METADATA_ITEM)
+    encoded_iterator = self._restore_json_item(step, ITERATOR_ITEM)
     if not isinstance(meta, dict) or not isinstance(encoded_iterator, dict):
       raise CheckpointIntegrityError(f"{where}: the metadata and iterator items must be JSON objects")
     meta = dict(meta)
@@ -769,13 +693,9 @@ class TrainCheckpointer:
       iterator_state = _decode_iterator_state(encoded_iterator)
     except (ValueError, KeyError, TypeError) as e:
       raise CheckpointIntegrityError(f"{where}, item {ITERATOR_ITEM!r}: {e}") from e
-    saved_arrays = checksums.get(STATE_ITEM)
 
     if abstract_state is None:
-      restored = self._restore_state(step, None)
-      if saved_arrays is not None:
-        verify_array_checksums(restored, saved_arrays, f"{where}, item {STATE_ITEM!r}")
-      return RestoredCheckpoint(restored, iterator_state, meta)
+      return RestoredCheckpoint(self._restore_state(step, None), iterator_state, meta)
 
     target_keys: dict[str, Any] = {}
 
@@ -789,22 +709,10 @@ class TrainCheckpointer:
         return _abstract_key_data(leaf)
       return _abstract_leaf(leaf)
 
+    # Every leaf is read straight into its target sharding (each device reads its own shard).
     target = jax.tree_util.tree_map_with_path(to_target, abstract_state)
-    stored_target = target
-    if saved_arrays is not None:
-      _check_target_matches(target, saved_arrays, where)
-      # Read the stored dtype (verify the stored bits), cast to the requested one afterwards.
-      def stored(path, leaf):
-        entry = saved_arrays.get(_key_path_str(path))
-        if entry is None or entry["dtype"] == str(np.dtype(leaf.dtype)):
-          return leaf
-        return jax.ShapeDtypeStruct(leaf.shape, np.dtype(entry["dtype"]), sharding=leaf.sharding)
-      stored_target = jax.tree_util.tree_map_with_path(stored, target)
-    restored = self._restore_state(step, stored_target)
-    if saved_arrays is not None:
-      verify_array_checksums(restored, saved_arrays, f"{where}, item {STATE_ITEM!r}")
-      restored = jax.tree.map(lambda x, t: x if x.dtype == t.dtype else x.astype(t.dtype),
-                              restored, target)
+    _check_target_matches(target, _saved_shapes(self._item_path(step, STATE_ITEM), where), where)
+    restored = self._restore_state(step, target)
 
     def from_data(path, leaf):
       name = _key_path_str(path)
@@ -816,18 +724,12 @@ class TrainCheckpointer:
     return RestoredCheckpoint(state, iterator_state, meta)
 
   def _restore_state(self, step: int, target) -> Any:
-    """The ``state`` item; orbax read errors (e.g. damaged compressed chunks) become
-    `CheckpointIntegrityError`, a tree/shape mismatch with ``target`` a ValueError."""
+    """The ``state`` item (``target``: its abstract tree, compared with the saved one before);
+    orbax read errors (e.g. damaged compressed chunks) become `CheckpointIntegrityError`."""
     args = ocp.args.StandardRestore() if target is None else ocp.args.StandardRestore(target)
     try:
       return self._manager.restore(step, args=ocp.args.Composite(**{STATE_ITEM: args}))[STATE_ITEM]
-    except (ValueError, KeyError, TypeError) as e:
-      if target is not None and not self._item_path(step, CHECKSUMS_ITEM).is_dir():
-        # Without the checksum table the tree was not compared beforehand.
-        raise ValueError(f"Checkpoint step {step} in {self.directory} does not match abstract_state: {e}") from e
-      raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}, item {STATE_ITEM!r}: "
-                                     f"cannot read {self._item_path(step, STATE_ITEM)}: {e}") from e
-    except OSError as e:
+    except (ValueError, KeyError, TypeError, OSError) as e:
       raise CheckpointIntegrityError(f"Checkpoint step {step} in {self.directory}, item {STATE_ITEM!r}: "
                                      f"cannot read {self._item_path(step, STATE_ITEM)}: {e}") from e
 

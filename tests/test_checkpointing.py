@@ -1,11 +1,14 @@
 """Tests for dmpo_jax.checkpointing: model format, training checkpoints, preemption flag."""
 
+import hashlib
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
+import threading
 
 import grain
 import jax
@@ -15,7 +18,7 @@ import optax
 import pytest
 from flax import nnx
 
-from dmpo_jax import checkpointing as ckpt
+from dmpo_jax import checkpointing as ckpt, file_digests
 from dmpo_jax.models.config import get_preset
 from dmpo_jax.models.transformer import Transformer, split_model
 
@@ -109,9 +112,10 @@ def test_model_checkpoint_errors(tmp_path, tiny_model):
   stored = json.loads((out / ckpt.MODEL_CONFIG_FILE).read_text())
   stored["mlp_hidden_size"] = 48
   (out / ckpt.MODEL_CONFIG_FILE).write_text(json.dumps(stored))
-  # The edit is caught by the config checksum; without checksums.json (older checkpoints) by
-  # the shape comparison.
-  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"model_config.json: checksum"):
+  # The edit is caught by the file's digest; without checksums.json (older checkpoints) by the
+  # shape comparison.
+  with pytest.raises(ckpt.CheckpointIntegrityError,
+                     match=r"file .*/m/model_config.json: \d+ bytes, saved \d+ \(checksum mismatch"):
     ckpt.load_model_checkpoint(out)
   (out / ckpt.MODEL_CHECKSUMS_FILE).unlink()
   with pytest.raises(ValueError, match=r"'blocks.gate_proj': checkpoint shape \(1, 32, 64\) != model shape \(1, 32, 48\)"):
@@ -203,7 +207,7 @@ _CRASHING_SAVER = """
 import os, signal, sys
 import jax, jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
-from dmpo_jax import checkpointing as ckpt
+from dmpo_jax import checkpointing as ckpt, file_digests
 
 checkpointer = ckpt.TrainCheckpointer(sys.argv[1], save_interval_steps=1, max_to_keep=3)
 state = {"w": jnp.arange(4.0), "key": jax.random.key(1)}
@@ -344,15 +348,16 @@ def test_byte_flip_in_saved_adam_moment_is_detected(tmp_path, dtype):
   with ckpt.TrainCheckpointer(tmp_path / "ckpt", max_to_keep=None) as checkpointer:
     checkpointer.save(2, state, iterator_state=b'{"i": 1}', force=True)
     checkpointer.save(3, state, iterator_state=b'{"i": 2}', force=True)
-  _flip_byte_of(tmp_path / "ckpt" / "3" / ckpt.STATE_ITEM, mu)
+  damaged = _flip_byte_of(tmp_path / "ckpt" / "3" / ckpt.STATE_ITEM, mu)
+  name = re.escape(damaged.relative_to(tmp_path / "ckpt" / "3").as_posix())
   with ckpt.TrainCheckpointer(tmp_path / "ckpt", max_to_keep=None) as checkpointer:
     with pytest.raises(ckpt.CheckpointIntegrityError,
-                       match=r"step 3 .* item 'state': array 'opt_state\.0\.mu\.embed' "
-                             rf"\({dtype.name}\(64, 32\)\): checksum") as error:
+                       match=rf"step 3 .*: item 'state': file .*/3/{name}: bytes \[0, \d+\) differ "
+                             r"from the saved SHA-256 \(checksum mismatch") as error:
       checkpointer.restore(abstract_state=state)
-    assert "params.embed" not in str(error.value)  # only the damaged array is named
+    assert str(error.value).count("file ") == 1  # only the damaged file is named
     # Without abstract_state (raw tree) the same check applies.
-    with pytest.raises(ckpt.CheckpointIntegrityError, match=r"opt_state\.0\.mu\.embed"):
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"item 'state': file .*/3/{name}"):
       checkpointer.restore(3)
     # Opt-in fallback: the newest intact step (2) is restored, bit-exact; step 3 is set aside.
     restored = checkpointer.restore(abstract_state=state, fallback=True)
@@ -366,6 +371,41 @@ def test_byte_flip_in_saved_adam_moment_is_detected(tmp_path, dtype):
     _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
 
 
+def test_save_returns_before_the_digests_and_a_step_appears_only_with_them(tmp_path, monkeypatch):
+  """The file digests are taken in orbax's background commit thread: `save` returns while they
+  are held back, the step becomes visible only once they are written, and they catch a byte
+  flipped afterwards. ``async_save=False`` waits for them inside `save`."""
+  started, release = threading.Event(), threading.Event()
+  digest_files = file_digests.digest_files
+
+  def held_back(*args, **kwargs):
+    started.set()
+    assert release.wait(120), "the test never released the digests"
+    return digest_files(*args, **kwargs)
+
+  monkeypatch.setattr(file_digests, "digest_files", held_back)
+  w = _random_bits((256, 64), np.float32, 4)
+  state = {"w": jnp.asarray(w), "step": jnp.int32(1)}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    assert checkpointer.save(1, state, iterator_state={"pos": 1}, force=True)
+    assert started.wait(120)  # save() returned; the commit thread is inside the digests
+    assert checkpointer.all_steps() == []  # not visible without its digests
+    release.set()
+    checkpointer.wait_until_finished()
+    assert checkpointer.all_steps() == [1]
+  manifest = json.loads((tmp_path / "ckpt" / "1" / ckpt.STEP_CHECKSUMS_FILE).read_text())
+  assert sorted({name.split("/")[0] for name in manifest["files"]}) == sorted(ckpt.STEP_ITEMS)
+  _flip_byte_of(tmp_path / "ckpt" / "1" / ckpt.STATE_ITEM, w)
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    with pytest.raises(ckpt.CheckpointIntegrityError, match=r"step 1 .*item 'state': file .* differ"):
+      checkpointer.restore(abstract_state=state)
+  monkeypatch.setattr(file_digests, "digest_files", digest_files)
+  with ckpt.TrainCheckpointer(tmp_path / "sync", async_save=False) as checkpointer:
+    assert checkpointer.save(2, state, force=True)
+    assert (tmp_path / "sync" / "2" / ckpt.STEP_CHECKSUMS_FILE).is_file()
+    _assert_trees_bit_equal(state, checkpointer.restore(abstract_state=state).state)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_byte_flip_in_model_checkpoint_and_broken_json_name_the_file(tmp_path, tiny_model, dtype):
   config, model = tiny_model
@@ -376,17 +416,23 @@ def test_byte_flip_in_model_checkpoint_and_broken_json_name_the_file(tmp_path, t
   params["embed"] = jnp.asarray(embed)
   out = ckpt.save_model_checkpoint(tmp_path / "m", params, config, {"step": 1})
   _assert_trees_bit_equal(params, _params(ckpt.load_model_checkpoint(out)))  # intact: loads
-  _flip_byte_of(out / ckpt.MODEL_PARAMS_DIR, embed)
-  with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"params/: array 'embed' \({dtype}"):
+  damaged = re.escape(_flip_byte_of(out / ckpt.MODEL_PARAMS_DIR, embed).relative_to(out).as_posix())
+  with pytest.raises(ckpt.CheckpointIntegrityError,
+                     match=rf"params/: file .*/{damaged}: bytes \[0, \d+\) differ from the saved"):
     ckpt.load_model_checkpoint(out)
   other = "float32" if dtype == "bfloat16" else "bfloat16"
-  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"params/: array 'embed'"):
-    ckpt.load_model_checkpoint(out, dtype=other)  # verified before the cast
+  with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"params/: file .*/{damaged}"):
+    ckpt.load_model_checkpoint(out, dtype=other)  # checked before anything is read
   (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 1')
   with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json is not valid JSON"):
     ckpt.load_model_metadata(out)
   (out / ckpt.MODEL_METADATA_FILE).write_text('{"step": 2}')
-  with pytest.raises(ckpt.CheckpointIntegrityError, match=r"metadata.json: checksum"):
+  with pytest.raises(ckpt.CheckpointIntegrityError,
+                     match=r"metadata.json: 11 bytes, saved 15 \(checksum mismatch"):
+    ckpt.load_model_metadata(out)
+  (out / ckpt.MODEL_METADATA_FILE).write_text('{\n  "step": 2\n}')  # same size, one byte changed
+  with pytest.raises(ckpt.CheckpointIntegrityError,
+                     match=r"metadata.json: bytes \[0, 15\) differ from the saved SHA-256"):
     ckpt.load_model_metadata(out)
 
 
@@ -400,42 +446,50 @@ def test_train_checkpoint_json_damage_names_step_item_and_file(tmp_path, item):
   with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
     file.write_text(text[:-3])
     with pytest.raises(ckpt.CheckpointIntegrityError,
-                       match=rf"step 1 .* item '{item}': cannot read .*1/{item}/metadata"):
+                       match=rf"step 1 .*: item '{item}': file .*1/{item}/metadata: "
+                             rf"{len(text) - 3} bytes, saved {len(text)} \(checksum mismatch"):
       checkpointer.restore(abstract_state=state)
     file.write_text(text.replace("7", "8") if item == ckpt.ITERATOR_ITEM else text.replace("{}", "[]"))
-    with pytest.raises(ckpt.CheckpointIntegrityError, match=rf"step 1 .* item '{item}' .*: checksum"):
+    with pytest.raises(ckpt.CheckpointIntegrityError,
+                       match=rf"step 1 .*: item '{item}': file .*1/{item}/metadata: bytes \[0, "
+                             rf"{len(text)}\) differ"):
       checkpointer.restore(abstract_state=state)
     with pytest.raises(ckpt.CheckpointIntegrityError, match="Every checkpoint .* is damaged"):
       checkpointer.restore(abstract_state=state, fallback=True)
+  # A step without digests (saved by an older version) is read unverified; torn JSON is still
+  # an integrity error naming the item's folder.
+  (tmp_path / "ckpt" / "1" / ckpt.STEP_CHECKSUMS_FILE).unlink()
+  file.write_text(text[:-3])
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    with pytest.raises(ckpt.CheckpointIntegrityError,
+                       match=rf"step 1 .*, item '{item}': cannot read .*1/{item}"):
+      checkpointer.restore(abstract_state=state)
 
 
-def test_checksums_match_a_plain_computation(monkeypatch):
-  """`array_checksums` (row blocks on threads, numpy) equals s1 = sum of words, s2 = sum over rows
-  of (row + 1) * row sum, mod 2^32, computed with Python integers; a one-bit change is seen."""
-  monkeypatch.setattr(ckpt, "_CHUNK_BYTES", 64)  # many row blocks even for small arrays
-
-  def by_hand(words):
-    rows = [[int(w) for w in row] for row in words.reshape(-1, words.shape[-1] if words.ndim else 1)]
-    s1 = sum(sum(row) for row in rows) % 2**32
-    s2 = sum((r + 1) * sum(row) for r, row in enumerate(rows)) % 2**32
-    return f"fletcher32x2:{s1:08x}{s2:08x}"
-
-  x = _random_bits((8, 6, 5), np.float32, 5)
-  b = np.asarray(jnp.asarray(x).astype(jnp.bfloat16))
-  tree = {"x": jnp.asarray(x), "b": jnp.asarray(b), "flags": np.array([True, False, True]),
-          "scalar": jnp.int32(-7), "i8": np.arange(-5, 5, dtype=np.int8)}
-  sums = ckpt.array_checksums(tree)
-  assert sums["x"]["checksum"] == by_hand(x.view(np.uint32))
-  assert sums["b"]["checksum"] == by_hand(b.view(np.uint16))
-  assert sums["flags"]["checksum"] == by_hand(np.array([1, 0, 1]))
-  assert sums["scalar"]["checksum"] == by_hand(np.array(-7, np.int32).view(np.uint32))
-  assert sums["i8"]["checksum"] == by_hand(np.arange(-5, 5, dtype=np.int8).view(np.uint8))
-  assert sums["b"] == {"dtype": "bfloat16", "shape": [8, 6, 5], "checksum": sums["b"]["checksum"]}
-  assert ckpt.array_checksums({"x": x})["x"] == sums["x"]  # host and device values agree
-  y = x.copy()
-  y.view(np.uint8).reshape(-1)[123] ^= 1
-  assert ckpt.array_checksums({"x": y})["x"]["checksum"] != sums["x"]["checksum"]
-  swapped = x.copy()
-  swapped[[0, 1]] = swapped[[1, 0]]  # rows moved: s1 equal, s2 differs
-  assert ckpt.array_checksums({"x": swapped})["x"]["checksum"][:21] == sums["x"]["checksum"][:21]
-  assert ckpt.array_checksums({"x": swapped})["x"]["checksum"] != sums["x"]["checksum"]
+def test_file_digests_match_hashlib_and_name_the_damaged_segment(tmp_path):
+  """`file_digests` against a plain hashlib computation: one SHA-256 per segment of
+  ``segment_bytes``; `verify_files` names the changed segment, a size change and a missing file."""
+  rng = np.random.default_rng(0)
+  (tmp_path / "item" / "sub").mkdir(parents=True)
+  blobs = {"item/a": rng.bytes(1000), "item/sub/b": rng.bytes(64), "item/empty": b""}
+  for name, data in blobs.items():
+    (tmp_path / name).write_bytes(data)
+  names = file_digests.list_files(tmp_path, ["item", "not_there"])
+  assert names == sorted(blobs)
+  files = file_digests.digest_files(tmp_path, names, segment_bytes=300)
+  for name, data in blobs.items():
+    by_hand = [hashlib.sha256(data[i:i + 300]).hexdigest() for i in range(0, max(len(data), 1), 300)]
+    assert files[name] == {"bytes": len(data), "sha256": by_hand}
+    assert file_digests.digest_bytes(data, segment_bytes=300) == files[name]
+  manifest = file_digests.make_manifest(files, segment_bytes=300)
+  assert file_digests.manifest_problem(manifest) is None
+  assert file_digests.verify_files(tmp_path, manifest) == []
+  damaged = bytearray(blobs["item/a"])
+  damaged[650] ^= 0x10
+  (tmp_path / "item/a").write_bytes(bytes(damaged))
+  (tmp_path / "item/sub/b").write_bytes(blobs["item/sub/b"] + b"x")
+  (tmp_path / "item/empty").unlink()
+  assert file_digests.verify_files(tmp_path, manifest) == [
+      "item/a: bytes [600, 900) differ from the saved SHA-256", "item/empty: missing or unreadable",
+      "item/sub/b: 65 bytes, saved 64"]
+  assert file_digests.manifest_problem({"files": {}}) is not None

@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from dmpo_jax.rl import rollout
 from dmpo_jax.tasks import (code_tasks, countdown, get_task, gsm8k, math_task, math_utils,
-                            math_verify_worker, reward_timing, sudoku, text_scan)
+                            math_verify_worker, reward_pool, reward_ranges, reward_timing, sudoku,
+                            text_scan)
 
 SLACK = 3.0
 LIMIT_S = SLACK * reward_timing.TIME_BOUND_S
@@ -42,10 +42,16 @@ def steady_cpu_seconds(call, repeats=2):
 
 
 def assert_fast_and_total(task_name, completion, name=""):
+  """Every reward and scorer of the task: within the time bound, a value, and every reward in its
+  documented range (`reward_ranges`)."""
   for label, call in reward_timing.scorer_calls(task_name, completion):
     seconds, result = steady_cpu_seconds(call)
     assert seconds <= LIMIT_S, f"{task_name} {label} on {name}: {1000 * seconds:.1f} ms"
     assert result is None or isinstance(result, (float, int, str, dict)), label
+    if label.startswith("reward/"):
+      _, style, reward = label.split("/")
+      problem = reward_ranges.violation(task_name, reward, style, completion, result)
+      assert problem is None, f"{problem} on {name}"
 
 
 @pytest.mark.parametrize("task_name", reward_timing.TEXT_TASKS)
@@ -153,6 +159,50 @@ def test_property_rewards_bounded_and_total(text):
     assert_fast_and_total(task_name, text, repr(text[:40]))
 
 
+# Pieces of real answers and of the attacks on them (alternatives, scale words, units, long
+# trailing text), glued at random: the fuzz corpus of the range check.
+_PIECES = st.sampled_from([
+    "<reasoning>\n", "\n</reasoning>\n", "<answer>\n", "\n</answer>", "\n</answer>\n", "<answer>",
+    "</answer>", "\\boxed{", "}", "18", "17", "6", "1234", "43,500", "0.5", "-3", " thousand",
+    " hundred", " million", "k", " or ", "either ", "\\text{ (or } 18)", "\\text{ dollars}", "$",
+    "\\%", ".", ",", "=", "+", "*", "/", "(", ")", "1", "2", "3", "4", "\n", " ", "x", "\\frac{1}{2}",
+    "```", "[BEGIN]", "[DONE]", "\ud800", "é"])
+FUZZ_TEXT = st.one_of(
+    st.lists(st.tuples(_PIECES, st.integers(1, 40)), max_size=12).map(
+        lambda runs: "".join(p * n for p, n in runs)),
+    st.lists(_PIECES, max_size=40).map("".join).map(lambda t: t + "z" * 5000),
+    st.text(max_size=400), ADVERSARIAL_TEXT)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(FUZZ_TEXT, st.sampled_from(["18", "43500", "17", "0"]))
+def test_property_every_reward_stays_in_its_documented_range(text, gold):
+  """Every reward of every text task and style, on fuzzed completions: in its documented range
+  (`reward_ranges`, docs/tasks.md §9.3), within the time bound, never raising."""
+  for task_name in ("gsm8k", "math", "countdown", "sudoku", "digit_sort"):
+    example = dict(reward_timing.example_for(task_name))
+    if task_name in ("gsm8k", "math"):
+      example["answer"] = gold
+    for style in ("d1", "dmpo", "spg", "fixed"):
+      for name, function in get_task(task_name).reward_functions(style):
+        seconds, value = reward_timing.cpu_seconds(lambda f=function: f(text, example))
+        assert seconds <= LIMIT_S, (task_name, style, name, 1000 * seconds)
+        problem = reward_ranges.violation(task_name, name, style, text, value)
+        assert problem is None, (problem, text[:200])
+
+
+def test_xmlcount_floor():
+  """Trailing text: the fixed style's penalty stops at the closing tag's 0.125 (it reached -59.5);
+  the reproduction styles keep the reference's, within their documented floor of -0.002 n."""
+  text = "<reasoning>\nr\n</reasoning>\n<answer>\n18\n</answer>" + "x" * 60000
+  from dmpo_jax.tasks import format_rewards  # pylint: disable=import-outside-toplevel
+  assert format_rewards.xmlcount_reward(text, {}, "fixed") == 0.375
+  assert format_rewards.xmlcount_reward(text[:-59990], {}, "fixed") == 0.49
+  spg = format_rewards.xmlcount_reward(text, {}, "spg")
+  assert spg == pytest.approx(0.5 - 0.001 * (len("18\n</answer>") + 60000) - 0.001 * 59999)
+  assert -0.002 * len(text) <= spg < -119
+
+
 _SHORT = st.lists(st.sampled_from(["<reasoning>", "</reasoning>", "<answer>", "</answer>", "\n", " ",
                                    "a", "1", "```", "`", "\t", "python", "py", "3", "[BEGIN]",
                                    "[DONE]", ",", "|", "2", "x"]), max_size=12).map("".join)
@@ -184,8 +234,8 @@ def test_linear_scans_equal_the_regexes(body, prefix, suffix):
 def test_reward_pool_matches_in_process():
   examples = [{"answer": "18"}, {"answer": "7"}, {"answer": "3"}]
   completions = ["<answer>\\boxed{18}</answer>", "<answer>8</answer>", "<answer>" * 20000]
-  expected = rollout.RewardPool("gsm8k", "fixed", 0)(completions, examples)
-  pool = rollout.RewardPool("gsm8k", "fixed", 2)
+  expected = reward_pool.RewardPool("gsm8k", "fixed", 0)(completions, examples)
+  pool = reward_pool.RewardPool("gsm8k", "fixed", 2)
   try:
     np.testing.assert_array_equal(pool(completions, examples), expected)
     assert pool.last_failures == []
@@ -202,7 +252,7 @@ def test_reward_pool_wall_limit_scores_zero_and_replaces_worker(monkeypatch, fix
   example = task.load_eval(data_dir=fixture_data_dir)[0]
   solution = "[BEGIN]\n" + example["code"] + "\n[DONE]"
   sleeper = "[BEGIN]\nimport time\ntime.sleep(30)\n[DONE]"
-  pool = rollout.RewardPool("mbpp", "fixed", 1, timeout_s=3.0)
+  pool = reward_pool.RewardPool("mbpp", "fixed", 1, timeout_s=3.0)
   try:
     start = time.monotonic()
     rewards = pool([sleeper, solution], [example, example])
@@ -246,7 +296,7 @@ def test_vectorised_brace_matching_equals_a_stack(text):
 def test_reward_pool_propagates_task_errors_and_recovers():
   """A reward that raises (here: an example without its gold field) is a bug: the error names the
   completion; in-flight calls are dropped, so the next call gets only its own answers."""
-  pool = rollout.RewardPool("gsm8k", "fixed", 2)
+  pool = reward_pool.RewardPool("gsm8k", "fixed", 2)
   try:
     with pytest.raises(RuntimeError, match="KeyError.*<answer>7"):
       pool(["<answer>7</answer>", "<answer>8</answer>"], [{}, {"answer": "8"}])

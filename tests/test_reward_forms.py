@@ -8,7 +8,7 @@ task's published reward values (GSM8K correctness 2.0, int 0.5; MATH correctness
 
 import pytest
 
-from dmpo_jax.tasks import countdown, gsm8k, math_task, sudoku
+from dmpo_jax.tasks import countdown, get_task, gsm8k, math_task, sudoku
 
 GSM_GOLD = {"answer": "43500"}
 CORRECT_FORMS = [
@@ -103,3 +103,54 @@ def test_sudoku_fixed_reads_unclosed_answer():
   completion = "<answer>\n1234 3412 2143 4321"
   assert sudoku.sudoku_reward(completion, example, "fixed") == 1.0
   assert sudoku.sudoku_reward(completion, example, "d1") == 0.0  # no closed block
+
+
+# ------------------------------------------------------------------ one answer, its real value
+@pytest.mark.parametrize("use_math_verify", [False, True])
+def test_an_answer_offering_alternatives_gets_no_credit(use_math_verify):
+  """``\\boxed{17 \\text{ (or } 18)}`` was credited for gold 17 (Hendrycks strips the text as
+  units) and for gold 18 (math-verify reads the last number)."""
+  if use_math_verify:
+    pytest.importorskip("math_verify")
+  for completion in ("<answer>\\boxed{17 \\text{ (or } 18)}</answer>",
+                     "<answer>\\boxed{17 \\text{ or } 18}</answer>",
+                     "<answer>either 17 or 18</answer>"):
+    for gold in ("17", "18"):
+      assert math_task.correctness_reward(completion, {"answer": gold}, "fixed",
+                                          use_math_verify=use_math_verify) == 0.0, (completion, gold)
+      assert not get_task("math").score(completion, {"answer": gold},
+                                         use_math_verify=use_math_verify)["correct"]
+  assert math_task.correctness_reward("<answer>\\boxed{18}</answer>", {"answer": "18"}, "fixed",
+                                      use_math_verify=use_math_verify) == 2.0
+
+
+def test_math_verify_compares_one_parsed_answer():
+  pytest.importorskip("math_verify")
+  from dmpo_jax.tasks import math_utils  # pylint: disable=import-outside-toplevel
+  assert not math_utils.math_verify_equal("17", "17, 18")       # a set where the gold is one value
+  assert math_utils.math_verify_equal("\\{17, 18\\}", "18, 17")  # a set gold: the same set
+  assert not math_utils.math_verify_equal("17", "17 \\text{ (or } 18)")
+  assert math_utils.math_verify_equal("\\frac{1}{2}", "0.5")
+
+
+@pytest.mark.parametrize("answer,value", [
+    ("18 thousand", 18000), ("18 hundred", 1800), ("18k", 18000), ("18 K", 18000),
+    ("1.5 million", 1500000), ("18 \\text{ thousand}", 18000), ("2 dozen", 24),
+    ("18 thousand dollars", 18000), ("18 kg", 18), ("18", 18)])
+def test_scale_words_change_the_value(answer, value):
+  """The fixed style credited ``18 thousand`` and ``18 hundred`` for gold 18."""
+  completion = f"<answer>{answer}</answer>"
+  for gold in ("18", "1800", "18000", "24", "1500000"):
+    expected = 2.0 if int(gold) == value else 0.0
+    assert gsm8k.correctness_reward(completion, {"answer": gold}, "fixed") == expected, (answer, gold)
+    assert math_task.correctness_reward(f"<answer>\\boxed{{{answer}}}</answer>", {"answer": gold},
+                                        "fixed") == expected, (answer, gold)
+  assert get_task("gsm8k").score(f"\\boxed{{{answer}}}", {"answer": str(value)})["correct"]
+
+
+def test_a_variable_is_no_scale_or_unit_of_the_gold():
+  """MATH gold ``2k`` is an expression: only ``2k`` itself matches (``2`` matched before, the
+  ``k`` read as a unit)."""
+  for completion, reward in (("2k", 2.0), ("2 k", 2.0), ("2", 0.0), ("2000", 0.0)):
+    assert math_task.correctness_reward(f"<answer>\\boxed{{{completion}}}</answer>",
+                                        {"answer": "2k"}, "fixed") == reward, completion

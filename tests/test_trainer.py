@@ -253,7 +253,8 @@ def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkey
   monkeypatch.chdir(tmp_path)  # the same relative path as the killed command line
   config = small_config(**overrides)
   with pytest.raises(checkpointing.CheckpointIntegrityError,
-                     match=rf"step {latest} .*item 'iterator': cannot read .*{latest}/iterator/metadata"):
+                     match=rf"step {latest} .*item 'iterator': file .*{latest}/iterator/metadata: "
+                           r"\d+ bytes, saved \d+ \(checksum mismatch"):
     loop.train(config, "run")
   results = loop.train(config, "run", fallback_to_previous_checkpoint=True)
   assert "final_model" in results

@@ -28,14 +28,14 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmpo_jax import checkpointing, cli, interrupts, metrics as metrics_lib, sharding
+from dmpo_jax import checkpointing, cli, interrupts, metrics as metrics_lib, profiling, sharding
 from dmpo_jax import workdir as workdir_lib
 from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import config_checks, data_checks, final_model, registry, rollout, run_start, sft
-from dmpo_jax.rl import train_state as ts, train_step
-from dmpo_jax.tasks import base as task_base, pipeline
+from dmpo_jax.rl import step_io, train_state as ts, train_step
+from dmpo_jax.tasks import base as task_base, pipeline, reward_pool as reward_pool_lib
 from dmpo_jax.tasks import digit_sort
 
 _log = logging.getLogger("dmpo_jax.train")
@@ -72,6 +72,9 @@ NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
     "task.reward_workers": (int, 0, INF),
     "task.reward_timeout_s": (float, 0, INF),    # 0: the task's default wall limit
     "task.max_truncated_fraction": (float, 0, 1),
+    "sandbox.cpu_time_s": (int, 1, INF),
+    "sandbox.wall_time_s": (float, 0, INF),      # > 0, checked by SandboxConfig
+    "sandbox.memory_bytes": (int, 64 << 20, INF),
     "rollout.gen_length": (int, 1, INF),
     "rollout.block_length": (int, 1, INF),
     "rollout.steps": (int, 1, INF),
@@ -169,6 +172,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
       task_base.check_eval_style(config.eval.get("style", "fixed"), config.task.name)
     except ValueError as e:
       errors.append(f"eval.style: {e}")
+    errors += reward_pool_lib.config_errors(config)
   for block, prefix in ((config.rollout, "rollout"), (config.eval, "eval")):
     gen, blk, steps = block.gen_length, block.block_length, block.steps
     if gen % blk:
@@ -204,6 +208,7 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
   if not isinstance(config.optimizer.master_weights, bool):
     errors.append(f"optimizer.master_weights: must be true or false, got "
                   f"{config.optimizer.master_weights!r}")
+  errors += profiling.config_errors(config.get("profile_steps", ""), config.num_steps)
   if jax.process_count() > 1 and config.sft.num_steps and config.sft.batch_size % jax.process_count():
     errors.append(f"sft.batch_size={config.sft.batch_size} is not divisible by the "
                   f"{jax.process_count()} processes")
@@ -338,6 +343,7 @@ class Trainer:
     self.workdir = pathlib.Path(self.workdir)
     validate_config(config, jax.device_count())
     self.task = task_base.get_task(config.task.name)
+    reward_pool_lib.configure_task(self.task, config)  # code tasks: config.sandbox
     with cli.user_input(f"task {config.task.name} data"):  # before the (slow) model load
       self.data = self.load_data()
     cli.check(len(self.data[0]) > 0 and len(self.data[2]) > 0,
@@ -354,6 +360,7 @@ class Trainer:
                                      alpha=config.model.lora_alpha,
                                      targets=tuple(config.model.lora_targets), seed=config.seed)
     self.graphdef, params = nnx.split(self.model)
+    self.model_config, self.model = self.model.config, None  # its arrays are donated below
     self.param_shardings = sharding.state_shardings(params, self.mesh)
     params = jax.device_put(params, self.param_shardings)
     self.objective = registry.get_objective(config.objective)
@@ -364,7 +371,8 @@ class Trainer:
     init = functools.partial(ts.init_train_state, optimizer=self.optimizer, seed=config.seed,
                              master_weights=config.optimizer.master_weights)
     _, self.state_shardings = train_step.state_shardings(init, params, self.mesh)
-    self.state = jax.jit(init, out_shardings=self.state_shardings)(params)
+    # The parameters are donated: the state's params reuse their buffers (no second copy).
+    self.state = jax.jit(init, out_shardings=self.state_shardings, donate_argnums=0)(params)
     self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
@@ -398,10 +406,12 @@ class Trainer:
 
   # -- sampling and evaluation -----------------------------------------------------------------
   def sample(self, params, prompt_ids, prompt_mask, key, sampler_config):
+    """Samples from this process's prompts; returns the global (sequences [B, P + L], prompt
+    mask [B, P]) on the devices, split over the batch axes."""
     put = self.put_batch({"ids": prompt_ids, "mask": prompt_mask})
     ids, mask = put["ids"], put["mask"]
     out = sampler_lib.generate(self.graphdef, params, ids, mask, key, sampler_config)
-    return self.local_rows(out.sequences)
+    return out.sequences, mask
 
   def evaluate(self, params, examples) -> dict[str, float]:
     """Greedy held-out accuracy (%) with the eval sampler; pads the last batch."""
@@ -414,8 +424,8 @@ class Trainer:
                                             prompt_length=self.prompt_length, evaluation=True)
       share = bs // jax.process_count()  # each process feeds its rows of the batch
       mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-      seqs = self.all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
-                                       self.eval_config))
+      seqs = step_io.fetch_all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
+                                                self.eval_config)[0])
       completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
     style = self.config.eval.get("style", task_base.DEFAULT_EVAL_STYLE)
     scores = self.task.score_many(completions, examples,
@@ -434,7 +444,9 @@ class Trainer:
     # Fixed state shardings (the parameters' FSDP layout, moments split like them), so the RL
     # step accepts the result.
     _, shardings = train_step.state_shardings(init, self.state.params, self.mesh)
-    state = jax.jit(init, out_shardings=shardings)(self.state.params)
+    # Donated: the warm-up state takes over the parameters' buffers; self.state gets them back
+    # (trained) at the end.
+    state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(self.state.params)
     step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0,
                       out_shardings=(shardings, None))
     rng = np.random.default_rng(c.seed)
@@ -473,32 +485,7 @@ class Trainer:
 
   def put_batch(self, arrays: dict[str, Any]) -> dict[str, jax.Array]:
     """This process's rows -> global device arrays split over the batch mesh axes (dim 0)."""
-    out = {}
-    for k, v in arrays.items():
-      target = sharding.batch_sharding(self.mesh, np.ndim(v))
-      if jax.process_count() > 1:
-        out[k] = jax.make_array_from_process_local_data(target, np.asarray(v))
-      else:
-        out[k] = jax.device_put(jnp.asarray(v), target)
-    return out
-
-  @staticmethod
-  def local_rows(array: jax.Array) -> np.ndarray:
-    """The rows of a batch-sharded global array that belong to this process, on the host."""
-    if jax.process_count() == 1:
-      return np.asarray(jax.device_get(array))
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    full = np.asarray(multihost_utils.process_allgather(array, tiled=True))
-    rows = full.shape[0] // jax.process_count()
-    return full[jax.process_index() * rows:(jax.process_index() + 1) * rows]
-
-  @staticmethod
-  def all_rows(local: np.ndarray) -> np.ndarray:
-    """Host rows of every process, concatenated in process order (the global batch order)."""
-    if jax.process_count() == 1:
-      return np.asarray(local)
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    return np.asarray(multihost_utils.process_allgather(np.asarray(local), tiled=True))
+    return step_io.put_rows(self.mesh, arrays)
 
   # -- the RL train step --------------------------------------------------------------------------
   def abstract_rollout_batch(self, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
@@ -527,21 +514,19 @@ class Trainer:
                         f"{v / 2**20:,.1f} MiB" for k, v in info.items()) or "no memory analysis")
     return info
 
-  def update_batches(self, batch_np: dict[str, np.ndarray], per_example_np: dict[str, np.ndarray]):
-    """The (batch, per-example) pairs of the ``updates_per_rollout`` updates of one rollout.
+  def update_batches(self, batch: dict[str, jax.Array], per_example: dict[str, jax.Array]):
+    """The (batch, per-example) pairs of the ``updates_per_rollout`` updates of one rollout, cut
+    on the device (`step_io.minibatch`).
 
     With ``minibatches_per_rollout`` = M, the rollout (prompts in order, each prompt's G
-    completions consecutive) is split into M disjoint mini-batches of whole groups and update i
-    uses mini-batch i mod M (BGPO's off-policy mode: M = 2, two updates). M = 1 reuses the whole
-    rollout for every update (DMPO's F-fold buffer reuse, diffu-GRPO's μ iterations).
+    completions consecutive) is split into M disjoint mini-batches of whole groups (consecutive
+    rows of the global batch) and update i uses mini-batch i mod M (BGPO's off-policy mode:
+    M = 2, two updates). M = 1 reuses the whole rollout for every update (DMPO's F-fold buffer
+    reuse, diffu-GRPO's μ iterations).
     """
     minibatches = self.config.minibatches_per_rollout
-    rows = len(batch_np["rewards"]) // minibatches
-    placed = []
-    for m in range(minibatches):
-      part = slice(m * rows, (m + 1) * rows)
-      placed.append((self.put_batch({k: v[part] for k, v in batch_np.items()}),
-                     self.put_batch({k: v[part] for k, v in per_example_np.items()})))
+    placed = [step_io.minibatch(self.mesh, (batch, per_example), m, minibatches)
+              for m in range(minibatches)]
     for iteration in range(self.config.updates_per_rollout):
       yield placed[iteration % minibatches]
 
@@ -569,12 +554,15 @@ class Trainer:
                                            max_to_keep=c.checkpoint.max_to_keep)
     start_step = 0
     if ckpt.latest_step() is not None:
+      # Restored straight into the state's shardings; the freshly initialised state is freed
+      # first, so two train states never share the devices' memory.
+      abstract_state, self.state = train_step.abstract(self.state), None
       try:
-        restored = ckpt.restore(abstract_state=self.state,
+        restored = ckpt.restore(abstract_state=abstract_state,
                                 fallback=self.fallback_to_previous_checkpoint)
       except checkpointing.CheckpointIntegrityError:
         raise
-      except ValueError as e:  # another run's state (a workdir without run_config.json)
+      except ValueError as e:  # another run's state (a checkpoint without its config)
         raise WorkdirError(f"{e}; a resume needs the same model, LoRA and optimizer settings: use "
                            "another --workdir, or pass --overwrite to start from scratch") from e
       start_step = int(restored.metadata["checkpoint_step"])
@@ -610,60 +598,63 @@ class Trainer:
       else:
         ref_params = jax.tree.map(jnp.copy, self.state.params)
         with workdir_lib.storage_operation("write the reference model", reference_dir):
-          checkpointing.save_model_checkpoint(reference_dir, self.state.params, self.model.config,
+          checkpointing.save_model_checkpoint(reference_dir, self.state.params, self.model_config,
                                               overwrite=True)
     elif not start_step and jax.process_index() == 0:
       reference_dir.mkdir(exist_ok=True)
 
     results.update(self.compile_steps(ref_params))
-    reward_pool = rollout.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers,
-                                     timeout_s=c.task.get("reward_timeout_s", 0.0) or None)
+    reward_pool = reward_pool_lib.RewardPool(c.task.name, c.task.reward_style, c.task.reward_workers,
+                                             timeout_s=c.task.get("reward_timeout_s", 0.0) or None)
     timer = metrics_lib.PhaseTimer()
     progress = metrics_lib.ProgressBar(c.num_steps, initial=start_step, desc=f"{c.objective} RL",
                                        disable=None if bar_enabled else True,
                                        process_index=jax.process_index(),
                                        log_every_steps=c.log_every_steps,
                                        log_every_seconds=c.log_every_seconds)
+    profiler = profiling.StepProfiler(c.get("profile_steps", ""), self.workdir)
     last_metrics: dict[str, float] = {}
     step = start_step
     checkpoints = workdir_lib.storage_operation  # a failed save: one line, older steps intact
     failed = False
     try:
       for step in range(start_step, c.num_steps):
+        profiler.start_step(step + 1)
         element = next(iterator)
         examples = element["examples"]
         rollout_key = jax.random.fold_in(jax.random.fold_in(self.state.key, step), 0x5A3)
         with timer.phase("rollout"):
           ids, mask, truncated = rollout.encode_prompts(self.tokenizer, self.task, examples,
                                                         prompt_length=self.prompt_length)
-          sequences = self.sample(self.state.params, ids, mask, rollout_key, self.rollout_config)
+          sequences, prompt_mask = self.sample(self.state.params, ids, mask, rollout_key,
+                                               self.rollout_config)
+          # Host copy 1 of 2: this process's completion tokens, for its rewards.
+          completion_ids = step_io.fetch_local_rows(sequences[:, self.prompt_length:], self.mesh)
         with timer.phase("reward"):
-          completions = rollout.decode_completions(self.tokenizer, sequences, self.prompt_length)
+          completions = rollout.decode_completions(self.tokenizer, completion_ids, 0)
           rewards = reward_pool(completions, examples)
         batch_size = len(examples)
         example_ids = (step * jax.process_count() + jax.process_index()) * batch_size + np.arange(batch_size)
-        batch_np = rollout.rl_batch(sequences, mask, rewards, element["group_ids"], example_ids)
-        batch = self.put_batch(batch_np)
+        # The batch is built on the device from the sampler's output (no copy of the sequences).
+        truncated_rows = np.arange(batch_size) < truncated  # only their sum is used
+        batch, rollout_metrics = step_io.device_rl_batch(
+            self.mesh, sequences, prompt_mask, self.put_batch({
+                "rewards": np.asarray(rewards, np.float32), "group_ids": element["group_ids"],
+                "example_ids": example_ids, "truncated": truncated_rows}))
         with timer.phase("prepare"):
           prepared = self._prepare(self.state.params, ref_params, batch, self.state.key,
                                    jnp.int32(step))
-          per_example_np = {k: self.local_rows(v) for k, v in prepared.per_example.items()}
+          jax.block_until_ready(prepared.per_example)  # the phase time covers the device work
         with timer.phase("update"):
           update_metrics = []
-          for iteration, (mb, pe) in enumerate(self.update_batches(batch_np, per_example_np)):
+          for iteration, (mb, pe) in enumerate(self.update_batches(batch, prepared.per_example)):
             self.state, m = self._train_step(self.state, mb, pe, jnp.int32(step),
                                              jnp.int32(iteration))
             update_metrics.append(m)
-          update_metrics = jax.device_get(update_metrics)
+          # Host copy 2 of 2: every metric of the step, packed into one vector on the device.
+          step_metrics = step_io.fetch_metrics(self.mesh, update_metrics, {
+              **{f"prepare/{k}": v for k, v in prepared.metrics.items()}, **rollout_metrics})
         guard.unsaved_progress = True  # a stop now saves this step first
-        step_metrics = {k: float(np.mean([m[k] for m in update_metrics])) for k in update_metrics[0]}
-        step_metrics.update({f"prepare/{k}": float(v) for k, v in jax.device_get(prepared.metrics).items()})
-        # Reward statistics over the global batch (every process's rows).
-        global_rewards = self.all_rows(np.asarray(rewards, np.float32))
-        step_metrics.update(rollout.group_reward_stats(global_rewards,
-                                                       self.all_rows(element["group_ids"])))
-        step_metrics["reward/accuracy"] = float(np.mean(global_rewards >= 1.0))
-        step_metrics["rollout/truncated_prompts"] = float(np.sum(self.all_rows(np.asarray([truncated]))))
         step_metrics["reward/failed_calls"] = float(len(reward_pool.last_failures))
         done = step + 1
         if c.eval.every_steps and (done % c.eval.every_steps == 0 or done == c.num_steps):
@@ -673,7 +664,7 @@ class Trainer:
         step_metrics.update(times)
         step_metrics["time/rollout_share"] = rollout_share(times)
         step_metrics["rollout/tokens_per_second"] = metrics_lib.tokens_per_second(
-            sequences.shape[0] * c.rollout.gen_length, times.get("time/rollout", 0.0))
+            completion_ids.shape[0] * c.rollout.gen_length, times.get("time/rollout", 0.0))
         with cli.file_operation("write the metrics", writer.path):
           writer.write(done, step_metrics)
         last_metrics = step_metrics
@@ -687,6 +678,7 @@ class Trainer:
           ckpt.save(done, self.state, iterator_state=iterator.get_state(),
                     consumed_prompts=done * c.prompts_per_step, metadata={"config": c.to_json()},
                     force=done == c.num_steps or stop)
+          profiler.end_step(done)
           if stop:
             signum = guard.first_signal or signal.SIGTERM  # another process was signalled
             _log.warning("stop requested (%s): saving step %d and exiting",
@@ -698,6 +690,7 @@ class Trainer:
       failed = True
       raise
     finally:
+      profiler.close()
       progress.close()
       try:
         with checkpoints("write the checkpoint", ckpt.directory, run_start.last_checkpoint_note(ckpt)):

@@ -8,9 +8,10 @@ of `dmpo_jax.rl.scoring`.
 from __future__ import annotations
 
 import dataclasses
-import multiprocessing
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from dmpo_jax.diffusion import sampler as sampler_lib
@@ -88,209 +89,22 @@ def decode_completions(tokenizer: Any, sequences: np.ndarray, prompt_length: int
           for ids in completion_token_ids(sequences, prompt_length, stop_ids)]
 
 
-def _total_reward(args) -> float:
-  task_name, style, completion, example = args
-  return task_base.get_task(task_name).total_reward(completion, example, style)
-
-
-# Per-call wall limit of a reward (seconds) when none is given: generous for text rewards (they
-# take <= 50 ms; math-verify has its own 2 s limit plus a restart after a timeout), and the
-# sandbox's wall limit plus a margin for code.
-TEXT_REWARD_TIMEOUT_S = 30.0
-CODE_REWARD_MARGIN_S = 15.0
-
-
-def default_reward_timeout(task_name: str) -> float:
-  task = task_base.get_task(task_name)
-  sandbox_config = getattr(task, "config", None)
-  wall = getattr(sandbox_config, "wall_time_s", None)
-  return float(wall) + CODE_REWARD_MARGIN_S if wall else TEXT_REWARD_TIMEOUT_S
-
-
-def _reward_worker(connection, task_name: str, style: str) -> None:
-  """Worker loop: own process group (so the pool can kill it with anything it started), killed
-  with its parent where the OS allows (PR_SET_PDEATHSIG); answers (index, value, error)."""
-  import os  # pylint: disable=import-outside-toplevel
-  import signal  # pylint: disable=import-outside-toplevel
-  try:
-    os.setpgrp()
-    import ctypes  # pylint: disable=import-outside-toplevel
-    ctypes.CDLL(None).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
-  except (OSError, AttributeError):
-    pass
-  task = task_base.get_task(task_name)
-  connection.send(("ready", None, None))
-  while True:
-    try:
-      job = connection.recv()
-    except (EOFError, OSError):
-      return
-    if job is None:
-      return
-    index, completion, example = job
-    try:
-      connection.send((index, float(task.total_reward(completion, example, style)), None))
-    except Exception as e:  # pylint: disable=broad-except
-      connection.send((index, None, f"{type(e).__name__}: {e}"))
-
-
-class _Worker:
-  """One reward worker process and the job it is running."""
-
-  def __init__(self, context, task_name: str, style: str):
-    self.connection, child = context.Pipe()
-    self.process = context.Process(target=_reward_worker, args=(child, task_name, style),
-                                   daemon=True)
-    self.process.start()
-    child.close()
-    self.ready = False
-    self.job = None  # (index, deadline)
-
-  def kill(self) -> None:
-    import os  # pylint: disable=import-outside-toplevel
-    import signal  # pylint: disable=import-outside-toplevel
-    try:
-      os.killpg(self.process.pid, signal.SIGKILL)
-    except (OSError, ProcessLookupError):
-      self.process.kill()
-    self.process.join(5)
-    self.connection.close()
-
-
-class RewardPool:
-  """Computes rewards in parallel worker processes (``num_workers`` = 0: in this process).
-
-  Workers are started with ``spawn`` (safe next to JAX's threads). With workers, every call (the
-  total reward of one completion) has a wall-clock limit, ``timeout_s`` (default
-  `default_reward_timeout`): a call past it scores 0, its reason is recorded in
-  ``last_failures`` (index, reason), and its worker is killed with everything it started and
-  replaced. In-process rewards (``num_workers`` = 0, the demo) have no limit. A reward function
-  that raises is a bug in the task and propagates with the offending completion in the message.
-  """
-
-  def __init__(self, task_name: str, reward_style: str, num_workers: int = 0,
-               timeout_s: float | None = None):
-    task_base.get_task(task_name)  # fail fast on unknown task names
-    task_base.check_reward_style(reward_style)
-    if num_workers < 0:
-      raise ValueError(f"num_workers must be >= 0, got {num_workers}")
-    self.task_name, self.reward_style = task_name, reward_style
-    self.timeout_s = float(timeout_s) if timeout_s else default_reward_timeout(task_name)
-    self.last_failures: list[tuple[int, str]] = []
-    self.replaced_workers = 0
-    self._context = multiprocessing.get_context("spawn")
-    self._workers = [self._new_worker() for _ in range(num_workers)]
-
-  def _new_worker(self) -> _Worker:
-    return _Worker(self._context, self.task_name, self.reward_style)
-
-  def __call__(self, completions: Sequence[str], examples: Sequence[dict]) -> np.ndarray:
-    if len(completions) != len(examples):
-      raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
-    self.last_failures = []
-    if not self._workers:
-      return np.asarray([_total_reward((self.task_name, self.reward_style, c, e))
-                         for c, e in zip(completions, examples)], np.float32)
-    return np.asarray(self._run(list(completions), list(examples)), np.float32)
-
-  def _run(self, completions: list, examples: list) -> list:
-    import time  # pylint: disable=import-outside-toplevel
-    from multiprocessing import connection as mp_connection  # pylint: disable=import-outside-toplevel
-    rewards: list = [None] * len(completions)
-    queue = list(range(len(completions)))[::-1]
-    remaining = len(completions)
-
-    def fail(worker_index: int, reason: str) -> None:
-      nonlocal remaining
-      worker = self._workers[worker_index]
-      if worker.job is not None:
-        index = worker.job[0]
-        rewards[index] = 0.0
-        self.last_failures.append((index, reason))
-        remaining -= 1
-      worker.kill()
-      self._workers[worker_index] = self._new_worker()
-      self.replaced_workers += 1
-
-    while remaining:
-      for worker in self._workers:
-        if worker.ready and worker.job is None and queue:
-          index = queue.pop()
-          worker.connection.send((index, completions[index], examples[index]))
-          worker.job = (index, time.monotonic() + self.timeout_s)
-      deadlines = [w.job[1] for w in self._workers if w.job is not None]
-      wait_s = max(0.0, min(deadlines) - time.monotonic()) if deadlines else None
-      ready = mp_connection.wait([w.connection for w in self._workers], timeout=wait_s)
-      for worker_index, worker in enumerate(list(self._workers)):
-        if worker.connection not in ready:
-          continue
-        try:
-          index, value, error = worker.connection.recv()
-        except (EOFError, OSError):
-          if not worker.ready:
-            worker.process.join(5)
-            raise RuntimeError(f"a reward worker for task {self.task_name} failed to start "
-                               f"(exit code {worker.process.exitcode})") from None
-          fail(worker_index, f"reward worker died (exit code {worker.process.exitcode})")
-          continue
-        if index == "ready":
-          worker.ready = True
-          continue
-        worker.job = None
-        if error is not None:
-          for other_index, other in enumerate(self._workers):
-            if other.job is not None:  # drop in-flight calls so no stale answer reaches a later call
-              other.job = None
-              other.kill()
-              self._workers[other_index] = self._new_worker()
-          raise RuntimeError(f"reward of task {self.task_name} (style {self.reward_style}) raised "
-                             f"{error} on completion {completions[index][:2000]!r}")
-        rewards[index] = value
-        remaining -= 1
-      now = time.monotonic()
-      for worker_index, worker in enumerate(list(self._workers)):
-        if worker.job is not None and worker.job[1] <= now:
-          fail(worker_index, f"reward call exceeded the {self.timeout_s:g} s wall limit")
-    return rewards
-
-  def close(self) -> None:
-    for worker in self._workers:
-      if worker.process.is_alive():
-        try:
-          worker.connection.send(None)
-        except OSError:
-          pass
-        worker.process.join(2)
-      if worker.process.is_alive():
-        worker.kill()
-      else:
-        worker.connection.close()
-    self._workers = []
-
-
-def rl_batch(sequences: np.ndarray, prompt_mask: np.ndarray, rewards: np.ndarray,
-             group_ids: np.ndarray, example_ids: np.ndarray) -> dict[str, np.ndarray]:
-  """The RL batch contract of `dmpo_jax.rl.scoring` from a sampled canvas [B, P + L]."""
+def rl_batch(sequences: Any, prompt_mask: Any, rewards: Any, group_ids: Any,
+             example_ids: Any) -> dict[str, Any]:
+  """The RL batch contract of `dmpo_jax.rl.scoring` from a sampled canvas [B, P + L]: numpy
+  arrays from host arrays, jax arrays from device arrays (also inside ``jit``)."""
+  xp = jnp if isinstance(sequences, jax.Array) or isinstance(prompt_mask, jax.Array) else np
   b, total = sequences.shape
   p = prompt_mask.shape[1]
-  completion = np.zeros((b, total), bool)
-  completion[:, p:] = True
+  completion = (xp.zeros((b, total), xp.int32) + xp.arange(total, dtype=xp.int32)) >= p
   return {
-      "sequences": np.asarray(sequences, np.int32),
-      "attention_mask": np.concatenate([prompt_mask, np.ones((b, total - p), bool)], axis=1),
+      "sequences": xp.asarray(sequences, xp.int32),
+      "attention_mask": xp.concatenate([xp.asarray(prompt_mask, bool), xp.ones((b, total - p), bool)],
+                                       axis=1),
       "prompt_mask": ~completion,
       "completion_mask": completion,
-      "rewards": np.asarray(rewards, np.float32),
-      "group_ids": np.asarray(group_ids, np.int32),
-      "example_ids": np.asarray(example_ids, np.int32),
+      "rewards": xp.asarray(rewards, xp.float32),
+      "group_ids": xp.asarray(group_ids, xp.int32),
+      "example_ids": xp.asarray(example_ids, xp.int32),
   }
 
-
-def group_reward_stats(rewards: np.ndarray, group_ids: np.ndarray) -> dict[str, float]:
-  """Reward mean/std over the batch and the fraction of groups whose rewards are all equal."""
-  groups = {}
-  for r, g in zip(rewards, group_ids):
-    groups.setdefault(int(g), []).append(float(r))
-  zero_std = np.mean([np.std(v) == 0 for v in groups.values()]) if groups else 0.0
-  return {"reward/mean": float(np.mean(rewards)), "reward/std": float(np.std(rewards)),
-          "reward/zero_std_group_fraction": float(zero_std)}

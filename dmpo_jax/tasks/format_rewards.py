@@ -34,8 +34,11 @@ def xmlcount_reward(completion: str, example: Dict[str, Any], style: str = "fixe
   d1/dmpo: the trailing text after ``\\n</answer>\\n`` is penalised in the third branch and the
   text after ``\\n</answer>`` (minus one) again in the fourth (double penalty; when the completion
   has no ``\\n</answer>\\n`` the third branch measures the *whole* text). spg: the third branch
-  measures the text after ``\\n<answer>\\n``. fixed: penalty applied once, on the text after the
-  last ``\\n</answer>`` with whitespace stripped, so the maximum is exactly 0.5.
+  measures the text after ``\\n<answer>\\n``. These styles keep the reference's penalty, which
+  has no floor but the text's length: the reward lies in [-0.002 n, 0.5] for a completion of n
+  characters (`reward_ranges`). fixed: penalty applied once, on the text after the last
+  ``\\n</answer>`` with whitespace stripped, and at most the closing tag's 0.125, so the reward
+  lies in [0, 0.5].
   """
   del example
   style = check_reward_style(style)
@@ -54,7 +57,7 @@ def xmlcount_reward(completion: str, example: Dict[str, Any], style: str = "fixe
   if text.count("\n</answer>") == 1:
     count += 0.125
     if style == "fixed":
-      count -= len(text.split("\n</answer>")[-1].strip()) * 0.001
+      count -= min(0.125, len(text.split("\n</answer>")[-1].strip()) * 0.001)
     else:
       count -= (len(text.split("\n</answer>")[-1]) - 1) * 0.001
   return count

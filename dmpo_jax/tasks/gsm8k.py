@@ -41,12 +41,13 @@ def correctness_reward(completion: str, example: Dict[str, Any], style: str = "f
   """2.0 if the answer equals the gold. d1: exact string compare of ``extract_xml_answer`` (the
   whole completion when there is no tag); fixed: the answer region (the last ``<answer>``, closed
   or cut at the end) holds a number in any common form (`math_utils.numeric_answer`) exactly
-  equal to the gold, e.g. ``<answer>\\n\\boxed{43500}\\n</answer>`` for 43500."""
+  equal to the gold, e.g. ``<answer>\\n\\boxed{43500}\\n</answer>`` for 43500 (a scale word
+  scales it: ``18 thousand`` is 18000)."""
   gold = example["answer"]
   if base.check_reward_style(style) != "fixed":
     return 2.0 if fmt.extract_xml_answer_d1(completion) == gold else 0.0
   predicted = math_utils.numeric_answer(text_scan.answer_region(completion))
-  gold_value = math_utils.numeric_answer(str(gold))
+  gold_value = math_utils.numeric_answer(str(gold), units=False)
   return 2.0 if predicted is not None and predicted == gold_value else 0.0
 
 

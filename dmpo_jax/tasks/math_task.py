@@ -35,14 +35,25 @@ def gold_answer(example: base.Example) -> Optional[str]:
 
 def answers_equivalent(predicted: Optional[str], gold: Optional[str],
                        use_math_verify: bool = False) -> bool:
-  """Fixed-style equivalence: Hendrycks ``is_equiv``, or equal numbers in any common form
-  (``43{,}500`` = ``43500``), or (optional) math-verify under its hard timeout."""
+  """Fixed-style equivalence of one answer with the gold (`docs/tasks.md` §9): no credit for an
+  answer that offers alternatives (``17 \\text{ (or } 18)``); the same text; else, when the
+  answer is a number (a scale word scales it: ``18 thousand`` = 18000) and the gold a plain
+  number, equal values; a scaled answer never matches otherwise; else Hendrycks ``is_equiv``, or
+  (optional) math-verify under its hard timeout (`math_utils.math_verify_equal`)."""
   if predicted is None or gold is None:
     return False
-  if math_utils.is_equiv(predicted, gold):
+  if math_utils.states_alternatives(predicted) and not math_utils.states_alternatives(gold):
+    return False
+  if "".join(predicted.split()) == "".join(gold.split()):
     return True
   value = math_utils.numeric_answer(predicted)
-  if value is not None and value == math_utils.numeric_answer(gold):
+  if value is not None:
+    gold_value = math_utils.numeric_answer(gold, units=False)
+    if gold_value is not None:
+      return value == gold_value
+  if math_utils.has_scale_word(predicted):
+    return False  # Hendrycks' unit stripping and math-verify would drop the scale word
+  if math_utils.is_equiv(predicted, gold):
     return True
   return bool(use_math_verify) and math_utils.math_verify_equal(gold, predicted)
 

@@ -175,8 +175,13 @@ def math_verify_equal(gold: str, prediction: str) -> bool:
   """`math-verify` equivalence, gold first; boxes are added so bare answers parse as LaTeX.
 
   Runs in a worker process killed past `math_verify_worker.CALL_TIMEOUT_S` (then False), so an
-  answer such as ``9^{9^{9}}`` or ``1000000!`` cannot stall the caller.
+  answer such as ``9^{9^{9}}`` or ``1000000!`` cannot stall the caller. A prediction that offers
+  alternatives or holds a scale word the gold lacks is refused first (math-verify reads
+  ``17 \\text{ (or } 18)`` as 18 and ``18 \\text{ thousand}`` as 18).
   """
+  for check in (states_alternatives, has_scale_word):
+    if check(prediction) and not check(gold):
+      return False
   from dmpo_jax.tasks import math_verify_worker  # pylint: disable=import-outside-toplevel
   return math_verify_worker.shared_worker().equal(gold, prediction)
 
@@ -202,11 +207,18 @@ def parse_number(text: str) -> Optional[float]:
 
 # A final numeric answer in the forms models write inside <answer>: optional $ / \\$, a signed
 # number with optional thousands commas (43,500 or LaTeX 43{,}500) and decimals, then optionally a
-# percent sign, a unit (words, \\text{...}, \\mbox{...}) and a final period.
+# percent sign, a unit (words, \\text{...}, \\mbox{...}) and a final period. A unit that starts
+# with a scale word (`SCALES`: "18 thousand", "18k", "1.5 \\text{ million} dollars") scales the number.
 _NUMERIC_ANSWER = re.compile(
     r"(?:\\?\$)?\s*(?P<number>[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|[-+]?\.\d+)\s*(?:\\?\$)?"
-    r"\s*(?:\\?%|\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .'/-]{0,40}\}|[A-Za-z][A-Za-z .'/-]{0,40})?"
-    r"\s*\.?")
+    r"\s*(?P<unit>\\?%|\\(?:text|mbox|mathrm)\{\s*[A-Za-z][A-Za-z .'/-]{0,40}\}|"
+    r"[A-Za-z][A-Za-z .'/-]{0,40})?\s*\.?")
+SCALES = {"k": 1000, "thousand": 1000, "hundred": 100, "million": 10 ** 6, "billion": 10 ** 9,
+          "trillion": 10 ** 12, "dozen": 12}
+_SCALE_WORD = re.compile(r"\b(?:thousand|hundred|million|billion|trillion|dozen)s?\b|\d\s*[kK]\b",
+                         re.IGNORECASE)
+# Words that state more than one answer ("17 (or 18)", "either 3 or 4").
+_ALTERNATIVES = re.compile(r"\b(?:or|either)\b", re.IGNORECASE)
 _MATH_DELIMITERS = (("$$", "$$"), ("$", "$"), ("\\(", "\\)"), ("\\[", "\\]"))
 MAX_NUMERIC_ANSWER_CHARS = 200
 
@@ -229,19 +241,45 @@ def unwrap_answer(text: str) -> str:
   return text[:-1].rstrip() if text.endswith(".") else text
 
 
-def numeric_answer(text: Optional[str]) -> Optional[Fraction]:
+def _scale(unit: Optional[str]) -> int:
+  """The factor of a unit's first word when it is a scale word (``k``, ``thousand(s)``, ...)."""
+  if not unit or unit.startswith(("%", "\\%")):
+    return 1
+  if unit.startswith("\\"):
+    unit = unit[unit.index("{") + 1:-1]
+  words = unit.split()
+  first = words[0] if words else ""
+  if first in ("k", "K"):
+    return SCALES["k"]
+  first = first.lower()
+  return SCALES.get(first, SCALES.get(first[:-1], 1) if first.endswith("s") else 1)
+
+
+def numeric_answer(text: Optional[str], units: bool = True) -> Optional[Fraction]:
   """Exact value of a numeric final answer in any common form (``43500``, ``\\boxed{43500}``,
-  ``$43,500``, ``43{,}500``, ``43500.``, ``43500 dollars``, ``43500\\text{ dollars}``, ``50\\%``);
-  None when the text is anything else (two numbers, an expression, prose)."""
+  ``$43,500``, ``43{,}500``, ``43500.``, ``43500 dollars``, ``43500\\text{ dollars}``, ``50\\%``),
+  scaled by a scale word (``18 thousand`` = 18000, ``18k`` = 18000, ``2 dozen`` = 24); None when
+  the text is anything else (two numbers, an expression, prose). ``units=False``: a plain number
+  only (no unit, no scale, no percent), as a gold answer must be to compare by value."""
   if text is None or len(text) > 10 * MAX_NUMERIC_ANSWER_CHARS:
     return None
   text = unwrap_answer(text)
   if len(text) > MAX_NUMERIC_ANSWER_CHARS:
     return None
   match = _NUMERIC_ANSWER.fullmatch(text.replace("{,}", ","))
-  if match is None:
+  if match is None or not units and match.group("unit"):
     return None
   try:
-    return Fraction(match.group("number").replace(",", ""))
+    return Fraction(match.group("number").replace(",", "")) * _scale(match.group("unit"))
   except (ValueError, ZeroDivisionError):
     return None
+
+
+def has_scale_word(text: str) -> bool:
+  """Whether ``text`` holds a scale word (``thousand``, ``million``, ``18k``, ...)."""
+  return _SCALE_WORD.search(text) is not None
+
+
+def states_alternatives(text: str) -> bool:
+  """Whether ``text`` offers more than one answer (the word ``or`` / ``either``)."""
+  return _ALTERNATIVES.search(text) is not None

@@ -24,16 +24,23 @@ from typing import Optional
 CALL_TIMEOUT_S = 2.0
 STARTUP_TIMEOUT_S = 120.0
 
+# One parsed answer is compared: math-verify's first candidate (the extracted answer; the others
+# are alternative readings of it, e.g. its raw string). A prediction that parses to several
+# values (a set) where the gold is one value gets no credit.
 _WORKER_CODE = r"""
 import json, sys
 from math_verify import parse, verify
+from sympy import FiniteSet
 sys.stdout.write("ready\n"); sys.stdout.flush()
+def several(value):
+  return isinstance(value, FiniteSet) and len(value) > 1
 for line in sys.stdin:
   gold, prediction = json.loads(line)
   try:
     g = parse("\\boxed{" + gold + "}", parsing_timeout=None)
     p = parse("\\boxed{" + prediction + "}", parsing_timeout=None)
-    ok = bool(g) and bool(p) and bool(verify(g, p, timeout_seconds=None))
+    ok = (bool(g) and bool(p) and not (several(p[0]) and not several(g[0]))
+          and bool(verify(g, p[:1], timeout_seconds=None)))
   except Exception:
     ok = False
   sys.stdout.write("1\n" if ok else "0\n"); sys.stdout.flush()

@@ -103,6 +103,7 @@ def example_for(task_name: str) -> dict:
       "math": {"answer": "\\frac{1}{2}"},
       "countdown": {"numbers": [1, 2, 3], "target": 6},
       "sudoku": {"puzzle": "1034000000002001", "solution": "1234341243212143"},
+      "digit_sort": {"digits": "4321", "answer": "1234"},
   }[task_name]
 
 
@@ -119,11 +120,11 @@ def scorer_calls(task_name: str, completion: str) -> Iterator[Tuple[str, Callabl
   for style in base.REWARD_STYLES:
     for name, function in task.reward_functions(style):
       yield f"reward/{style}/{name}", lambda f=function: f(completion, example)
-  for eval_style in base.EVAL_STYLES:
+  for eval_style in base.EVAL_STYLES if task_name in base.D1_EVAL_TASKS else ("fixed",):
     yield f"score/{eval_style}", lambda s=eval_style: task.score(completion, example, eval_style=s)
 
 
-TEXT_TASKS = ("gsm8k", "math", "countdown", "sudoku", "humaneval", "mbpp")
+TEXT_TASKS = ("gsm8k", "math", "countdown", "sudoku", "digit_sort", "humaneval", "mbpp")
 
 
 def slowest_times(cases=None, tasks=TEXT_TASKS) -> Dict[str, Dict[str, object]]:
