@@ -279,6 +279,13 @@ def run_main(main: Callable[[], Optional[int]], fv: flags.FlagValues,
     if debug:
       raise
     print(f"error: {_one_line(e)}", file=sys.stderr)
+    if isinstance(e, Fault) and from_command_line:
+      # The environment failed under a running program (a full disk under orbax's writer
+      # threads): end now rather than tear down libraries whose writes are still in flight.
+      # What was written completely stays; outputs are written atomically.
+      sys.stdout.flush()
+      sys.stderr.flush()
+      os._exit(e.exit_code)  # pylint: disable=protected-access
     return e.exit_code
   except OSError as e:
     if debug or e.errno not in FILESYSTEM_ERRNOS:

@@ -28,6 +28,8 @@ import pathlib
 import re
 import shutil
 import socket
+import sys
+import time
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
 from dmpo_jax import cli
@@ -281,15 +283,36 @@ class _StorageErrorFilter(logging.Filter):
     return not _OS_ERROR_CODE.search(text)
 
 
+def _is_closed_loop_callback(error: BaseException) -> bool:
+  """The error of a tensorstore write callback that arrives after orbax closed its event loop
+  (orbax stops the loop at the first failed write while other writes are in flight)."""
+  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
+
+
 @contextlib.contextmanager
 def quiet_storage_error_logs() -> Iterator[None]:
-  """While active, orbax's own multi-line reports of failed file writes are not printed."""
+  """While active, orbax's own multi-line reports of failed file writes are not printed: its
+  ERROR log records of them, and the tracebacks of the write callbacks that arrive after it
+  closed its event loop (printed through `sys.excepthook`); `storage_operation` reports the
+  failure in one line."""
   log_filter = _StorageErrorFilter()
   logger = logging.getLogger("absl")
   logger.addFilter(log_filter)
+  previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
+
+  def hook(kind, error, tb):
+    if not _is_closed_loop_callback(error):
+      previous_hook(kind, error, tb)
+
+  def unraisable(report):
+    if not _is_closed_loop_callback(report.exc_value):
+      previous_unraisable(report)
+
+  sys.excepthook, sys.unraisablehook = hook, unraisable
   try:
     yield
   finally:
+    sys.excepthook, sys.unraisablehook = previous_hook, previous_unraisable
     logger.removeFilter(log_filter)
 
 
@@ -313,10 +336,23 @@ def storage_operation(operation: str, path: PathLike, note: str = "") -> Iterato
 ORBAX_TEMPORARY_MARKER = ".orbax-checkpoint-tmp"
 
 
-def remove_incomplete_checkpoints(directory: PathLike) -> None:
+def remove_incomplete_checkpoints(directory: PathLike, settle_s: float = 0.2,
+                                  timeout_s: float = 5.0) -> None:
   """Deletes the step folders of saves that failed (``<step>.orbax-checkpoint-tmp*``) after a
-  write error; complete steps are not touched."""
+  write error; complete steps are not touched. Writes of the failed save that were still in
+  flight may create files again after a deletion, so the folder is checked again after
+  ``settle_s`` seconds without new files (up to ``timeout_s``)."""
   directory = pathlib.Path(directory)
-  if directory.is_dir():
-    for path in directory.glob(f"*{ORBAX_TEMPORARY_MARKER}*"):
-      shutil.rmtree(path, ignore_errors=True)
+  deadline = time.monotonic() + timeout_s
+  quiet_since = None
+  while directory.is_dir() and time.monotonic() < deadline:
+    leftovers = list(directory.glob(f"*{ORBAX_TEMPORARY_MARKER}*"))
+    if leftovers:
+      for path in leftovers:
+        shutil.rmtree(path, ignore_errors=True)
+      quiet_since = None
+    elif quiet_since is None:
+      quiet_since = time.monotonic()
+    elif time.monotonic() - quiet_since >= settle_s:
+      return
+    time.sleep(settle_s / 4)

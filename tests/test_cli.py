@@ -3,6 +3,7 @@ traceback, no folder left behind), relative and absolute paths, plain progress l
 terminal, and a finished run that says so."""
 
 import concurrent.futures
+import dataclasses
 import importlib
 import json
 import math
@@ -255,11 +256,19 @@ def test_large_presets_need_weights_unless_random_init_is_asked_for(tmp_path):
   with pytest.raises(loop.ConfigError, match="model.checkpoint is not set.*model.init=random"):
     loop.validate_config(bgpo_math, num_devices=8)
   bgpo_math.model.init = "random"
+  with pytest.raises(loop.ConfigError, match="tokenizer='' means the checkpoint's tokenizer, but "
+                     "model.checkpoint is not set"):
+    loop.validate_config(bgpo_math, num_devices=8)  # random weights still need a tokenizer
+  bgpo_math.tokenizer = "byte"
   loop.validate_config(bgpo_math, num_devices=8)
   bgpo_math.model.checkpoint = str(tmp_path)
   with pytest.raises(loop.ConfigError, match="contradicts"):
     loop.validate_config(bgpo_math, num_devices=8)
   bgpo_math.model.init = "auto"
+  with pytest.raises(loop.ConfigError, match="is not a model folder"):
+    loop.validate_config(bgpo_math, num_devices=8)  # an empty folder holds no model
+  from dmpo_jax.models.config import get_preset  # pylint: disable=import-outside-toplevel
+  (tmp_path / "model_config.json").write_text(json.dumps(dataclasses.asdict(get_preset("llada_8b"))))
   loop.validate_config(bgpo_math, num_devices=8)
   bgpo_math.model.init = "zeros"
   with pytest.raises(loop.ConfigError, match="model.init='zeros' must be one of"):

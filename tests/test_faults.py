@@ -108,7 +108,7 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path):
                   "--config.num_steps=1", cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   full = _script("train", f"--config={DEMO}", f"--workdir={workdir}", *SMALL,
-                 "--config.num_steps=2", cwd=tmp_path, file_size_limit=300 * 1024)
+                 "--config.num_steps=2", cwd=tmp_path, file_size_limit=100 * 1024)
   assert full.returncode == 1, full.stderr[-3000:]
   line = _one_error_line(full)
   assert line.startswith(f"error: cannot write the checkpoint {workdir / 'checkpoints'} ("), line

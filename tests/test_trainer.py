@@ -111,6 +111,7 @@ def test_every_published_config_validates(name):
     with pytest.raises(loop.ConfigError, match="model.checkpoint is not set"):
       loop.validate_config(config, num_devices=8)
     config.model.init = "random"
+    config.tokenizer = "byte"  # random weights still need a tokenizer
   loop.validate_config(config, num_devices=8 if name != "demo" else 1)
 
 

@@ -616,7 +616,7 @@ class Trainer:
     last_metrics: dict[str, float] = {}
     step = start_step
     checkpoints = workdir_lib.storage_operation  # a failed save: one line, older steps intact
-    failed = False
+    failure: Optional[BaseException] = None
     try:
       for step in range(start_step, c.num_steps):
         profiler.start_step(step + 1)
@@ -686,22 +686,14 @@ class Trainer:
             ckpt.wait_until_finished()
             results["interrupted_at" if signum == signal.SIGINT else "preempted_at"] = done
             break
-    except BaseException:
-      failed = True
+    except BaseException as e:
+      failure = e
       raise
     finally:
       profiler.close()
       progress.close()
-      try:
-        with checkpoints("write the checkpoint", ckpt.directory, run_start.last_checkpoint_note(ckpt)):
-          run_start.close_all([ckpt.wait_until_finished, ckpt.close, reward_pool.close, writer.close],
-                     suppress=failed)
-      except BaseException:
-        failed = True
-        raise
-      finally:
-        if failed and jax.process_index() == 0:  # a failed save leaves no partial step behind
-          workdir_lib.remove_incomplete_checkpoints(ckpt.directory)
+      with checkpoints("write the checkpoint", ckpt.directory, run_start.last_checkpoint_note(ckpt)):
+        run_start.close_after_run(ckpt, [reward_pool.close, writer.close], failure)
     results.update({k: v for k, v in last_metrics.items() if k.startswith("eval/")})
     guard.unsaved_progress = False  # every step is in the last checkpoint now
     if guard.stop_requested and "preempted_at" not in results and "interrupted_at" not in results:

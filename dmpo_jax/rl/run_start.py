@@ -168,15 +168,35 @@ def last_checkpoint_note(ckpt: checkpointing.TrainCheckpointer) -> str:
           f"the last complete checkpoint, step {latest}, is intact")
 
 
-def close_all(closers: Sequence[Callable[[], Any]], suppress: bool) -> None:
-  """Calls every closer; raises the first error afterwards, unless ``suppress`` (an error is
-  already on its way)."""
-  first = None
+def is_storage_failure(error: BaseException) -> bool:
+  """A failed file write: a `cli.Fault`, or an error carrying an operating-system error."""
+  return isinstance(error, cli.Fault) or workdir_lib.os_error_of(error) is not None
+
+
+def close_after_run(ckpt: checkpointing.TrainCheckpointer, closers: Sequence[Callable[[], Any]],
+                    failure: Optional[BaseException]) -> None:
+  """After the loop: waits for the pending save, closes the checkpointer, then ``closers``;
+  raises the first error unless ``failure`` (the loop's exception) is already on its way.
+
+  After a failed file write the checkpointer is left as it is: closing it stops its event loop
+  under writes still in flight, whose callbacks then print tracebacks; the process ends right
+  after the one-line error instead (`cli.run_main`). The failed save's partial step is removed.
+  """
+  error = None
+  storage = failure is not None and is_storage_failure(failure)
+  if not storage:
+    try:
+      ckpt.wait_until_finished()
+      ckpt.close()
+    except Exception as e:  # pylint: disable=broad-except
+      error, storage = e, is_storage_failure(e)
   for close in closers:
     try:
       close()
     except Exception as e:  # pylint: disable=broad-except
-      first = first or e
-      _log.debug("while closing after an error: %s", e)
-  if first is not None and not suppress:
-    raise first
+      error = error or e
+      _log.debug("while closing after the run: %s", e)
+  if storage and jax.process_index() == 0:
+    workdir_lib.remove_incomplete_checkpoints(ckpt.directory)
+  if error is not None and failure is None:
+    raise error
