@@ -9,8 +9,6 @@ def get_config():
   config.group_size = 6
   config.updates_per_rollout = 12           # mu inner iterations
   # Reference-exact loss: d1 takes a token mean per per-device micro-batch of 6 completions and
-  # averages micro-batches (the published LR and max_grad_norm assume it); it prompt-masks the
-  # left padding too.
+  # averages micro-batches (the published LR and max_grad_norm assume it).
   config.diffu_grpo.reference_micro_batch_size = 6
-  config.diffu_grpo.mask_prompt_padding = True
   return config

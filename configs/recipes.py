@@ -24,8 +24,15 @@ def bgpo_llada(objective: str = "bgpo"):
   config.eval.block_length = 32
   config.eval.every_steps = 20              # the paper reports the best of checkpoints every 20 steps
   config.checkpoint.every_steps = 20
-  config.bgpo.num_mc = 16
-  config.bgpo.mode = "on_policy"
+  block = config[objective]
+  block.num_mc = 16
+  block.mode = "on_policy"
+  # DARE divides each MC copy's ELBO term by the padded response length, so d = ℓ_θ/L − ℓ_old/L
+  # (`docs/algorithms.md` §3.6 row 2): without it the gradient is L × the paper's runs'.
+  block.normalize_by_length = True
+  # DARE also PPO-clips (0.2) and dual-clips (3.0) the ratio; on-policy the ratio is 1 and the
+  # clips change nothing. The off-policy variant adds --config.bgpo.clip_eps=0.2
+  # --config.bgpo.dual_clip=3.0 to follow DARE (the paper's objective has no clip).
   return config
 
 
@@ -56,6 +63,20 @@ def dmpo_llada():
   # The reference code's loss scale (mean over per-GPU micro-batches of 8 of each micro-batch's
   # summed loss, ½ of the per-prompt mean at G = 16): the published LR and max_grad_norm assume it.
   config.dmpo.reference_micro_batch_size = 8
+  # The reference's individual baseline softmaxes ℓ⁻ over the whole group: nothing layout-bound.
+  config.dmpo.baseline = "individual"
+  # Padding: the reference calls the model without an attention mask, but each GPU's batch holds
+  # copies of one prompt, so no row has left padding; here prompts share a padded bucket and the
+  # key-padding mask (model.use_key_padding_mask, base.py) gives the same unpadded forward.
+  return config
+
+
+def dmpo_group_baseline(config):
+  """The group baseline (Eq. 13) as the paper's runs computed it: the reference subtracts the mean
+  weight of each GPU's micro-batch of 8 rows (half a group of 16), not of the group
+  (`docs/algorithms.md` §6). ``--config.dmpo.baseline_scope=group`` gives the group mean."""
+  config.dmpo.baseline = "group"
+  config.dmpo.baseline_scope = "micro_batch"
   return config
 
 
@@ -76,4 +97,8 @@ def d1_llada(objective: str):
   config.rollout.gen_length, config.rollout.block_length, config.rollout.steps = 256, 32, 128
   config.rollout.temperature = 0.9
   config.eval.gen_length, config.eval.block_length, config.eval.steps = 256, 32, 128
+  # Padding: d1's trainers call the model without an attention mask, but each GPU's batch holds the
+  # 6 copies of one prompt (no left padding); the key-padding mask on the shared padded bucket here
+  # gives the same forward, so `mask_prompt_padding` (prompt-masking the padding) stays off: with
+  # the padding invisible it would change nothing.
   return config
