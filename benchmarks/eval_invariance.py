@@ -1,16 +1,21 @@
-"""How much greedy evaluation depends on the batch, as JSON (`docs/tasks.md` "Batch-invariant
-evaluation").
+"""How much greedy evaluation depends on the batch, as JSON (`docs/tasks.md` §7.2).
 
   python benchmarks/eval_invariance.py --checkpoint=runs/demo/final_model --task=digit_sort \
       [--num_examples=256] [--batch_sizes=1,8,32,128] [--gen_length=5 --block_length=5 --steps=5]
+  python benchmarks/eval_invariance.py --checkpoint=random_tiny --num_examples=32 \
+      --batch_sizes=1,8,32 --gen_length=16 --block_length=8 --steps=16
+
+``--checkpoint=random_tiny``: the `tiny` preset with random weights (seed 3) on digit-sort
+prompts of 2 to 44 digits, so batches need different paddings.
 
 The held-out prompts are decoded greedily (τ = 0, low-confidence remasking, the exact sampler) in
 batches of each size, every batch left-padded to the same bucket (the longest prompt rounded up to
 32, as launch/eval.py pads), in float32 and in bfloat16 (weights and compute cast from the
 checkpoint), once with the sampler's batch-shaped decoding and once with ``batch_invariant``.
-For each (dtype, mode): the accuracy per batch size and the number of completions that differ
-from batch size 1; per mode, the completions that differ between float32 and bfloat16. Run on one
-device; `tests/test_eval_invariance.py` covers 1 vs 8 devices.
+For each (dtype, mode): the accuracy per batch size, the number of completions that differ from
+batch size 1, and the CPU time of a second (compiled) pass at the largest batch size; per mode,
+the completions that differ between float32 and bfloat16. Run on one device;
+`tests/test_eval_invariance.py` covers 1 vs 8 devices.
 """
 
 from __future__ import annotations
@@ -74,8 +79,17 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   sizes = [int(x) for x in args.batch_sizes.split(",")]
   task = get_task(args.task)
-  examples = task.load_eval()[:args.num_examples]
-  model, _ = eval_script.load_model(args.checkpoint)
+  if args.checkpoint == "random_tiny":
+    from dmpo_jax.models.config import get_preset  # pylint: disable=import-outside-toplevel
+    from dmpo_jax.tasks import digit_sort  # pylint: disable=import-outside-toplevel
+    task = digit_sort.DigitSortTask()
+    lengths = np.random.default_rng(1).integers(2, 45, args.num_examples)
+    examples = [digit_sort.generate_examples(1, num_digits=int(n), split="test", seed=int(n))[0]
+                for n in lengths]
+    model = create_model(get_preset("tiny"), seed=3)
+  else:
+    examples = task.load_eval()[:args.num_examples]
+    model, _ = eval_script.load_model(args.checkpoint)
   tokenizer = load_tokenizer(args.tokenizer)
   prompt_ids = [rollout.prompt_token_ids(tokenizer, task, e, evaluation=True) for e in examples]
   result = {"checkpoint": args.checkpoint, "task": task.name, "num_examples": len(examples),
@@ -97,6 +111,9 @@ def main(argv=None) -> int:
         run["accuracy"][size] = task.summarize(scores)["accuracy"]
         run["differ_from_batch_1"][size] = sum(
             a != b for a, b in zip(texts[mode, dtype, size], texts[mode, dtype, sizes[0]]))
+      cpu = time.process_time()
+      completions(graphdef, params, tokenizer, prompt_ids, sizes[-1], config)
+      run[f"decode_cpu_s_batch_{sizes[-1]}"] = round(time.process_time() - cpu, 2)
       result["runs"][f"{mode}/{dtype}"] = run
     result["runs"][f"{mode}/float32_vs_bfloat16_differ"] = {
         size: sum(a != b for a, b in zip(texts[mode, "float32", size], texts[mode, "bfloat16", size]))

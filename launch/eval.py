@@ -8,7 +8,7 @@ completions are the ids up to the first EOS/EOT, decoded with special tokens ski
 (`dmpo_jax.rl.rollout.decode_completions`, shared with the trainer's held-out evaluation).
 Batch-invariant: every batch is left-padded to the evaluation's longest prompt (rounded up to 32)
 and decoded with ``batch_invariant``, so a row's completion does not depend on ``--batch_size`` or
-on the other rows (`docs/tasks.md` "Batch-invariant evaluation").
+on the other rows (`docs/tasks.md` §7.2).
 
   python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
       [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
@@ -90,7 +90,7 @@ def make_sampler_config(sampler_module, gen_length: int, block_length: int, step
 def prompt_bucket(prompt_ids: Sequence[Sequence[int]], multiple: int = PROMPT_LENGTH_MULTIPLE) -> int:
   """The padded prompt length of a whole evaluation: the longest prompt rounded up to
   ``multiple``. Every batch is padded to it, so the padding a row gets never depends on the
-  other rows of its batch (`docs/tasks.md` "Batch-invariant evaluation")."""
+  other rows of its batch (`docs/tasks.md` §7.2)."""
   length = max(len(ids) for ids in prompt_ids)
   return -(-length // multiple) * multiple
 

@@ -1,4 +1,4 @@
-"""Batch- and mesh-invariant evaluation (`docs/tasks.md` "Batch-invariant evaluation").
+"""Batch- and mesh-invariant evaluation (`docs/tasks.md` §7.2).
 
 With the exact sampler at τ = 0 and ``batch_invariant``, a row's completion must not depend on the
 eval batch size (1 / 8 / 32), on the lengths of its batch-mates (left padding) or on the number of
