@@ -14,7 +14,8 @@ def get_config():
   config.prompts_per_step = 8
   config.group_size = 6
   config.updates_per_rollout = 12
-  config.wd1.num_iterations = 12
+  config.wd1.num_iterations = 12         # one mask seed per inner iteration
+  config.wd1.include_eos_padding = False  # ℓ sums the tokens up to and including the first EOS
   config.wd1.p_mask_prompt = 0.15       # d1's shipped train.yaml
   config.wd1.pos_only = True            # --trainer_type wll_d1_neg
   return config
