@@ -51,9 +51,9 @@ positions count from the first real token (for LLaDA the same attention as absol
 under the mask, since RoPE scores depend only on position differences), and the rows are decoded
 in a loop over groups of one row per device, so every row runs the same per-device program
 (XLA's CPU kernels otherwise pick different matmul / reduction code for different batch shapes:
-measured in `docs/tasks.md` §7.2). Greedy decoding (τ = 0,
-``low_confidence``) is then token-identical; sampling noise still follows the row's place in its
-group. Devices are read from the ambient mesh (`jax.sharding.use_abstract_mesh`).
+measured in `docs/tasks.md` §7.2). Greedy decoding (τ = 0, ``low_confidence``) is then
+token-identical; sampling noise still follows the row's place in its group. Devices are read from
+the ambient mesh (`jax.sharding.use_abstract_mesh`).
 
 EOS / EOT controls: ``logits_eos_inf`` sets the EOS logit to −∞. ``confidence_eos_eot_inf`` gives
 positions whose sampled token is EOS or EOT zero confidence (the intended behaviour); with

@@ -8,6 +8,8 @@ ELBO_ref on the **same** K weight masks (antithetic Bernoulli by default, weight
 
 over the full group of each prompt (α = 0: ℓ = coeff·r, the proximal variant; optional per-group
 ESS-targeted coeff). The weights do not depend on θ, so one rollout buffer serves F updates.
+The reference code's layout-bound rules (group / model baseline and ESS coefficient over each
+GPU's micro-batch, its EOS switches as executed) are options (`docs/algorithms.md` §6).
 
 Per update (``grads``): R fresh loss masks (keyed by the update step), and
 
@@ -311,6 +313,7 @@ def _loss_sample(model: Any, mb: Mapping[str, jax.Array], cfg: DMPOConfig,
     keep = reference_rules.non_eos_mask_keep(mb["reference_row"], mb["reference_tail"], j,
                                              cfg.loss_num_mc, cfg.reference_micro_batch_size)
   return sample, keep, jnp.maximum(jnp.sum(eligible, axis=-1), 1).astype(jnp.float32)
+
 
 def dmpo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str, jax.Array],
                  keys: scoring.RLKeys, cfg: DMPOConfig) -> Prepared:
