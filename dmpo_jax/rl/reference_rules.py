@@ -99,9 +99,11 @@ def reference_ess_coeff(log_ratio_ref: jax.Array, rewards: jax.Array, scope_ids:
   def host(lr, r, ids):
     return _find_coeff_per_scope(lr, r, ids, alpha, target_ess)
 
-  return jax.pure_callback(host, jax.ShapeDtypeStruct(rewards.shape, jnp.float32),
-                           log_ratio_ref.astype(jnp.float32), rewards.astype(jnp.float32),
-                           scope_ids, vmap_method="sequential")
+  args = (log_ratio_ref.astype(jnp.float32), rewards.astype(jnp.float32), scope_ids)
+  if not jax.sharding.get_abstract_mesh().empty:  # [B]-sized: gathered once, then to the host
+    args = jax.lax.with_sharding_constraint(args, jax.sharding.PartitionSpec())
+  return jax.pure_callback(host, jax.ShapeDtypeStruct(rewards.shape, jnp.float32), *args,
+                           vmap_method="sequential")
 
 
 def non_eos_mask_keep(row_in_micro_batch: jax.Array, micro_batch_has_tail: jax.Array,
