@@ -101,7 +101,8 @@ class Runner:
       model = nnx.merge(self.graphdef, self.old)
       model.config = self.config.replace(use_key_padding_mask=mask_on)
       alone = np.asarray(model.token_log_probs(seq, seq, None))[0]
-      padded = np.asarray(model.token_log_probs(b["sequences"], b["sequences"], b["attention_mask"]))[row, start:]
+      padded = np.asarray(model.token_log_probs(b["sequences"], b["sequences"],
+                                                b["attention_mask"]))[row, start:]
       comp = np.asarray(b["completion_mask"][row, start:])
       out["key_padding_mask" if mask_on else "attend_to_padding"] = float(
           np.abs(alone - padded)[comp].max())
@@ -135,20 +136,21 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   r = Runner(args.gen_length, args.seed)
   micro = {"reference_micro_batch_size": MICRO}
+  scoped = {"baseline_scope": "micro_batch", **micro}
+  model_loss = {"baseline": "model", "model_baseline_masks": "loss"}
+  no_eos = {"include_eos_padding": False, **micro}
+  loss_no_eos = {"loss_include_eos_padding": False, **micro}
   res = {
       "dmpo_group_baseline_scope": r.gap("dmpo", {"baseline": "group", **micro},
-                                         {"baseline": "group", "baseline_scope": "micro_batch", **micro}),
+                                         {"baseline": "group", **scoped}),
       "dmpo_model_baseline_scope": r.gap(
-          "dmpo", {"baseline": "model", "model_baseline_masks": "loss", **micro},
-          {"baseline": "model", "model_baseline_masks": "loss", "baseline_scope": "micro_batch", **micro}),
+          "dmpo", {**model_loss, **micro}, {**model_loss, **scoped}),
       "dmpo_alpha_minus_one_group_scope": r.gap(
           "dmpo", {"alpha": -1.0, "baseline": "group", **micro},
-          {"alpha": -1.0, "baseline": "group", "baseline_scope": "micro_batch", **micro}),
+          {"alpha": -1.0, "baseline": "group", **scoped}),
       "dmpo_loss_scale": r.gap("dmpo", {}, micro),
-      "dmpo_weight_eos_law": r.gap("dmpo", {"include_eos_padding": False, **micro},
-                                   {"include_eos_padding": False, "weight_eos_law": "as_executed", **micro}),
-      "dmpo_loss_eos_law": r.gap("dmpo", {"loss_include_eos_padding": False, **micro},
-                                 {"loss_include_eos_padding": False, "loss_eos_law": "as_executed", **micro}),
+      "dmpo_weight_eos_law": r.gap("dmpo", no_eos, {**no_eos, "weight_eos_law": "as_executed"}),
+      "dmpo_loss_eos_law": r.gap("dmpo", loss_no_eos, {**loss_no_eos, "loss_eos_law": "as_executed"}),
       "bgpo_normalize_by_length": r.gap("bgpo", {"mode": "on_policy"},
                                         {"mode": "on_policy", "normalize_by_length": True}, on_policy=True),
       "bgpo_dare_clips_off_policy": r.gap(

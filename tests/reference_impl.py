@@ -1,20 +1,19 @@
 """Independent numpy re-implementations of the PyTorch reference trainers' loss rules, and a mock
 model to run the registry's objectives on identical tensors (`docs/algorithms.md` §6).
 
-The mock (`TableModel`) returns per-token log-probs that are its parameters, table[row, t], the
-row read from the clean target sequence (its first token is the row index). The reference rules
-below are written from the reference code's operations (DMPO `dmpo_trainer.py`, DARE
+The mock (`TableModel`) returns per-token log-probs that are its parameters, table[row, t], the row
+read from the clean target sequence (its first token is the row index). The reference rules below
+are written from the reference code's operations (DMPO `dmpo_trainer.py`, DARE
 `compute_policy_loss_bgpo` + `llada_dp_actor_bgpo.py`, d1 / wd1 / SPG trainers) on float64 numpy
-arrays, with the reference's per-device micro-batch layout (c consecutive rows) and its
-gradient-accumulation / data-parallel mean over micro-batches. The gradient of each loss with
-respect to the table is written out by hand. Each function returns (loss, gradient, scale), scale
-being the same reduction of the terms' absolute values (the loss's magnitude before cancellation). Random masks are inputs: the tests regenerate the
-masks the objective drew from its keys (the mask laws have their own tests).
+arrays, with the reference's per-device micro-batch layout (c consecutive rows) and its gradient-
+accumulation / data-parallel mean over micro-batches. The gradient of each loss with respect to the
+table is written out by hand. Each function returns (loss, gradient, scale), scale being the same
+reduction of the terms' absolute values (the loss's magnitude before cancellation). Random masks are
+inputs: the tests regenerate the masks the objective drew from its keys (the mask laws have their
+own tests).
 """
 
 from __future__ import annotations
-
-from typing import Optional
 
 import jax.numpy as jnp
 import numpy as np

@@ -2,13 +2,13 @@
 (`docs/algorithms.md` §6).
 
 For each `configs/*.py` (and the reference options the published configs do not switch on), the
-registry's prepare + grads run on the mock `reference_impl.TableModel` (per-token log-probs are
-its parameters) and a prompt-major batch with the config's group size, and must give the loss and
-the gradient of `tests/reference_impl.py`'s independent numpy re-implementation of the reference
+registry's prepare + grads run on the mock `reference_impl.TableModel` (per-token log-probs are its
+parameters) and a prompt-major batch with the config's group size, and must give the loss and the
+gradient of `tests/reference_impl.py`'s independent numpy re-implementation of the reference
 trainer: |Δloss| <= 1e-6 · Σ|terms| (the same reduction of the terms' absolute values: group
 baselines make the loss a difference of nearly equal sums) and |Δgrad| <= 1e-6 · max|grad|
-elementwise (float64 numpy against the project's fp32). Micro-batch layouts cover c < G (a micro-batch is part of a group,
-the published DMPO layout) and c > G (a micro-batch holds several groups)."""
+elementwise (float64 numpy against the project's fp32). Micro-batch layouts cover c < G (a micro-
+batch is part of a group, the published DMPO layout) and c > G (a micro-batch holds several groups)."""
 
 import importlib
 
@@ -164,7 +164,6 @@ def test_dmpo_eos_switches_intended():
   old, ref_t, new = tables(batch, 5)
   loss, grad, _, cfg = run_project("dmpo", overrides, batch, old, ref_t, new)
   cmask = ref.completion_mask_upto_eos(batch)
-  l_masks = elbo_masks(batch, cfg, dmpo._LOSS_PURPOSE, 4, True, fresh=True)
   l_masks_intended = elbo_masks(batch, cfg, dmpo._LOSS_PURPOSE, 4, False, fresh=True)
   assert not (l_masks_intended & ~cmask.astype(bool)[None]).any()
   want = ref.dmpo_reference(
@@ -173,7 +172,6 @@ def test_dmpo_eos_switches_intended():
       loss_masks=l_masks_intended & cmask.astype(bool)[None], rewards=batch["rewards"], group=16,
       micro=8, cmask=cmask, baseline="group")
   assert_matches((loss, grad), want)
-  del l_masks
 
 
 # -- BGPO / VRPO-OL --------------------------------------------------------------------------------
