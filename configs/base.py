@@ -33,6 +33,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = ""           # compute dtype override ("" = preset / checkpoint)
   config.model.param_dtype = ""
   config.model.remat = True
+  # Padded keys are invisible (`docs/llada.md` §2.1). The references' trainers pass no attention
+  # mask but never see padding at their published layouts (one prompt per GPU batch), so the mask
+  # reproduces their forward on this library's shared padded bucket; False attends to padding.
   config.model.use_key_padding_mask = True
   # LoRA (rank 0 = full fine-tuning with a frozen reference copy). With LoRA the reference policy
   # is the base with adapters disabled. Targets use LLaDA's names (HF Llama names are accepted).

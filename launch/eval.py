@@ -6,6 +6,9 @@ Evaluation prompts: ``system + "\\n\\n" + question`` in one user turn, chat temp
 ``<reasoning>`` prefill (tasks without a chat template, e.g. the demo, encode the text directly);
 completions are the ids up to the first EOS/EOT, decoded with special tokens skipped
 (`dmpo_jax.rl.rollout.decode_completions`, shared with the trainer's held-out evaluation).
+Batch-invariant: every batch is left-padded to the evaluation's longest prompt (rounded up to 32)
+and decoded with ``batch_invariant``, so a row's completion does not depend on ``--batch_size`` or
+on the other rows (`docs/tasks.md` §7.2).
 
   python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
       [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
@@ -72,9 +75,11 @@ def resolve_steps(steps: str, gen_length: int) -> int:
 
 def make_sampler_config(sampler_module, gen_length: int, block_length: int, steps: int,
                         mask_token_id: int):
-  """The sampler's config for greedy low-confidence decoding (unknown fields keep defaults)."""
+  """The sampler's config for greedy low-confidence decoding (unknown fields keep defaults),
+  batch-invariant: a row's tokens do not depend on the batch size or on its batch-mates."""
   wanted = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
-            "temperature": 0.0, "remasking": "low_confidence", "mask_token_id": mask_token_id}
+            "temperature": 0.0, "remasking": "low_confidence", "mask_token_id": mask_token_id,
+            "batch_invariant": True}
   names = {f.name for f in dataclasses.fields(sampler_module.SamplerConfig)}
   missing = {"gen_length", "block_length", "steps"} - names
   if missing:
@@ -82,9 +87,18 @@ def make_sampler_config(sampler_module, gen_length: int, block_length: int, step
   return sampler_module.SamplerConfig(**{k: v for k, v in wanted.items() if k in names})
 
 
-def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_LENGTH_MULTIPLE):
-  length = max(len(ids) for ids in batch_ids)
-  length = -(-length // multiple) * multiple
+def prompt_bucket(prompt_ids: Sequence[Sequence[int]], multiple: int = PROMPT_LENGTH_MULTIPLE) -> int:
+  """The padded prompt length of a whole evaluation: the longest prompt rounded up to
+  ``multiple``. Every batch is padded to it, so the padding a row gets never depends on the
+  other rows of its batch (`docs/tasks.md` §7.2)."""
+  length = max(len(ids) for ids in prompt_ids)
+  return -(-length // multiple) * multiple
+
+
+def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_LENGTH_MULTIPLE,
+             length: Optional[int] = None):
+  """(ids, mask) left-padded to ``length`` (default: the batch's longest, rounded up)."""
+  length = prompt_bucket(batch_ids, multiple) if length is None else length
   ids = np.full((len(batch_ids), length), pad_id, dtype=np.int32)
   mask = np.zeros((len(batch_ids), length), dtype=bool)
   for row, seq in enumerate(batch_ids):
@@ -106,6 +120,7 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
   graphdef, params = nnx.split(model)
   prompt_ids = [rollout.prompt_token_ids(tokenizer, task, e, evaluation=True) for e in examples]
   prompt_texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
+  bucket = prompt_bucket(prompt_ids)
   completions: List[str] = []
   key = jax.random.key(seed)
   bar = metrics_lib.ProgressBar(len(examples), desc=f"{task.name} L={gen_length}", unit="example",
@@ -115,7 +130,7 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
     chunk = prompt_ids[start:start + batch_size]
     real = len(chunk)
     chunk = list(chunk) + [chunk[-1]] * (batch_size - real)  # fixed batch shape
-    ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+    ids, mask = left_pad(chunk, tokenizer.pad_token_id, length=bucket)
     key, subkey = jax.random.split(key)
     output = sampler.generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), subkey, config)
     sequences = np.asarray(output.sequences)[:real]

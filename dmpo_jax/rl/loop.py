@@ -389,7 +389,8 @@ class Trainer:
     self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
-        block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
+        block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence",
+        batch_invariant=True)
     self.prompt_length = config.task.prompt_length
     self._train_step = None  # compiled ahead of time in `compile_steps`
     self._prepare = None
@@ -436,8 +437,9 @@ class Trainer:
                                             prompt_length=self.prompt_length, evaluation=True)
       share = bs // jax.process_count()  # each process feeds its rows of the batch
       mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-      seqs = step_io.fetch_all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
-                                                self.eval_config)[0])
+      with jax.sharding.use_abstract_mesh(self.mesh.abstract_mesh):  # one row per device at a time
+        seqs = step_io.fetch_all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
+                                                  self.eval_config)[0])
       completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
     style = self.config.eval.get("style", task_base.DEFAULT_EVAL_STYLE)
     scores = self.task.score_many(completions, examples,
