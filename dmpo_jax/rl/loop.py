@@ -27,7 +27,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmpo_jax import checkpointing, cli, metrics as metrics_lib, sharding
+from dmpo_jax import checkpointing, cli, metrics as metrics_lib, sampling_layout, sharding
 from dmpo_jax.diffusion import sampler as sampler_lib
 from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
@@ -108,6 +108,7 @@ NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
     "mesh.data": (int, -1, INF),
     "mesh.fsdp": (int, -1, INF),
     "mesh.tensor": (int, -1, INF),
+    "mesh.sampling_tensor": (int, 0, INF),       # 0: auto (`sampling_layout.choose_tensor`)
     "eval.every_steps": (int, 0, INF),           # 0: no evaluation during RL
     "eval.num_examples": (int, 1, INF),
     "eval.gen_length": (int, 1, INF),
@@ -378,6 +379,13 @@ class Trainer:
                              master_weights=config.optimizer.master_weights)
     _, self.state_shardings = train_step.state_shardings(init, params, self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_shardings)(params)
+    # Rollouts run on a copy resharded for sampling once per step (`sampling_layout`); what
+    # stays resident meanwhile: the train state and (full fine-tuning) the reference copy.
+    resident = sampling_layout.per_device_bytes(self.state) + (
+        0 if config.model.lora_rank else sampling_layout.per_device_bytes(params))
+    self.sampling = sampling_layout.layout_for(
+        self.mesh, self.model.config, int(config.mesh.get("sampling_tensor", 0)),
+        sampling_layout.param_bytes(params), resident)
     self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
@@ -409,14 +417,16 @@ class Trainer:
     return pipeline.make_iterator(train, cfg)
 
   # -- sampling and evaluation -----------------------------------------------------------------
-  def sample(self, params, prompt_ids, prompt_mask, key, sampler_config):
+  def sample(self, sampling_params, prompt_ids, prompt_mask, key, sampler_config):
+    """Rows of this process; ``sampling_params`` from `sampling_layout.reshard`."""
     put = self.put_batch({"ids": prompt_ids, "mask": prompt_mask})
-    ids, mask = put["ids"], put["mask"]
-    out = sampler_lib.generate(self.graphdef, params, ids, mask, key, sampler_config)
+    out = sampling_layout.generate(self.sampling, self.graphdef, sampling_params, put["ids"],
+                                   put["mask"], key, sampler_config)
     return self.local_rows(out.sequences)
 
   def evaluate(self, params, examples) -> dict[str, float]:
     """Greedy held-out accuracy (%) with the eval sampler; pads the last batch."""
+    params = sampling_layout.reshard(params, self.sampling)  # once for every eval batch
     bs = self.config.eval.batch_size
     completions = []
     for start in range(0, len(examples), bs):
@@ -447,8 +457,7 @@ class Trainer:
     # step accepts the result.
     _, shardings = train_step.state_shardings(init, self.state.params, self.mesh)
     state = jax.jit(init, out_shardings=shardings)(self.state.params)
-    step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0,
-                      out_shardings=(shardings, None))
+    step_fn = sft.jit_sft_step(self.graphdef, optimizer, shardings)
     rng = np.random.default_rng(c.seed)
     progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
                                        disable=None if bar_enabled else True,
@@ -520,8 +529,8 @@ class Trainer:
 
   def compile_steps(self, ref_params) -> dict[str, int]:
     """Jits `prepare_rollout` and AOT-compiles `rl_update` for the run's shapes; logs memory."""
-    self._prepare = jax.jit(functools.partial(train_step.prepare_rollout, self.graphdef,
-                                              self.objective, self.objective_config))
+    self._prepare = train_step.jit_prepare(self.graphdef, self.objective, self.objective_config,
+                                           self.mesh)
     prepared = jax.eval_shape(self._prepare, self.state.params, ref_params,
                               self.abstract_rollout_batch(), self.state.key, train_step.SCALAR_INT32)
     minibatches = self.config.minibatches_per_rollout
@@ -622,7 +631,9 @@ class Trainer:
         with timer.phase("rollout"):
           ids, mask, truncated = rollout.encode_prompts(self.tokenizer, self.task, examples,
                                                         prompt_length=self.prompt_length)
-          sequences = self.sample(self.state.params, ids, mask, rollout_key, self.rollout_config)
+          sampling_params = sampling_layout.reshard(self.state.params, self.sampling)
+          sequences = self.sample(sampling_params, ids, mask, rollout_key, self.rollout_config)
+          del sampling_params  # the copy is freed before scoring and the update
         with timer.phase("reward"):
           completions = rollout.decode_completions(self.tokenizer, sequences, self.prompt_length)
           rewards = reward_pool(completions, examples)
