@@ -194,6 +194,9 @@ def plan_devices(topology: str | None) -> tuple[list[Any], str]:
   dims = [int(d) for d in topology.split(":")[-1].split("x")]
   # Fewer chips than one host's default 2x2x1 block (a single chip) need explicit host bounds.
   kwargs = {"chips_per_host_bounds": tuple(dims + [1] * (3 - len(dims)))} if math.prod(dims) < 4 else {}
+  if topology.startswith("v4:"):
+    # JAX runs a v4 chip's two TensorCores as one device (megacore, 32 GiB).
+    kwargs["chip_config_name"] = "megacore"
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
   except Exception as e:  # libtpu missing or unknown topology
@@ -343,9 +346,8 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
         prepare.lower(params, ref_params, full_batch, key, scalar), rows, tokens),
         opt_bytes + master_bytes)
   if "reshard" in programs:
-    reshard = jax.jit(lambda p: p, out_shardings=layout.param_shardings(params))
-    result["programs"]["reshard"] = _with_peak(compiled_memory(reshard.lower(params)),
-                                               resident - param_bytes)
+    result["programs"]["reshard"] = _with_peak(
+        _reshard_memory(params, sampling_params, compiled_memory), resident)
   if "sampler" in programs:
     scfg = loop.rollout_sampler_config(config)
     p = config.task.prompt_length
@@ -381,6 +383,29 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
     result["peak_bytes"] = max(p["peak"] for p in result["programs"].values())
     result["peak_gib"] = round(result["peak_bytes"] / GIB, 2)
   return result
+
+
+def _reshard_memory(params, sampling_params, compiled_memory) -> dict[str, Any]:
+  """The training -> sampling reshard as `jax.device_put` runs it: one program per leaf (each
+  unique leaf compiled once). ``temp`` is the largest leaf's, ``output`` the copy (it stays;
+  leaves whose layout does not change are not copied), ``collective_bytes`` the sum over
+  leaves; ``total`` = the copy + the largest temp."""
+  seen: dict[Any, dict[str, Any]] = {}
+  counts: dict[Any, int] = {}
+  for src, dst in zip(jax.tree.leaves(params), jax.tree.leaves(sampling_params)):
+    key = (src.shape, str(src.dtype), src.sharding, dst.sharding)
+    counts[key] = counts.get(key, 0) + 1
+    if key not in seen and src.sharding != dst.sharding:
+      program = jax.jit(lambda x: x, out_shardings=dst.sharding)
+      seen[key] = compiled_memory(program.lower(src))
+  output = sum(per_device_bytes(dst) for src, dst in zip(jax.tree.leaves(params),
+                                                         jax.tree.leaves(sampling_params))
+               if src.sharding != dst.sharding)  # an unchanged leaf is not copied
+  temp = max((info["temp"] for info in seen.values()), default=0)
+  return {"output": output, "temp": temp, "total": output + temp,
+          "collective_bytes": sum(info["collective_bytes"] * counts[key]
+                                  for key, info in seen.items()),
+          "programs": len(seen)}
 
 
 def _with_peak(info: dict[str, Any], resident: int) -> dict[str, Any]:
@@ -436,7 +461,6 @@ def main(argv=None) -> int:
     generation = (args.topology or "").split(":")[0]
     device_gib = None
     if generation in TPU_CHIP_GIB:
-      # v4 topologies list each chip's two TensorCores as two devices sharing its HBM.
       chips = len({tuple(d.coords) for d in devices})
       device_gib = TPU_CHIP_GIB[generation] * chips / len(devices)
     result = memory_plan(config, devices, mesh_shape, tuple(args.programs.split(",")),
