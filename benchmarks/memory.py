@@ -13,6 +13,11 @@ The MC field varied per objective: bgpo / vrpo_ol / vrpo_ol_two_pass / spg ``num
 gradient step (n_mc must be 1). XLA's cost analysis counts a while-loop body once, so ``flops``
 does not scale with n_t; ``model_flops`` is the analytic count (forward = 1, backward = 2
 forward-equivalents per token per forward pass, `ModelConfig.flops_per_token`).
+
+``--config=configs/<name>.py`` plans a published config instead (`memory_plan`): its update,
+prepare, sampler (on the sampling layout), reshard and SFT programs on N fake CPU devices or a TPU
+topology, each with the compiler's bytes and the collectives of its optimized HLO
+(`dmpo_jax.hlo_collectives`, `docs/scaling.md` §5).
 """
 
 from __future__ import annotations

@@ -13,9 +13,11 @@ an optimization barrier, counts ``unknown_trip_count`` times).
 bytes it moves up to the ring factor (n − 1) / n. XLA's own cost analysis does not report
 collective traffic, hence this reader.
 
-`full_batch_arrays` finds the layout bug batch-split FSDP must not have: a collective over an
-array of rank ≥ 3 whose leading dimension is the global row count (activations of every row on
-every device), or the flattened [rows · tokens, ...] form of one.
+`full_batch_arrays` finds the layout bug batch-split FSDP must not have: a collective over a
+floating-point array of rank ≥ 3 whose leading dimension is the global row count (activations of
+every row on every device), or the flattened [rows · tokens, ...] form of one. Integer arrays are
+token ids, not activations: XLA's embedding-gradient scatter may gather every row's ids (rows ×
+tokens int32) to let each device add into its own slice of the table.
 """
 
 from __future__ import annotations
@@ -218,16 +220,16 @@ def total_bytes(items: list[Collective]) -> int:
 def full_batch_arrays(items: list[Collective], rows: int, tokens: Optional[int] = None,
                       weight_shapes: Sequence[Sequence[int]] = ()
                       ) -> list[tuple[Collective, Array]]:
-  """Collectives that carry an array of every row: rank ≥ 3 with ``rows`` leading, or (with
-  ``tokens``) a leading dimension of rows · tokens (the flattened form). Arrays shaped like a
-  weight (``weight_shapes``, e.g. a [d_model, heads, head_dim] slice when d_model = rows) are
-  not activations and are skipped."""
+  """Collectives that carry a floating-point array of every row: rank ≥ 3 with ``rows`` leading,
+  or (with ``tokens``) a leading dimension of rows · tokens (the flattened form). Arrays shaped
+  like a weight (``weight_shapes``, e.g. a [d_model, heads, head_dim] slice when d_model = rows)
+  and integer arrays (token ids) are not activations and are skipped."""
   skip = {tuple(s) for s in weight_shapes}
   hits = []
   for c in items:
     for array in c.operands + c.results:
-      dims = array[1]
-      if dims in skip:
+      dtype, dims = array
+      if dims in skip or not dtype.startswith(("f", "bf")):
         continue
       if (len(dims) >= 3 and dims[0] == rows) or (tokens and dims and dims[0] == rows * tokens):
         hits.append((c, array))

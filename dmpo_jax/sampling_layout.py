@@ -113,6 +113,14 @@ def layout_for(train_mesh: Mesh, model_config: Any, requested: int, weight_bytes
   return SamplingLayout(sampling_mesh(train_mesh, tensor), tensor)
 
 
+def layout_for_training(train_mesh: Mesh, model_config: Any, requested: int, params: Any,
+                        resident: tuple[Any, ...]) -> SamplingLayout:
+  """`layout_for` the trainer: ``resident`` = the trees that stay on the devices while sampling
+  (train state, reference copy)."""
+  return layout_for(train_mesh, model_config, requested, param_bytes(params),
+                    sum(per_device_bytes(tree) for tree in resident))
+
+
 def inference_layout(model_config: Any, params: Any, tensor: int = 0,
                      devices: Optional[list[Any]] = None) -> SamplingLayout:
   """The sampling layout over every device (or ``devices``) for evaluation / generation alone

@@ -102,6 +102,10 @@ def test_hlo_reader_counts_loop_trips_and_bytes():
   assert [c.name for c, _ in hits] == ["ag", "agw"]
   hits = hlo_collectives.full_batch_arrays(list(items.values()), 128, weight_shapes=[(128, 2, 8)])
   assert [c.name for c, _ in hits] == ["ag"]
+  # Nor are token ids (XLA's embedding-gradient scatter gathers every row's ids).
+  ids = hlo_collectives.Collective("ids", "all-gather", "main", (("s32", (16, 4, 1)),),
+                                   (("s32", (128, 4, 1)),), 1, "")
+  assert hlo_collectives.full_batch_arrays([ids], rows=128) == []
   assert hlo_collectives.summary(list(items.values()))["all-gather"] == {
       "count": 2, "executions": 24, "bytes": 12 * (128 * 4 * 8 * 4 + 1024 * 2 * 8 * 2)}
 

@@ -1,8 +1,8 @@
 """The RL training loop (`docs/jax_patterns.md` §2, §8, §10, §11).
 
 One RL step:
-  prompts (grain, G per prompt) → rollout with the jitted sampler on the same mesh and the same
-  parameters (no weight copy) → decode → rewards in worker processes → ``objective.prepare``
+  prompts (grain, G per prompt) → rollout on the policy resharded once for sampling
+  (`sampling_layout`) → decode → rewards in worker processes → ``objective.prepare``
   (advantages / weights, old and reference ELBO terms on shared masks; no grad) →
   ``updates_per_rollout`` jitted train steps (``objective.grads`` + AdamW) → metrics →
   checkpoint.
@@ -379,13 +379,10 @@ class Trainer:
                              master_weights=config.optimizer.master_weights)
     _, self.state_shardings = train_step.state_shardings(init, params, self.mesh)
     self.state = jax.jit(init, out_shardings=self.state_shardings)(params)
-    # Rollouts run on a copy resharded for sampling once per step (`sampling_layout`); what
-    # stays resident meanwhile: the train state and (full fine-tuning) the reference copy.
-    resident = sampling_layout.per_device_bytes(self.state) + (
-        0 if config.model.lora_rank else sampling_layout.per_device_bytes(params))
-    self.sampling = sampling_layout.layout_for(
-        self.mesh, self.model.config, int(config.mesh.get("sampling_tensor", 0)),
-        sampling_layout.param_bytes(params), resident)
+    # Resident while sampling: the train state and (full fine-tuning) the reference copy.
+    self.sampling = sampling_layout.layout_for_training(
+        self.mesh, self.model.config, int(config.mesh.get("sampling_tensor", 0)), params,
+        (self.state,) if config.model.lora_rank else (self.state, params))
     self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
@@ -418,7 +415,7 @@ class Trainer:
 
   # -- sampling and evaluation -----------------------------------------------------------------
   def sample(self, sampling_params, prompt_ids, prompt_mask, key, sampler_config):
-    """Rows of this process; ``sampling_params`` from `sampling_layout.reshard`."""
+    """Rows of this process; ``sampling_params`` from `sampling_layout.reshard` (freed after)."""
     put = self.put_batch({"ids": prompt_ids, "mask": prompt_mask})
     out = sampling_layout.generate(self.sampling, self.graphdef, sampling_params, put["ids"],
                                    put["mask"], key, sampler_config)
@@ -631,9 +628,8 @@ class Trainer:
         with timer.phase("rollout"):
           ids, mask, truncated = rollout.encode_prompts(self.tokenizer, self.task, examples,
                                                         prompt_length=self.prompt_length)
-          sampling_params = sampling_layout.reshard(self.state.params, self.sampling)
-          sequences = self.sample(sampling_params, ids, mask, rollout_key, self.rollout_config)
-          del sampling_params  # the copy is freed before scoring and the update
+          sequences = self.sample(sampling_layout.reshard(self.state.params, self.sampling), ids,
+                                  mask, rollout_key, self.rollout_config)
         with timer.phase("reward"):
           completions = rollout.decode_completions(self.tokenizer, sequences, self.prompt_length)
           rewards = reward_pool(completions, examples)
