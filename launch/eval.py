@@ -35,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -112,12 +111,16 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
              score_options: Optional[Dict[str, Any]] = None, progress: bool = True
              ) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """Generates for every example and scores; returns (rows, summary)."""
+  from dmpo_jax import sampling_layout  # pylint: disable=import-outside-toplevel
   from dmpo_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
   from dmpo_jax.rl import rollout  # pylint: disable=import-outside-toplevel
   num_steps = resolve_steps(steps, gen_length)
   config = make_sampler_config(sampler, gen_length, block_length, num_steps,
                                tokenizer.mask_token_id)
   graphdef, params = nnx.split(model)
+  # Every device samples its rows of a batch on its own copy of the weights (or a tensor group's).
+  layout = sampling_layout.inference_layout(model.config, params)
+  params = sampling_layout.reshard(params, layout)
   prompt_ids = [rollout.prompt_token_ids(tokenizer, task, e, evaluation=True) for e in examples]
   prompt_texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
   bucket = prompt_bucket(prompt_ids)
@@ -132,7 +135,8 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
     chunk = list(chunk) + [chunk[-1]] * (batch_size - real)  # fixed batch shape
     ids, mask = left_pad(chunk, tokenizer.pad_token_id, length=bucket)
     key, subkey = jax.random.split(key)
-    output = sampler.generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), subkey, config)
+    output = sampling_layout.generate(layout, graphdef, params, ids, mask, subkey, config,
+                                      sampler.generate)
     sequences = np.asarray(output.sequences)[:real]
     completions.extend(rollout.decode_completions(tokenizer, sequences, ids.shape[1]))
     bar.update(start + real)

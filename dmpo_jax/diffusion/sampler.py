@@ -15,7 +15,8 @@ API note
 
 ``graphdef, params = split_model(model)``; `generate` is ``jax.jit`` with ``graphdef`` and
 ``config`` static: one compile per (batch, prompt length, config). The MASK / EOS / EOT ids come
-from the model config. The RL trainer passes the params it trains (no copy).
+from the model config. The RL trainer passes the params it trains in the sampling layout
+(`dmpo_jax.sampling_layout`), with that layout's mesh in scope.
 
 Algorithm (`docs/llada.md` §6): canvas x = [prompt, MASK × L]; blocks of K = block_length positions
 decoded left to right (semi-autoregressive), S = steps / (L / K) steps per block; at the first step
