@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.param_dtype = ""
   config.model.remat = True
   config.model.use_key_padding_mask = True
+  # Attention kernel: "auto" (Pallas splash attention on TPU, cuDNN flash attention on GPU for
+  # bf16, XLA otherwise), or "xla" / "cudnn" / "splash" (`dmpo_jax/models/attention.py`).
+  config.model.attention_impl = "auto"
   # LoRA (rank 0 = full fine-tuning with a frozen reference copy). With LoRA the reference policy
   # is the base with adapters disabled. Targets use LLaDA's names (HF Llama names are accepted).
   config.model.lora_rank = 0

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmpo_jax.models import attention as attention_lib
 from dmpo_jax.models import layers as L
 from dmpo_jax.models import lora as lora_lib
 from dmpo_jax.models.config import ModelConfig
@@ -112,7 +113,7 @@ def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.
   elif cached is not None:
     k_all = jax.lax.dynamic_update_slice_in_dim(cached[0].astype(dt), k, window_start, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cached[1].astype(dt), v, window_start, axis=1)
-  att = L.attention(q, k_all, v_all, key_mask, implementation=config.attention_impl)
+  att = attention_lib.attention(q, k_all, v_all, key_mask, impl=config.attention_impl)
   x = x + _project(att, p["o_proj"], "bthk,hkd->btd", adapters, "o_proj", scale)
   h = L.rms_norm(x, p["ffn_norm"], config.norm_eps)
   if not any(name in adapters for name in ("gate_proj", "up_proj", "down_proj")):
