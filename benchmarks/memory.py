@@ -49,13 +49,12 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dmpo_jax import sharding  # noqa: E402
 from dmpo_jax.diffusion import sampler as sampler_lib  # noqa: E402
-from dmpo_jax.models import lora  # noqa: E402
+from dmpo_jax.models import attention, lora  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.transformer import create_model  # noqa: E402
 from dmpo_jax.rl import registry, scoring, train_state as ts, train_step  # noqa: E402
@@ -166,7 +165,7 @@ GIB = 1024 ** 3
 TPU_CHIP_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 
 
-def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+def load_config(path: str, overrides: list[str]) -> "ml_collections.ConfigDict":
   """``get_config()`` of a configs/*.py file with dotted ``key=value`` overrides (JSON values)."""
   spec = importlib.util.spec_from_file_location("plan_config", path)
   if spec is None or spec.loader is None:
@@ -216,7 +215,9 @@ def per_device_bytes(tree: Any) -> int:
   return total
 
 
-def _compiled_memory(lowered) -> dict[str, Any]:
+def _compiled_memory(lowered, inspect=None) -> dict[str, Any]:
+  """The compiled program's memory (and XLA cost) analysis; ``inspect(compiled)`` (optional)
+  adds its own fields (`benchmarks/step_time.py` reads the HLO there)."""
   start = time.time()
   try:
     compiled = lowered.compile()
@@ -236,12 +237,15 @@ def _compiled_memory(lowered) -> dict[str, Any]:
   out["flops"] = float(cost.get("flops", float("nan"))) if cost else None
   out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan"))) if cost else None
   out["compile_s"] = round(time.time() - start, 1)
+  if inspect is not None:
+    out.update(inspect(compiled))
   return out
 
 
-def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
+def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
                 mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler"),
-                model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                model_overrides: dict[str, Any] | None = None,
+                inspect: Any = None) -> dict[str, Any]:
   """Per-device memory of the RL programs of ``config`` on a mesh of ``devices``, compiled
   ahead of time from abstract inputs (nothing is allocated).
 
@@ -251,7 +255,10 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   argument / output / alias / temp bytes and ``total`` = argument + output − alias + temp, plus
   ``peak`` = total + the resident state the program does not take as arguments (the frozen
   reference copy of full fine-tuning; the optimizer state during sampling and scoring).
+  ``inspect(name, compiled) -> dict`` (optional) adds fields to each program's entry.
   """
+  look = (lambda name: None) if inspect is None else (
+      lambda name: lambda compiled: inspect(name, compiled))
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
   loop.validate_config(config, len(devices))
   mesh = sharding.create_mesh(mesh_shape, devices=devices)
@@ -261,6 +268,10 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
     if config.model[key]:
       overrides[key] = config.model[key]
   model_config = get_preset(config.model.preset, **overrides, **(model_overrides or {}))
+  # "auto" attention for the platform compiled for (a TPU topology from a CPU host gets splash).
+  model_config = model_config.replace(attention_impl=attention.resolve_impl(
+      (model_overrides or {}).get("attention_impl", config.model.get("attention_impl", "auto")),
+      model_config.compute_dtype, devices[0].platform))
 
   def build():
     model = create_model(model_config, config.seed)
@@ -304,24 +315,27 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
       "seq_len": int(full_batch["sequences"].shape[1]),
       "micro_batch_size": getattr(ocfg, "micro_batch_size", None),
       "n_mc": getattr(ocfg, MC_FIELD.get(config.objective) or "", None),
-      "remat": bool(config.model.remat), "jax": jax.__version__,
+      "remat": bool(config.model.remat), "attention_impl": model_config.attention_impl,
+      "jax": jax.__version__,
       "resident_bytes": {"params": param_bytes, "reference": ref_bytes, "opt_state": opt_bytes},
       "programs": {}}
   if "update" in programs:
     jitted = train_step.jit_rl_update(graphdef, objective, ocfg, optimizer, state_shardings)
     result["programs"]["update"] = _with_peak(
-        _compiled_memory(jitted.lower(state, batch, per_example, scalar, scalar)), ref_bytes)
+        _compiled_memory(jitted.lower(state, batch, per_example, scalar, scalar), look("update")),
+        ref_bytes)
   if "prepare" in programs:
     result["programs"]["prepare"] = _with_peak(
-        _compiled_memory(prepare.lower(params, ref_params, full_batch, key, scalar)), opt_bytes)
+        _compiled_memory(prepare.lower(params, ref_params, full_batch, key, scalar),
+                         look("prepare")), opt_bytes)
   if "sampler" in programs:
     scfg = loop.rollout_sampler_config(config)
     b, p = full_batch["sequences"].shape[0], config.task.prompt_length
     ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
     mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2))
     result["programs"]["sampler"] = _with_peak(
-        _compiled_memory(sampler_lib.generate.lower(graphdef, params, ids, mask, key, scfg)),
-        opt_bytes + ref_bytes)
+        _compiled_memory(sampler_lib.generate.lower(graphdef, params, ids, mask, key, scfg),
+                         look("sampler")), opt_bytes + ref_bytes)
   failed = [name for name, p in result["programs"].items() if "error" in p]
   if failed:  # the compiler ran out of device memory: no peak, does not fit
     result.update(peak_bytes=None, peak_gib=None, out_of_memory=failed)
