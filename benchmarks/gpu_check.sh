@@ -89,7 +89,7 @@ print(json.dumps({'step_info': 'machine', 'jax': jax.__version__, 'backend': jax
 run_step attention 90 20 python benchmarks/attention.py "--impls=$ATTENTION_IMPLS" "--dtype=$DTYPE" $ATTENTION_ARGS
 run_step sampler_standard_prefix 200 60 "${SAMPLER[@]}" --mode=standard,prefix_cache
 run_step sampler_dual 140 45 "${SAMPLER[@]}" --mode=dual_cache,dual_cache+threshold
-run_step train_step 150 60 python benchmarks/train_step.py "--preset=$TRAIN_PRESET" "--dtype=$DTYPE" \
+run_step train_step 180 60 python benchmarks/train_step.py "--preset=$TRAIN_PRESET" "--dtype=$DTYPE" \
     "--batch=$TRAIN_BATCH" "--prompt_length=$TRAIN_PROMPT" "--gen_length=$TRAIN_GEN" --n_mc=2 \
     --repeats=2 "--peak_tflops=$PEAK_TFLOPS"
 run_step sampler_threshold 120 45 "${SAMPLER[@]}" --mode=threshold

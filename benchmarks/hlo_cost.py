@@ -325,9 +325,17 @@ class ModuleCost:
     tuple element k of the loop's initial value a constant i0 (through copies)."""
     cond = self.computations.get(inst.attr("condition") or "", {})
     root = next((c for c in cond.values() if c.root), None)
+    operands = root.operands[:2] if root is not None else []
+    if root is not None and root.opcode == "fusion":  # a compare fused with nothing else
+      body = self.computations.get(root.attr("calls") or "", {})
+      inner = next((c for c in body.values() if c.root), None)
+      params = {c.name: int(c.args) for c in body.values() if c.opcode == "parameter"}
+      if inner is None or inner.opcode != "compare" or not all(o in params for o in inner.operands):
+        return None
+      root, operands = inner, [root.operands[params[o]] for o in inner.operands[:2]]
     if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
       return None
-    lhs, rhs = (cond.get(o) for o in root.operands[:2])
+    lhs, rhs = (cond.get(o) for o in operands)
     if lhs is None or rhs is None or lhs.opcode != "get-tuple-element" or rhs.opcode != "constant":
       return None
     bound = _constant(rhs)
@@ -397,5 +405,7 @@ def module_cost(text: str, num_devices: int, unknown_trip_counts: Sequence[int] 
 if __name__ == "__main__":  # python benchmarks/hlo_cost.py FILE.hlo NUM_DEVICES [TRIPS,...]
   import sys
   trips = [int(x) for x in sys.argv[3].split(",")] if len(sys.argv) > 3 else []
-  with open(sys.argv[1], encoding="utf-8") as f:
+  import gzip
+  opener = gzip.open if sys.argv[1].endswith(".gz") else open
+  with opener(sys.argv[1], "rt", encoding="utf-8") as f:
     print(json.dumps(module_cost(f.read(), int(sys.argv[2]), trips), indent=1))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gzip
 import json
 import os
 import sys
@@ -132,7 +133,7 @@ def roofline(hlo: dict, flops_all_devices: float | None, devices: int, chip: Chi
 
 
 def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block=None,
-              model_overrides=None) -> dict[str, Any]:
+              model_overrides=None, hlo_dir=None, hlo_prefix="program") -> dict[str, Any]:
   objective = registry.get_objective(config.objective)
   ocfg = objective.make_config(config.get(config.objective, {}))
   from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
@@ -140,7 +141,15 @@ def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block
   trips = unknown_trip_counts(config, ocfg, steps_per_block)
 
   def inspect(name, compiled):
-    return {"hlo": hlo_cost.module_cost(compiled.as_text(), len(devices), trips[name])}
+    text = compiled.as_text()
+    if hlo_dir:  # kept, so the analysis can be rerun without compiling (`hlo_cost.py FILE N TRIPS`)
+      os.makedirs(hlo_dir, exist_ok=True)
+      with gzip.open(os.path.join(hlo_dir, f"{hlo_prefix}_{name}.hlo.gz"), "wt") as f:
+        f.write(text)
+    try:
+      return {"hlo": hlo_cost.module_cost(text, len(devices), trips[name])}
+    except hlo_cost.UnknownTripCount as e:
+      return {"hlo_error": str(e)}
 
   plan = memory.memory_plan(config, devices, mesh_shape, tuple(programs), model_overrides,
                             inspect=inspect)
@@ -153,7 +162,7 @@ def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block
   step = {"bound_s": 0.0, "serial_s": 0.0, "model_flops": 0.0}
   for name, info in plan["programs"].items():
     if "hlo" not in info:
-      continue  # the compiler refused it (out of memory)
+      continue  # the compiler refused it (out of memory), or a loop had no trip count
     flops = analytic[name]
     info["model_flops"] = flops if flops is not None else info["hlo"]["flops"] * len(devices)
     info["time"] = roofline(info["hlo"], flops, len(devices), chip, devices_per_chip)
@@ -179,17 +188,26 @@ SWEEP_CONFIGS = ("configs/bgpo_math.py", "configs/dmpo_gsm8k.py")
 SWEEP_TOPOLOGIES = {"v5p:2x2x1": "v5p-8", "v5p:2x2x4": "v5p-32", "v4:2x2x4": "v4-32"}
 
 
-def sweep(output: str, overrides: list[str]) -> None:
+def sweep(output: str, overrides: list[str], hlo_dir: str | None = None) -> None:
   """Runs every (config, topology) of the README table, appending to ``output``."""
   import subprocess  # pylint: disable=import-outside-toplevel
   for config in SWEEP_CONFIGS:
     for topology in SWEEP_TOPOLOGIES:
       command = [sys.executable, os.path.abspath(__file__), f"--config={config}",
                  f"--topology={topology}", f"--output={output}",
-                 *[f"--override={o}" for o in overrides]]
+                 *[f"--override={o}" for o in overrides],
+                 *([f"--hlo_dir={hlo_dir}"] if hlo_dir else [])]
       print(" ".join(command[1:]), file=sys.stderr, flush=True)
-      subprocess.run(command, check=True, stdout=subprocess.DEVNULL,
-                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, check=False,
+                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+      if result.returncode:  # e.g. a compiler crash: recorded, the sweep goes on
+        reason = next((line for line in reversed(result.stderr.splitlines())
+                       if "Check failed" in line or "Error" in line), result.stderr[-300:])
+        with open(output, "a", encoding="utf-8") as f:
+          f.write(json.dumps({"config": os.path.basename(config), "topology": topology,
+                              "overrides": overrides, "exit_code": result.returncode,
+                              "error": reason.strip()[:500]}) + "\n")
 
 
 def table(path: str) -> str:
@@ -201,10 +219,14 @@ def table(path: str) -> str:
   with open(path, encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
+      name = SWEEP_TOPOLOGIES.get(r["topology"], r["topology"])
+      if "error" in r:
+        rows.append(f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` | "
+                    f"compile failed: {r['error'][:120]} |||||||")
+        continue
       step, programs = r["step"], r["programs"]
       limits = " / ".join(programs[p]["time"]["limited_by"] if "time" in programs.get(p, {})
                           else "-" for p in ("sampler", "prepare", "update"))
-      name = SWEEP_TOPOLOGIES.get(r["topology"], r["topology"])
       fmt = lambda key: f"{step[key]:.1f}" if key in step else "-"  # noqa: E731
       rows.append(
           f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` ({r['chips']}) | "
@@ -231,6 +253,7 @@ def main(argv=None) -> int:
   parser.add_argument("--steps_per_block", type=int, default=None,
                       help="parallel decoding: forward passes per block (default block_length)")
   parser.add_argument("--output", default=None, help="also append the JSON line to this file")
+  parser.add_argument("--hlo_dir", default=None, help="also write each program's HLO (.hlo.gz)")
   args = parser.parse_args(argv)
   if args.table:
     print(table(args.table))
@@ -238,7 +261,7 @@ def main(argv=None) -> int:
   if args.sweep:
     if not args.output:
       parser.error("--sweep needs --output (the JSONL file the runs append to)")
-    sweep(args.output, args.override)
+    sweep(args.output, args.override, args.hlo_dir)
     print(table(args.output))
     return 0
   if not args.config:
@@ -251,8 +274,10 @@ def main(argv=None) -> int:
     config.model.init = "random"  # only compiled: no weights are loaded or allocated
   devices, _ = memory.plan_devices(args.topology)
   mesh_shape = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
+  prefix = f"{os.path.basename(args.config).removesuffix('.py')}_{args.topology or args.num_devices}"
   result = step_time(config, devices, mesh_shape, CHIPS[chip_name], args.programs.split(","),
-                     args.steps_per_block)
+                     args.steps_per_block, hlo_dir=args.hlo_dir,
+                     hlo_prefix=prefix.replace(":", "_"))
   result.update(config=os.path.basename(args.config), topology=args.topology,
                 overrides=args.override, command="python benchmarks/step_time.py " + " ".join(
                     argv if argv is not None else sys.argv[1:]))
