@@ -191,8 +191,8 @@ SWEEP_TOPOLOGIES = {"v5p:2x2x1": "v5p-8", "v5p:2x2x4": "v5p-32", "v4:2x2x4": "v4
 def sweep(output: str, overrides: list[str], hlo_dir: str | None = None) -> None:
   """Runs every (config, topology) of the README table, appending to ``output``."""
   import subprocess  # pylint: disable=import-outside-toplevel
-  for config in SWEEP_CONFIGS:
-    for topology in SWEEP_TOPOLOGIES:
+  for topology in SWEEP_TOPOLOGIES:
+    for config in SWEEP_CONFIGS:
       command = [sys.executable, os.path.abspath(__file__), f"--config={config}",
                  f"--topology={topology}", f"--output={output}",
                  *[f"--override={o}" for o in overrides],

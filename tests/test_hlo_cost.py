@@ -6,6 +6,7 @@ in-place-updated fusion operands, VMEM operands)."""
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,17 @@ def test_collectives_and_flops_of_a_shard_map_program_by_hand(fake_device_hlo):
   assert out["flops"] == (5 + 7) * 2 * 8 * 16 * 16
   sources = sorted((loop["trip_count"], loop["source"]) for loop in out["loops"])
   assert sources == [(5, "xla"), (7, "given")]
+
+
+def test_trip_count_from_a_fused_loop_condition(fake_device_hlo):
+  # Without XLA's recorded count, the 5-trip loop's count comes from its condition (the CPU
+  # compiler fuses the compare `i < 5`), the other loop's from the caller.
+  stripped = re.sub(r'"known_trip_count":\{"n":"\d+"\}', '"x":1', fake_device_hlo)
+  assert stripped != fake_device_hlo
+  out = hlo_cost.module_cost(stripped, num_devices=4, unknown_trip_counts=[7])
+  assert sorted((loop["trip_count"], loop["source"]) for loop in out["loops"]) == [
+      (5, "condition"), (7, "given")]
+  assert out["flops"] == (5 + 7) * 2 * 8 * 16 * 16
 
 
 def test_a_loop_without_a_trip_count_must_be_given_one(fake_device_hlo):
