@@ -40,6 +40,8 @@ import math
 import re
 from typing import Optional, Sequence
 
+import numpy as np
+
 DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
                "u32": 4, "s64": 8, "u64": 8, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8,
                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
@@ -219,12 +221,8 @@ class ModuleCost:
       contracting = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", inst.attrs)
       dims = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
       return 2.0 * out * math.prod(lhs[d] for d in dims)
-    labels = re.search(r"dim_labels=\w*_(\w+)->", inst.attrs)
-    kernel = _dims(self._shape(comp, inst.operands[1]))
-    if not labels or len(labels.group(1)) != len(kernel):
-      return 0.0
-    o = labels.group(1).index("o")
-    return 2.0 * out * math.prod(kernel) / kernel[o]
+    return _convolution_flops(inst, _dims(self._shape(comp, inst.operands[0])),
+                              _dims(self._shape(comp, inst.operands[1])), _dims(inst.shape))
 
   def _collective(self, comp, inst: Instruction, cost: Cost) -> None:
     kind = next(k for k in COLLECTIVES if inst.opcode.startswith(k))
@@ -387,6 +385,44 @@ class ModuleCost:
   def total(self) -> Cost:
     self.loops = []
     return self.cost_of(self.entry)
+
+
+def _window(attrs: str, rank: int) -> list[dict[str, tuple[int, ...]]]:
+  """Per spatial dimension: size, stride, padding (low, high), lhs and rhs dilation."""
+  body = re.search(r"window=\{([^}]*)\}", attrs)
+  fields = dict(re.findall(r"(\w+)=(\S+)", body.group(1))) if body else {}
+  def per_dim(key, default):
+    if key not in fields:
+      return [default] * rank
+    return [tuple(int(x) for x in part.split("_")) if "_" in part else int(part)
+            for part in fields[key].split("x")]
+  return [{"stride": st, "pad": pad, "lhs_dilate": ld, "rhs_dilate": rd}
+          for st, pad, ld, rd in zip(per_dim("stride", 1), per_dim("pad", (0, 0)),
+                                     per_dim("lhs_dilate", 1), per_dim("rhs_dilate", 1))]
+
+
+def _convolution_flops(inst: Instruction, lhs: list[int], rhs: list[int], out: list[int]) -> float:
+  """2 · output batch · output features · input features per group · Π over spatial dims of the
+  (output position, window tap) pairs that land on an input element, as XLA's cost model
+  counts a convolution. TPU writes batched matmuls (attention's batch and head dims) as
+  convolutions whose windows, strides and dilations make each output touch one input position
+  per such dim: counting taps, not window sizes, keeps those at their matmul FLOPs."""
+  labels = re.search(r"dim_labels=(\w+)_(\w+)->(\w+)", inst.attrs)
+  if not labels:
+    return 0.0
+  lhs_l, rhs_l, out_l = labels.groups()
+  if (len(lhs_l), len(rhs_l), len(out_l)) != (len(lhs), len(rhs), len(out)):
+    return 0.0
+  spatial = sorted(c for c in lhs_l if c.isdigit())
+  pairs = 1
+  for k, (dim, window) in enumerate(zip(spatial, _window(inst.attrs, len(spatial)))):
+    size_in, size_out, taps = lhs[lhs_l.index(dim)], out[out_l.index(dim)], rhs[rhs_l.index(dim)]
+    position = (np.arange(size_out)[:, None] * window["stride"]
+                + np.arange(taps)[None, :] * window["rhs_dilate"] - window["pad"][0])
+    valid = ((position >= 0) & (position <= (size_in - 1) * window["lhs_dilate"])
+             & (position % window["lhs_dilate"] == 0))
+    pairs *= int(valid.sum())
+  return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * pairs
 
 
 def _constant(inst: Instruction) -> Optional[int]:

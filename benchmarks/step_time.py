@@ -48,7 +48,6 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 
 import hlo_cost  # noqa: E402
-import sampler as sampler_bench  # noqa: E402
 from dmpo_jax import sharding  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.rl import registry  # noqa: E402
@@ -113,11 +112,29 @@ def model_flops(config, model_config, ocfg, scfg, steps_per_block) -> dict[str, 
   seq = config.task.prompt_length + config.rollout.gen_length
   update = memory.step_model_flops(model_config, config.objective, ocfg,
                                    batch // config.minibatches_per_rollout, seq)
-  if scfg.parallel:
-    scfg = scfg.replace(threshold=None, factor=None, max_tokens_per_step=None,
-                        steps=denoising_steps(scfg, steps_per_block))
-  sampler = sampler_bench.forward_flops(model_config, scfg, None, batch, config.task.prompt_length)
+  sampler = sampler_model_flops(model_config, scfg, batch, config.task.prompt_length,
+                                steps_per_block)
   return {"update": update, "sampler": sampler, "prepare": None}
+
+
+def sampler_model_flops(model_config, scfg, batch: int, prompt_length: int,
+                        steps_per_block: int | None) -> float:
+  """FLOPs of one rollout call: per forward pass, every query token costs the blocks' matmuls
+  and attention over the canvas (`ModelConfig.flops_per_token` without the output head), and
+  the head runs on the block's positions only (`sampler._generate`). Query tokens per pass: the
+  canvas (no cache, and every block's first pass), the block and what follows it (prefix
+  cache), the block (dual cache). CFG doubles the rows."""
+  total = prompt_length + scfg.gen_length
+  head = 2.0 * model_config.d_model * model_config.vocab_size
+  body = model_config.flops_per_token(total) - head
+  rows = batch * (2 if scfg.cfg_scale > 0 else 1)
+  k = scfg.block_length
+  per_block = (steps_per_block or k) if scfg.parallel else scfg.steps_per_block
+  query = 0
+  for b in range(scfg.num_blocks):
+    later = {"prefix": total - (prompt_length + b * k), "dual": k}.get(scfg.cache, total)
+    query += total + (per_block - 1) * later
+  return float(rows * (query * body + scfg.num_blocks * per_block * k * head))
 
 
 def roofline(hlo: dict, flops_all_devices: float | None, devices: int, chip: Chip,
@@ -135,10 +152,8 @@ def roofline(hlo: dict, flops_all_devices: float | None, devices: int, chip: Chi
 def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block=None,
               model_overrides=None, hlo_dir=None, hlo_prefix="program") -> dict[str, Any]:
   objective = registry.get_objective(config.objective)
-  ocfg = objective.make_config(config.get(config.objective, {}))
-  from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
-  scfg = loop.rollout_sampler_config(config)
-  trips = unknown_trip_counts(config, ocfg, steps_per_block)
+  trips = unknown_trip_counts(config, objective.make_config(config.get(config.objective, {})),
+                              steps_per_block)
 
   def inspect(name, compiled):
     text = compiled.as_text()
@@ -153,10 +168,19 @@ def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block
 
   plan = memory.memory_plan(config, devices, mesh_shape, tuple(programs), model_overrides,
                             inspect=inspect)
+  chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
+  return summarize(plan, config, chip, chips, steps_per_block)
+
+
+def summarize(plan: dict, config, chip: Chip, chips: int, steps_per_block=None) -> dict:
+  """Adds the roofline times of every program with an ``hlo`` cost, and the per-step totals."""
+  objective = registry.get_objective(config.objective)
+  ocfg = objective.make_config(config.get(config.objective, {}))
+  from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
+  scfg = loop.rollout_sampler_config(config)
+  devices = plan["num_devices"]
   dtype_overrides = {k: config.model[k] for k in ("dtype", "param_dtype") if config.model[k]}
   model_config = get_preset(config.model.preset, **dtype_overrides)
-  chips = len({tuple(getattr(d, "coords", (i,))) for i, d in enumerate(devices)})
-  devices_per_chip = len(devices) / chips
   analytic = model_flops(config, model_config, ocfg, scfg, steps_per_block)
   repeats = {"sampler": 1, "prepare": 1, "update": config.updates_per_rollout}
   step = {"bound_s": 0.0, "serial_s": 0.0, "model_flops": 0.0}
@@ -164,14 +188,15 @@ def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block
     if "hlo" not in info:
       continue  # the compiler refused it (out of memory), or a loop had no trip count
     flops = analytic[name]
-    info["model_flops"] = flops if flops is not None else info["hlo"]["flops"] * len(devices)
-    info["time"] = roofline(info["hlo"], flops, len(devices), chip, devices_per_chip)
+    info["model_flops"] = flops if flops is not None else info["hlo"]["flops"] * devices
+    info["time"] = roofline(info["hlo"], flops, devices, chip, devices / chips)
     step[f"{name}_s"] = repeats[name] * info["time"]["bound_s"]
     step["bound_s"] += repeats[name] * info["time"]["bound_s"]
     step["serial_s"] += repeats[name] * info["time"]["serial_s"]
     step["model_flops"] += repeats[name] * info["model_flops"]
   if step["bound_s"]:
     step["mfu_bound"] = step["model_flops"] / (step["bound_s"] * chips * chip.peak_bf16_flops)
+    step["mfu_serial"] = step["model_flops"] / (step["serial_s"] * chips * chip.peak_bf16_flops)
   if "sampler" in plan["programs"] and "time" in plan["programs"]["sampler"]:
     nfe = denoising_steps(scfg, steps_per_block)
     sampler = plan["programs"]["sampler"]
@@ -179,8 +204,32 @@ def step_time(config, devices, mesh_shape, chip: Chip, programs, steps_per_block
     step["per_denoising_step"] = {"bound_s": sampler["time"]["bound_s"] / nfe,
                                   "ici_bytes": sampler["hlo"]["ici_bytes"] / nfe}
   plan.update(chip=dataclasses.asdict(chip), chips=chips, updates_per_rollout=repeats["update"],
-              unknown_trip_counts=trips, step=step)
+              unknown_trip_counts=unknown_trip_counts(config, ocfg, steps_per_block), step=step)
   return plan
+
+
+def reanalyze(path: str, hlo_dir: str) -> list[dict]:
+  """The runs of a JSONL file recomputed from their HLO files in ``hlo_dir`` (no compile)."""
+  out = []
+  with open(path, encoding="utf-8") as f:
+    runs = [json.loads(line) for line in f if line.strip()]
+  for run in runs:
+    if "error" in run:
+      out.append(run)
+      continue
+    config = memory.load_config(os.path.join("configs", run["config"]), run["overrides"])
+    objective = registry.get_objective(config.objective)
+    trips = unknown_trip_counts(config, objective.make_config(config.get(config.objective, {})),
+                                run.get("steps_per_block"))
+    prefix = f"{run['config'].removesuffix('.py')}_{run['topology']}".replace(":", "_")
+    for name, info in run["programs"].items():
+      file = os.path.join(hlo_dir, f"{prefix}_{name}.hlo.gz")
+      if os.path.exists(file):
+        with gzip.open(file, "rt", encoding="utf-8") as g:
+          info["hlo"] = hlo_cost.module_cost(g.read(), run["num_devices"], trips[name])
+    chip = Chip(**run["chip"])
+    out.append(summarize(run, config, chip, run["chips"], run.get("steps_per_block")))
+  return out
 
 
 # The README table: published configs x topologies (`--sweep`), one fresh process per run.
@@ -214,15 +263,16 @@ def table(path: str) -> str:
   """Markdown rows (config, topology, rollout / prepare / update / step seconds, MFU bound,
   limiting term per program) from a JSONL file of runs."""
   rows = ["| config | topology (chips) | attention | rollout s | prepare s | update s (x per step) "
-          "| RL step s (bound) | MFU bound | limited by (rollout / prepare / update) |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "| RL step s: bound | no overlap | MFU bound | MFU no overlap "
+          "| limited by (rollout / prepare / update) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|"]
   with open(path, encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
       name = SWEEP_TOPOLOGIES.get(r["topology"], r["topology"])
       if "error" in r:
         rows.append(f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` | "
-                    f"compile failed: {r['error'][:120]} |||||||")
+                    f"compile failed: {r['error'][:120]} |||||||||")
         continue
       step, programs = r["step"], r["programs"]
       limits = " / ".join(programs[p]["time"]["limited_by"] if "time" in programs.get(p, {})
@@ -231,8 +281,9 @@ def table(path: str) -> str:
       rows.append(
           f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` ({r['chips']}) | "
           f"{r['attention_impl']} | {fmt('sampler_s')} | {fmt('prepare_s')} | {fmt('update_s')} "
-          f"(x{r['updates_per_rollout']}) | {step['bound_s']:.1f} | "
-          f"{100 * step.get('mfu_bound', 0):.1f} % | {limits} |")
+          f"(x{r['updates_per_rollout']}) | {step['bound_s']:.1f} | {step['serial_s']:.1f} | "
+          f"{100 * step.get('mfu_bound', 0):.1f} % | {100 * step.get('mfu_serial', 0):.1f} % | "
+          f"{limits} |")
   return "\n".join(rows)
 
 
@@ -242,6 +293,9 @@ def main(argv=None) -> int:
   parser.add_argument("--sweep", action="store_true",
                       help=f"run {SWEEP_CONFIGS} on {tuple(SWEEP_TOPOLOGIES)} into --output")
   parser.add_argument("--table", default=None, help="print the markdown table of a JSONL file")
+  parser.add_argument("--reanalyze", default=None,
+                      help="recompute the runs of a JSONL file from --hlo_dir (no compile); "
+                           "writes them to --output")
   parser.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
                       help="dotted config override (JSON value), repeatable")
   parser.add_argument("--topology", default=None, help="TPU topology, e.g. v5p:2x2x1 (libtpu)")
@@ -257,6 +311,14 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.table:
     print(table(args.table))
+    return 0
+  if args.reanalyze:
+    if not (args.hlo_dir and args.output):
+      parser.error("--reanalyze needs --hlo_dir (the HLO files) and --output (a new JSONL file)")
+    with open(args.output, "w", encoding="utf-8") as f:
+      for run in reanalyze(args.reanalyze, args.hlo_dir):
+        f.write(json.dumps(run) + "\n")
+    print(table(args.output))
     return 0
   if args.sweep:
     if not args.output:
@@ -279,7 +341,7 @@ def main(argv=None) -> int:
                      args.steps_per_block, hlo_dir=args.hlo_dir,
                      hlo_prefix=prefix.replace(":", "_"))
   result.update(config=os.path.basename(args.config), topology=args.topology,
-                overrides=args.override, command="python benchmarks/step_time.py " + " ".join(
+                overrides=args.override, steps_per_block=args.steps_per_block, command="python benchmarks/step_time.py " + " ".join(
                     argv if argv is not None else sys.argv[1:]))
   line = json.dumps(result)
   print(line, flush=True)

@@ -3,6 +3,7 @@ FLOPs, HBM bytes and collective bytes are counted by hand: a shard_map program c
 fake CPU devices, and a hand-written TPU-style module (no trip count recorded, sliced and
 in-place-updated fusion operands, VMEM operands)."""
 
+import importlib.util
 import json
 import os
 import pathlib
@@ -182,3 +183,43 @@ def test_cli_prints_the_cost(tmp_path):
                            str(path), "1"], capture_output=True, text=True, timeout=60)
   assert result.returncode == 0, result.stderr
   assert json.loads(result.stdout)["flops"] == 6 * 2 * 16 * 512 * 128
+
+
+TPU_PROGRAM = r"""
+import json, os
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+import jax, jax.numpy as jnp, numpy as np
+from jax.experimental import topologies
+from jax.sharding import NamedSharding, PartitionSpec as P
+devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
+mesh = jax.sharding.Mesh(np.array(devices), ("b",))
+def loss(q, k, v, w, c):
+  s = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32)
+  o = jnp.einsum("bnts,bsnh->btnh", jax.nn.softmax(s, -1).astype(q.dtype), v)
+  return jnp.sum(jnp.einsum("btnh,nhd->btd", o, w, preferred_element_type=jnp.float32) * c)
+row = NamedSharding(mesh, P("b"))
+spec = lambda shape, sharding=row: jax.ShapeDtypeStruct(shape, jnp.bfloat16, sharding=sharding)
+args = (spec((8, 256, 8, 128)), spec((8, 256, 8, 128)), spec((8, 256, 8, 128)),
+        spec((8, 128, 256), NamedSharding(mesh, P())), spec((8, 256, 256)))
+compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3))).lower(*args).compile()
+print(json.dumps({"hlo": compiled.as_text(), "xla_flops": compiled.cost_analysis()["flops"]}))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='libtpu is not installed (pip install "jax[tpu]==<jax version>")')
+def test_tpu_batched_matmuls_count_their_matmul_flops():
+  """Attention's batched matmuls, which the TPU compiler writes as convolutions with windows
+  over the batch and head dims, count exactly the matmul FLOPs (by hand), within XLA's own
+  count (which adds the elementwise work)."""
+  env = {**os.environ, "JAX_PLATFORMS": ""}
+  result = subprocess.run([sys.executable, "-c", TPU_PROGRAM], capture_output=True, text=True,
+                          timeout=600, env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  out = json.loads(result.stdout.strip().splitlines()[-1])
+  b, t, n, h, d = 8, 256, 8, 128, 256
+  # Scores and probs @ v: forward + two backward matmuls each. The projection's output only
+  # meets the cotangent, so only its two backward matmuls run (d o = c wᵀ, d w = oᵀ c).
+  by_hand = (3 * 2 * (2 * b * n * t * t * h) + 2 * (2 * b * t * n * h * d)) / 4  # per device
+  assert hlo_cost.module_cost(out["hlo"], num_devices=4)["flops"] == by_hand
+  assert by_hand <= out["xla_flops"] <= 1.1 * by_hand
