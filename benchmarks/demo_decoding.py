@@ -88,8 +88,8 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", default="runs/demo_decoding")
   parser.add_argument("--checkpoint", default=None, help="a trained demo model (model format)")
-  parser.add_argument("--thresholds", default="0.9,0.95")
-  parser.add_argument("--factors", default="1.0")
+  parser.add_argument("--thresholds", default="0.9,0.95,0.99,0.999")
+  parser.add_argument("--factors", default="0.5,1.0")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0,
                       help="the demo's config.seed: training run and its held-out set")

@@ -269,6 +269,9 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
 
   x0 = jnp.concatenate([prompt_ids.astype(jnp.int32),
                         jnp.full((batch, gen), mask_id, jnp.int32)], axis=1)
+  # One convert of the whole canvas mask: the TPU compiler (libtpu 0.0.42.1) aborts on a convert
+  # of the [rows, 200] prompt mask alone in DMPO's prefix-cache sampler ("Cannot find a valid
+  # window"), so `configs/dmpo_*.py` rollouts would not compile for TPU.
   attention = jnp.concatenate([prompt_mask.astype(jnp.bool_), jnp.ones((batch, gen), jnp.bool_)],
                               1).astype(jnp.int32)
   positions = model.default_positions(batch, total, attention)
