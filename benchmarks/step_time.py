@@ -262,25 +262,29 @@ def sweep(output: str, overrides: list[str], hlo_dir: str | None = None) -> None
 def table(path: str) -> str:
   """Markdown rows (config, topology, rollout / prepare / update / step seconds, MFU bound,
   limiting term per program) from a JSONL file of runs."""
-  rows = ["| config | topology (chips) | attention | rollout s | prepare s | update s (x per step) "
-          "| RL step s: bound | no overlap | MFU bound | MFU no overlap "
-          "| limited by (rollout / prepare / update) |",
-          "|---|---|---|---|---|---|---|---|---|---|---|"]
+  rows = ["| config | topology (chips) | attention | rollout s | denoising step s (ICI GB / device) "
+          "| prepare s | update s (x per step) | RL step s: bound | no overlap | MFU bound "
+          "| MFU no overlap | limited by (rollout / prepare / update) |",
+          "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   with open(path, encoding="utf-8") as f:
     for line in f:
       r = json.loads(line)
       name = SWEEP_TOPOLOGIES.get(r["topology"], r["topology"])
       if "error" in r:
         rows.append(f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` | "
-                    f"compile failed: {r['error'][:120]} |||||||||")
+                    f"compile failed: {r['error'][:120]} ||||||||||")
         continue
       step, programs = r["step"], r["programs"]
       limits = " / ".join(programs[p]["time"]["limited_by"] if "time" in programs.get(p, {})
                           else "-" for p in ("sampler", "prepare", "update"))
+      per_step = step.get("per_denoising_step")
+      denoise = (f"{per_step['bound_s']:.3f} ({per_step['ici_bytes'] / 1e9:.1f})" if per_step
+                 else "-")
       fmt = lambda key: f"{step[key]:.1f}" if key in step else "-"  # noqa: E731
       rows.append(
           f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` ({r['chips']}) | "
-          f"{r['attention_impl']} | {fmt('sampler_s')} | {fmt('prepare_s')} | {fmt('update_s')} "
+          f"{r['attention_impl']} | {fmt('sampler_s')} | {denoise} | {fmt('prepare_s')} | "
+          f"{fmt('update_s')} "
           f"(x{r['updates_per_rollout']}) | {step['bound_s']:.1f} | {step['serial_s']:.1f} | "
           f"{100 * step.get('mfu_bound', 0):.1f} % | {100 * step.get('mfu_serial', 0):.1f} % | "
           f"{limits} |")

@@ -55,10 +55,12 @@ def test_table_lists_runs_and_failures(tmp_path):
   run = {"config": "bgpo_math.py", "topology": "v5p:2x2x1", "chips": 4, "attention_impl": "xla",
          "updates_per_rollout": 1,
          "step": {"sampler_s": 10.0, "prepare_s": 0.5, "update_s": 20.0, "bound_s": 30.5,
-                  "serial_s": 40.0, "mfu_bound": 0.5, "mfu_serial": 0.25},
+                  "serial_s": 40.0, "mfu_bound": 0.5, "mfu_serial": 0.25,
+                  "per_denoising_step": {"bound_s": 0.0391, "ici_bytes": 2.5e9}},
          "programs": {p: {"time": {"limited_by": "compute"}} for p in ("sampler", "prepare", "update")}}
   failed = {"config": "dmpo_gsm8k.py", "topology": "v4:2x2x4", "error": "Check failed: x"}
   path.write_text(json.dumps(run) + "\n" + json.dumps(failed) + "\n")
   rows = step_time.table(str(path)).splitlines()
-  assert rows[2].startswith("| bgpo_math | v5p-8 `v5p:2x2x1` (4) | xla | 10.0 | 0.5 | 20.0 (x1) | 30.5 | 40.0 | 50.0 % | 25.0 %")
+  assert rows[2].startswith("| bgpo_math | v5p-8 `v5p:2x2x1` (4) | xla | 10.0 | 0.039 (2.5) | 0.5 | "
+                            "20.0 (x1) | 30.5 | 40.0 | 50.0 % | 25.0 % | compute / compute / compute |")
   assert "compile failed: Check failed: x" in rows[3]
