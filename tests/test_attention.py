@@ -66,6 +66,17 @@ def test_resolve_impl_per_platform_and_dtype():
     A.resolve_impl("flash", bf16, "cpu")
 
 
+def test_splash_needs_a_tile_of_queries_and_auto_needs_a_mesh_context():
+  bf16 = jnp.bfloat16
+  assert A.choose("auto", bf16, 1024, has_mesh=True, platform="tpu") == "splash"
+  assert A.choose("auto", bf16, 32, has_mesh=True, platform="tpu") == "xla"   # dual-cache steps
+  # Outside a mesh context the compiler would have to partition the kernel, which it cannot.
+  assert A.choose("auto", bf16, 1024, has_mesh=False, platform="tpu") == "xla"
+  assert A.choose("splash", bf16, 1024, has_mesh=False, platform="tpu") == "splash"
+  assert A.choose("auto", bf16, 1024, has_mesh=False, platform="gpu") == "cudnn"
+  assert A.choose("xla", bf16, 1024, has_mesh=True, platform="tpu") == "xla"
+
+
 def test_platform_errors_name_the_problem():
   assert A.platform_error("auto", "cpu", jnp.float32) is None
   assert A.platform_error("splash", "cpu", jnp.float32) is None  # interpreted

@@ -21,12 +21,14 @@ the keys are masked). They differ in what they materialise:
   128-row tile (padded keys masked, padded queries dropped); query windows shorter than one tile
   (the dual cache's block steps, [B, H, 32, S] scores) take the ``xla`` path. On CPU the same
   kernel runs in Pallas interpret mode (tests), chosen at lowering by `jax.lax.platform_dependent`
-  so that an ahead-of-time compile for a TPU topology gets the real kernel. Inside a mesh
-  context (`jax.sharding.get_abstract_mesh`) the kernel runs under `jax.shard_map`, split over
-  the batch axes and, when the head counts allow, ``tensor``.
-* ``auto``: ``splash`` on TPU, ``cudnn`` on GPU for bf16 / fp16, ``xla`` otherwise
-  (`resolve_impl`; the platform is `jax.default_backend()` unless given, e.g. by a tool that
-  compiles for a TPU topology from a CPU host).
+  so that an ahead-of-time compile for a TPU topology gets the real kernel. The compiler cannot
+  partition a Pallas kernel: inside a mesh context (`jax.sharding.get_abstract_mesh`, set by
+  `jax.sharding.use_abstract_mesh` or `jax.set_mesh`) it runs under `jax.shard_map`, split over
+  the batch axes and, when the head counts allow, ``tensor``; outside one it runs as is, which
+  is right on one device only.
+* ``auto``: ``splash`` on TPU inside a mesh context (else ``xla``), ``cudnn`` on GPU for bf16 /
+  fp16, ``xla`` otherwise (`choose`; the platform is `jax.default_backend()` unless given, e.g.
+  by a tool that compiles for a TPU topology from a CPU host).
 
 A row whose keys are all masked is undefined (the XLA path averages every value, the kernels do
 not); the transformer never builds one (the generation canvas is always real).
@@ -70,6 +72,19 @@ def resolve_impl(impl: Optional[str], dtype, platform: Optional[str] = None) -> 
   return chosen
 
 
+def choose(impl: Optional[str], dtype, query_length: int, has_mesh: bool,
+           platform: Optional[str] = None) -> str:
+  """The implementation one call runs: `resolve_impl`, except that splash falls back to XLA for
+  query windows shorter than one tile, and ``auto`` does so outside a mesh context (a Pallas
+  kernel cannot be partitioned by the compiler, so it needs the mesh to run under
+  `jax.shard_map`; an explicit ``splash`` outside one runs the kernel as is, right on one
+  device)."""
+  chosen = resolve_impl(impl, dtype, platform)
+  if chosen == "splash" and (query_length < SPLASH_TILE or (not has_mesh and impl in (None, "auto"))):
+    return "xla"
+  return chosen
+
+
 def platform_error(impl: Optional[str], platform: str, dtype) -> Optional[str]:
   """Why ``impl`` cannot run on ``platform`` with compute ``dtype`` (None when it can): ``cudnn``
   needs a GPU and bf16 / fp16, ``splash`` a TPU (or CPU, interpreted)."""
@@ -96,9 +111,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.A
   if key_mask is not None:
     chex.assert_shape(key_mask, (b, k.shape[1]))
     key_mask = key_mask.astype(jnp.bool_)
-  chosen = resolve_impl(impl, q.dtype)
-  if chosen == "splash" and t < SPLASH_TILE:
-    chosen = "xla"
+  chosen = choose(impl, q.dtype, t, has_mesh=not jax.sharding.get_abstract_mesh().empty)
   if chosen == "xla":
     return L.attention(q, k, v, key_mask, implementation="xla")
   if chosen == "cudnn":
