@@ -268,10 +268,9 @@ def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
     if config.model[key]:
       overrides[key] = config.model[key]
   model_config = get_preset(config.model.preset, **overrides, **(model_overrides or {}))
-  # "auto" attention for the platform compiled for (a TPU topology from a CPU host gets splash).
-  model_config = model_config.replace(attention_impl=attention.resolve_impl(
-      (model_overrides or {}).get("attention_impl", config.model.get("attention_impl", "auto")),
-      model_config.compute_dtype, devices[0].platform))
+  attention_impl = (model_overrides or {}).get("attention_impl",
+                                              config.model.get("attention_impl", "auto"))
+  model_config = model_config.replace(attention_impl=attention_impl)
 
   def build():
     model = create_model(model_config, config.seed)
@@ -315,7 +314,11 @@ def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
       "seq_len": int(full_batch["sequences"].shape[1]),
       "micro_batch_size": getattr(ocfg, "micro_batch_size", None),
       "n_mc": getattr(ocfg, MC_FIELD.get(config.objective) or "", None),
-      "remat": bool(config.model.remat), "attention_impl": model_config.attention_impl,
+      "remat": bool(config.model.remat), "attention_impl": attention_impl,
+      # What `attention_impl` runs on these devices inside a mesh context (`attention.choose`;
+      # "auto" outside one, e.g. a program jitted without the mesh, takes XLA instead of splash).
+      "attention_resolved": attention.resolve_impl(attention_impl, model_config.compute_dtype,
+                                                   devices[0].platform),
       "jax": jax.__version__,
       "resident_bytes": {"params": param_bytes, "reference": ref_bytes, "opt_state": opt_bytes},
       "programs": {}}

@@ -277,13 +277,16 @@ def table(path: str) -> str:
       step, programs = r["step"], r["programs"]
       limits = " / ".join(programs[p]["time"]["limited_by"] if "time" in programs.get(p, {})
                           else "-" for p in ("sampler", "prepare", "update"))
+      attention = r.get("attention_impl", "-")
+      if r.get("attention_resolved", attention) != attention:
+        attention += f" ({r['attention_resolved']} in the update)"
       per_step = step.get("per_denoising_step")
       denoise = (f"{per_step['bound_s']:.3f} ({per_step['ici_bytes'] / 1e9:.1f})" if per_step
                  else "-")
       fmt = lambda key: f"{step[key]:.1f}" if key in step else "-"  # noqa: E731
       rows.append(
           f"| {r['config'].removesuffix('.py')} | {name} `{r['topology']}` ({r['chips']}) | "
-          f"{r['attention_impl']} | {fmt('sampler_s')} | {denoise} | {fmt('prepare_s')} | "
+          f"{attention} | {fmt('sampler_s')} | {denoise} | {fmt('prepare_s')} | "
           f"{fmt('update_s')} "
           f"(x{r['updates_per_rollout']}) | {step['bound_s']:.1f} | {step['serial_s']:.1f} | "
           f"{100 * step.get('mfu_bound', 0):.1f} % | {100 * step.get('mfu_serial', 0):.1f} % | "

@@ -2,8 +2,11 @@
 compiled sampler (every cache), the roofline arithmetic, and the table / re-analysis of runs."""
 
 import gzip
+import importlib.util
 import json
+import os
 import pathlib
+import subprocess
 import sys
 
 import jax
@@ -64,3 +67,27 @@ def test_table_lists_runs_and_failures(tmp_path):
   assert rows[2].startswith("| bgpo_math | v5p-8 `v5p:2x2x1` (4) | xla | 10.0 | 0.039 (2.5) | 0.5 | "
                             "20.0 (x1) | 30.5 | 40.0 | 50.0 % | 25.0 % | compute / compute / compute |")
   assert "compile failed: Check failed: x" in rows[3]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                    reason='libtpu is not installed (pip install "jax[tpu]==<jax version>")')
+def test_auto_attention_is_the_splash_kernel_in_a_tpu_update(tmp_path):
+  """Compiled for a TPU topology from this CPU host, the update (traced in its mesh context)
+  runs `auto` attention as the splash kernel (a Mosaic custom call per layer pass), `xla` runs
+  none; 128-token sequences (one tile)."""
+  calls = {}
+  for impl in ("auto", "xla"):
+    out = tmp_path / f"{impl}.jsonl"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "step_time.py"), "--config=configs/demo.py",
+         "--topology=v5e:2x2", "--programs=update", f"--output={out}",
+         "--override=task.prompt_length=123", "--override=bgpo.num_mc=1",
+         f"--override=model.attention_impl={impl}"],
+        capture_output=True, text=True, timeout=1200, cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = json.loads(out.read_text())
+    calls[impl] = run["programs"]["update"]["hlo"]["kernel_calls"]
+    assert run["attention_resolved"] == ("splash" if impl == "auto" else "xla")
+  assert calls["xla"] == 0 and calls["auto"] > 0, calls

@@ -27,8 +27,9 @@ the keys are masked). They differ in what they materialise:
   the batch axes and, when the head counts allow, ``tensor``; outside one it runs as is, which
   is right on one device only.
 * ``auto``: ``splash`` on TPU inside a mesh context (else ``xla``), ``cudnn`` on GPU for bf16 /
-  fp16, ``xla`` otherwise (`choose`; the platform is `jax.default_backend()` unless given, e.g.
-  by a tool that compiles for a TPU topology from a CPU host).
+  fp16, ``xla`` otherwise (`choose`; the platform is that of the context mesh's devices, so an
+  ahead-of-time compile for a TPU topology from a CPU host gets splash, else
+  `jax.default_backend()`).
 
 A row whose keys are all masked is undefined (the XLA path averages every value, the kernels do
 not); the transformer never builds one (the generation canvas is always real).
@@ -111,7 +112,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, key_mask: Optional[jax.A
   if key_mask is not None:
     chex.assert_shape(key_mask, (b, k.shape[1]))
     key_mask = key_mask.astype(jnp.bool_)
-  chosen = choose(impl, q.dtype, t, has_mesh=not jax.sharding.get_abstract_mesh().empty)
+  mesh = jax.sharding.get_abstract_mesh()
+  # The mesh's devices name the platform compiled for (a TPU topology from a CPU host too).
+  platform = None if mesh.empty else getattr(getattr(mesh, "abstract_device", None), "platform", None)
+  chosen = choose(impl, q.dtype, t, has_mesh=not mesh.empty, platform=platform)
   if chosen == "xla":
     return L.attention(q, k, v, key_mask, implementation="xla")
   if chosen == "cudnn":
