@@ -39,6 +39,7 @@ TRAIN_PROMPT=${GPU_CHECK_TRAIN_PROMPT:-128}
 TRAIN_GEN=${GPU_CHECK_TRAIN_GEN:-256}
 ATTENTION_ARGS=${GPU_CHECK_ATTENTION:---batch=4 --seq=1024 --heads=32 --head_dim=128 --pad=100}
 ATTENTION_IMPLS=${GPU_CHECK_ATTENTION_IMPLS:-xla,cudnn}
+CAP_SCALE=${GPU_CHECK_CAP_SCALE:-1}          # multiplies every step's cap (slow machines, CPU)
 
 START=$(date +%s)
 if [ -n "${OUT:-}" ]; then
@@ -56,7 +57,7 @@ emit() { echo "$1" >> "$JSONL"; }
 # run_step NAME CAP_SECONDS MIN_SECONDS COMMAND...: JSON lines of COMMAND go to $JSONL, then a
 # {"step": NAME, ...} line with its exit code and wall time.
 run_step() {
-  local name=$1 cap=$2 min=$3
+  local name=$1 cap=$(( $2 * CAP_SCALE )) min=$3
   shift 3
   local left=$(( BUDGET_S - $(elapsed) - 5 ))
   local limit=$(( cap < left ? cap : left ))
