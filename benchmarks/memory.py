@@ -54,13 +54,12 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dmpo_jax import hlo_collectives, sampling_layout, sharding  # noqa: E402
 from dmpo_jax.diffusion import sampler as sampler_lib  # noqa: E402
-from dmpo_jax.models import lora  # noqa: E402
+from dmpo_jax.models import attention, lora  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.transformer import create_model  # noqa: E402
 from dmpo_jax.rl import registry, scoring, train_state as ts, train_step  # noqa: E402
@@ -171,7 +170,7 @@ GIB = 1024 ** 3
 TPU_CHIP_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 
 
-def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+def load_config(path: str, overrides: list[str]) -> "ml_collections.ConfigDict":
   """``get_config()`` of a configs/*.py file with dotted ``key=value`` overrides (JSON values)."""
   spec = importlib.util.spec_from_file_location("plan_config", path)
   if spec is None or spec.loader is None:
@@ -219,11 +218,12 @@ per_device_bytes = sampling_layout.per_device_bytes
 
 
 def _compiled_memory(lowered, rows: int | None = None, tokens: int | None = None,
-                     unknown_trip_count: int = 1, weight_shapes=()) -> dict[str, Any]:
+                     unknown_trip_count: int = 1, weight_shapes=(), inspect=None) -> dict[str, Any]:
   """The compiler's per-device bytes of a lowered program, and its collectives read from the
   optimized HLO (`hlo_collectives`): ``collective_bytes`` (Σ payload × executions, loops of
   unknown trip count counted ``unknown_trip_count`` times) and ``full_batch_collectives`` (those
-  carrying an array of all ``rows`` rows)."""
+  carrying an array of all ``rows`` rows). ``inspect(compiled)`` (optional) adds its own
+  fields (`benchmarks/step_time.py` reads the HLO there)."""
   start = time.time()
   try:
     compiled = lowered.compile()
@@ -249,13 +249,15 @@ def _compiled_memory(lowered, rows: int | None = None, tokens: int | None = None
     hits = hlo_collectives.full_batch_arrays(items, rows, tokens, weight_shapes)
     out["full_batch_collectives"] = [f"{c.opcode} {dtype}{list(dims)}" for c, (dtype, dims) in hits]
   out["compile_s"] = round(time.time() - start, 1)
+  if inspect is not None:
+    out.update(inspect(compiled))
   return out
 
 
-def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
+def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
                 mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler"),
                 model_overrides: dict[str, Any] | None = None,
-                device_bytes: int | None = None) -> dict[str, Any]:
+                device_bytes: int | None = None, inspect: Any = None) -> dict[str, Any]:
   """Per-device memory of the RL programs of ``config`` on a mesh of ``devices``, compiled
   ahead of time from abstract inputs (nothing is allocated).
 
@@ -270,7 +272,10 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   during sampling and scoring), and the collectives of its optimized HLO. The sampler also gets
   ``collective_bytes_per_step`` (per denoising step). ``device_bytes`` (per device) picks the
   sampling layout's tensor size when ``config.mesh.sampling_tensor`` is 0 (auto).
+  ``inspect(name, compiled) -> dict`` (optional) adds fields to each program's entry.
   """
+  look = (lambda name: None) if inspect is None else (
+      lambda name: lambda compiled: inspect(name, compiled))
   from dmpo_jax.rl import loop, sft  # pylint: disable=import-outside-toplevel
   loop.validate_config(config, len(devices))
   mesh = sharding.create_mesh(mesh_shape, devices=devices)
@@ -281,6 +286,9 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
     if config.model[key]:
       overrides[key] = config.model[key]
   model_config = get_preset(config.model.preset, **overrides, **(model_overrides or {}))
+  attention_impl = (model_overrides or {}).get("attention_impl",
+                                              config.model.get("attention_impl", "auto"))
+  model_config = model_config.replace(attention_impl=attention_impl)
 
   def build():
     model = create_model(model_config, config.seed)
@@ -335,7 +343,12 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
       "update_batch": int(batch["sequences"].shape[0]), "seq_len": tokens,
       "micro_batch_size": getattr(ocfg, "micro_batch_size", None),
       "n_mc": getattr(ocfg, MC_FIELD.get(config.objective) or "", None),
-      "remat": bool(config.model.remat), "jax": jax.__version__,
+      "remat": bool(config.model.remat), "attention_impl": attention_impl,
+      # What `attention_impl` runs on these devices inside a mesh context (`attention.choose`;
+      # "auto" outside one, e.g. a program jitted without the mesh, takes XLA instead of splash).
+      "attention_resolved": attention.resolve_impl(attention_impl, model_config.compute_dtype,
+                                                   devices[0].platform),
+      "jax": jax.__version__,
       "weight_bytes": sampling_layout.param_bytes(params),
       "resident_bytes": {"params": param_bytes, "reference": ref_bytes, "opt_state": opt_bytes,
                          "master": master_bytes, "sampling_copy": sampling_bytes},
@@ -344,15 +357,18 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   if "update" in programs:
     jitted = train_step.jit_rl_update(graphdef, objective, ocfg, optimizer, state_shardings)
     result["programs"]["update"] = _with_peak(compiled_memory(
-        jitted.lower(state, batch, per_example, scalar, scalar), rows // minibatches, tokens),
+        jitted.lower(state, batch, per_example, scalar, scalar), rows // minibatches, tokens,
+        inspect=look("update")),
         ref_bytes)
   if "prepare" in programs:
     result["programs"]["prepare"] = _with_peak(compiled_memory(
-        prepare.lower(params, ref_params, full_batch, key, scalar), rows, tokens),
+        prepare.lower(params, ref_params, full_batch, key, scalar), rows, tokens,
+        inspect=look("prepare")),
         opt_bytes + master_bytes)
   if "reshard" in programs:
     result["programs"]["reshard"] = _with_peak(
-        _reshard_memory(params, sampling_params, compiled_memory), resident)
+        _reshard_memory(params, sampling_params,
+                       functools.partial(compiled_memory, inspect=look("reshard"))), resident)
   if "sampler" in programs:
     scfg = loop.rollout_sampler_config(config)
     p = config.task.prompt_length
@@ -363,7 +379,8 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
     with jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh):
       lowered = sampler_lib.generate.lower(graphdef, sampling_params, ids, mask, sampling_key, scfg)
     # The block loop's trip count is unknown to XLA (it can stop early): count every block.
-    info = _with_peak(compiled_memory(lowered, rows, tokens, scfg.num_blocks), resident)
+    info = _with_peak(compiled_memory(lowered, rows, tokens, scfg.num_blocks,
+                                            inspect=look("sampler")), resident)
     if "collective_bytes" in info:
       info["collective_bytes_per_step"] = info["collective_bytes"] // scfg.steps
     result["programs"]["sampler"] = info
@@ -379,7 +396,8 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
                  for k in ("sequences", "attention_mask", "completion_mask")}
     jitted = sft.jit_sft_step(graphdef, sft_optimizer, sft_shardings)
     result["programs"]["sft"] = _with_peak(compiled_memory(
-        jitted.lower(_abstract(sft_abstract, sft_shardings), sft_batch), b, tokens),
+        jitted.lower(_abstract(sft_abstract, sft_shardings), sft_batch), b, tokens,
+        inspect=look("sft")),
         opt_bytes + master_bytes)
   failed = [name for name, p in result["programs"].items() if "error" in p]
   if failed:  # the compiler ran out of device memory: no peak, does not fit

@@ -40,6 +40,9 @@ def get_config() -> ml_collections.ConfigDict:
   # dtype of the cross-device sum of weight gradients: "" = the compute dtype, "float32" = fp32
   # (twice the reduce-scatter bytes; `docs/scaling.md` §4).
   config.model.grad_reduce_dtype = ""
+  # Attention kernel: "auto" (Pallas splash attention on TPU, cuDNN flash attention on GPU for
+  # bf16, XLA otherwise), or "xla" / "cudnn" / "splash" (`dmpo_jax/models/attention.py`).
+  config.model.attention_impl = "auto"
   # LoRA (rank 0 = full fine-tuning with a frozen reference copy). With LoRA the reference policy
   # is the base with adapters disabled. Targets use LLaDA's names (HF Llama names are accepted).
   config.model.lora_rank = 0

@@ -96,6 +96,11 @@ ERRORS = [
     (_train("w8", "--config.num_steps=abc"), "--config.num_steps=abc", "w8"),
     (_train("w9", "--config.task.name=gsm8k", "--config.task.train_source=bad.jsonl"),
      "bad.jsonl: 2 of 2 row(s) unusable", "w9"),
+    (_train("w10", "--config.model.attention_impl=flash"),
+     "model.attention_impl: must be one of ('auto', 'xla', 'cudnn', 'splash'), got 'flash'", "w10"),
+    (_train("w11", "--config.model.attention_impl=cudnn"),
+     "model.attention_impl: attention_impl='cudnn' needs an NVIDIA GPU; this process runs on cpu",
+     "w11"),
     # generate
     (("generate", ["--checkpoint=missing", "--prompt=x"]), "model checkpoint missing does not exist",
      None),

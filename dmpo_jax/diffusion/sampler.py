@@ -75,6 +75,7 @@ from typing import Any, NamedTuple, Optional
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import PartitionSpec
 
@@ -285,7 +286,11 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
 
   x0 = jnp.concatenate([prompt_ids.astype(jnp.int32),
                         jnp.full((batch, gen), mask_id, jnp.int32)], axis=1)
-  attention = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, gen), jnp.int32)], 1)
+  # One convert of the whole canvas mask: the TPU compiler (libtpu 0.0.42.1) aborts on a convert
+  # of the [rows, 200] prompt mask alone in DMPO's prefix-cache sampler ("Cannot find a valid
+  # window"), so `configs/dmpo_*.py` rollouts would not compile for TPU.
+  attention = jnp.concatenate([prompt_mask.astype(jnp.bool_), jnp.ones((batch, gen), jnp.bool_)],
+                              1).astype(jnp.int32)
   positions = model.default_positions(batch, total, attention)
   use_cfg = config.cfg_scale > 0
   # With reference_quota every masked position before the block's end is a candidate, so the
@@ -492,6 +497,23 @@ generate = jax.jit(_generate_entry, static_argnames=("graphdef", "config"))
 generate.__doc__ = """Jitted LLaDA sampler: generate(graphdef, params, prompt_ids [B, P] left-padded,
 prompt_mask [B, P] (1 = real token), key, config: SamplerConfig) -> SampleOutput.
 See the module docstring for the algorithm and options."""
+
+
+def forward_passes_per_row(commit_step, config: SamplerConfig) -> np.ndarray:
+  """int [B]: the forward passes each row needs when decoded alone, from a batch's commit trace
+  (``SampleOutput.commit_step``, ``return_trace=True``). The quota schedule runs ``steps``
+  passes whatever the row. Threshold / factor decoding commits at least one token of each row
+  whose block still has a mask at every step (the most confident one), so a row decoded alone
+  runs exactly the steps at which it committed something: their number. Exact for greedy
+  decoding, where rows do not interact; batched, a block runs until its slowest row is done
+  (``num_forward_passes``). Not defined with ``stop_at_eos`` (a row alone would stop at its own
+  EOS, the batch at the last row's)."""
+  if config.stop_at_eos:
+    raise ValueError("forward_passes_per_row: not defined with stop_at_eos")
+  steps = np.asarray(commit_step)
+  if not config.parallel:
+    return np.full(steps.shape[0], config.steps, np.int64)
+  return np.array([len(np.unique(row[row >= 0])) for row in steps], np.int64)
 
 
 def quota_schedule(masked: int, steps_per_block: int) -> list[int]:

@@ -29,7 +29,7 @@ LORA_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "att
 LORA_TARGET_ALIASES = {"o_proj": "attn_out", "gate_proj": "ff_proj", "down_proj": "ff_out"}
 
 
-ATTENTION_IMPLS = (None, "cudnn", "xla")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # `dmpo_jax.models.attention`
 _INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                "mlp_hidden_size", "max_seq_len", "mask_token_id", "eos_token_id", "pad_token_id",
                "logprob_chunk_size", "logprob_vocab_tile", "lora_rank")
@@ -76,8 +76,9 @@ class ModelConfig:
   # dtype in which weight gradients are summed over devices (`sharding.gather_for_compute`):
   # "" = the compute dtype, "float32" = an fp32 reduce-scatter rounded once.
   grad_reduce_dtype: str = ""
-  # `jax.nn.dot_product_attention` implementation: None (XLA), "cudnn" or "xla".
-  attention_impl: Optional[str] = None
+  # Attention kernel (`dmpo_jax.models.attention`): "auto" (splash on TPU, cuDNN on GPU for
+  # bf16 / fp16, else XLA), "xla", "cudnn" or "splash". None (older checkpoints) reads as "auto".
+  attention_impl: str = "auto"
   # LoRA adapters (`dmpo_jax.models.lora`): rank 0 = none. Targets use LLaDA's names
   # (`LORA_TARGETS`) or their HF-Llama aliases; stored as canonical LLaDA names in
   # `LORA_TARGETS` order. Output of a target += (x A) B · lora_alpha / lora_rank.
@@ -90,6 +91,8 @@ class ModelConfig:
     if type_errors:  # range checks below assume the types
       raise ValueError("Invalid ModelConfig: " + "; ".join(type_errors))
     errors = self._canonicalize_lora_targets()
+    if self.attention_impl is None:
+      object.__setattr__(self, "attention_impl", "auto")
     for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0)):
       if not getattr(self, name) > low:
         errors.append(f"{name} must be positive, got {getattr(self, name)}")

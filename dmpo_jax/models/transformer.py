@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dmpo_jax import sharding
+from dmpo_jax.models import attention as attention_lib
 from dmpo_jax.models import layers as L
 from dmpo_jax.models.logprobs import chunked_target_log_probs
 from dmpo_jax.models import lora as lora_lib
@@ -151,7 +152,7 @@ def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.
   elif cached is not None:
     k_all = jax.lax.dynamic_update_slice_in_dim(cached[0].astype(dt), k, window_start, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cached[1].astype(dt), v, window_start, axis=1)
-  att = L.attention(q, k_all, v_all, key_mask, implementation=config.attention_impl)
+  att = attention_lib.attention(q, k_all, v_all, key_mask, impl=config.attention_impl)
   x = x + _project(att, p["o_proj"], "bthk,hkd->btd", adapters, "o_proj", scale)
   h = L.rms_norm(x, p["ffn_norm"], config.norm_eps)
   if not any(name in adapters for name in ("gate_proj", "up_proj", "down_proj")):

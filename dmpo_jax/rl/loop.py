@@ -30,7 +30,8 @@ from flax import nnx
 from dmpo_jax import (checkpointing, cli, metrics as metrics_lib, profiling, sampling_layout,
                       sharding)
 from dmpo_jax.diffusion import sampler as sampler_lib
-from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
+from dmpo_jax.models import attention, config as model_config_lib, hf_io, lora
+from dmpo_jax.models import tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import registry, rollout, sft, step_io, train_state as ts, train_step
 from dmpo_jax.tasks import base as task_base, pipeline, reward_pool as reward_pool_lib
@@ -218,6 +219,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     if config.model[name] not in ("",) + model_config_lib.DTYPES:
       errors.append(f"model.{name}: must be '' (the preset's / checkpoint's) or one of "
                     f"{model_config_lib.DTYPES}, got {config.model[name]!r}")
+  if config.model.get("attention_impl", "auto") not in model_config_lib.ATTENTION_IMPLS:
+    errors.append(f"model.attention_impl: must be one of {model_config_lib.ATTENTION_IMPLS}, got "
+                  f"{config.model.attention_impl!r}")
   if config.optimizer.state_dtype not in ts.STATE_DTYPES:
     errors.append(f"optimizer.state_dtype: must be one of {ts.STATE_DTYPES}, got "
                   f"{config.optimizer.state_dtype!r}")
@@ -313,7 +317,8 @@ def abstract_rollout_batch(config, mesh, minibatches: int = 1) -> dict[str, jax.
 def load_model_and_tokenizer(config, mesh):
   """The model (sharded on ``mesh``) and tokenizer named by ``config.model`` / ``config.tokenizer``."""
   overrides = {"remat": bool(config.model.remat),
-               "use_key_padding_mask": bool(config.model.use_key_padding_mask)}
+               "use_key_padding_mask": bool(config.model.use_key_padding_mask),
+               "attention_impl": config.model.get("attention_impl", "auto")}
   if config.model.dtype:
     overrides["dtype"] = config.model.dtype
   path = config.model.checkpoint
@@ -370,6 +375,10 @@ class Trainer:
     self.mesh = sharding.create_mesh(_mesh_shape(config, jax.device_count()))
     with cli.user_input(f"model {config.model.checkpoint or config.model.preset}"):
       self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
+    model_config = self.model.config
+    problem = attention.platform_error(model_config.attention_impl, jax.default_backend(),
+                                       model_config.compute_dtype)
+    cli.check(problem is None, f"model.attention_impl: {problem}")
     if config.model.lora_rank:
       self.model = lora.add_adapters(self.model, rank=config.model.lora_rank,
                                      alpha=config.model.lora_alpha,
