@@ -13,6 +13,11 @@ The MC field varied per objective: bgpo / vrpo_ol / vrpo_ol_two_pass / spg ``num
 gradient step (n_mc must be 1). XLA's cost analysis counts a while-loop body once, so ``flops``
 does not scale with n_t; ``model_flops`` is the analytic count (forward = 1, backward = 2
 forward-equivalents per token per forward pass, `ModelConfig.flops_per_token`).
+
+``--config=configs/<name>.py`` plans a published config instead (`memory_plan`): its update,
+prepare, sampler (on the sampling layout), reshard and SFT programs on N fake CPU devices or a TPU
+topology, each with the compiler's bytes and the collectives of its optimized HLO
+(`dmpo_jax.hlo_collectives`, `docs/scaling.md` §5).
 """
 
 from __future__ import annotations
@@ -49,13 +54,12 @@ if __name__ == "__main__":
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dmpo_jax import sharding  # noqa: E402
+from dmpo_jax import hlo_collectives, sampling_layout, sharding  # noqa: E402
 from dmpo_jax.diffusion import sampler as sampler_lib  # noqa: E402
-from dmpo_jax.models import lora  # noqa: E402
+from dmpo_jax.models import attention, lora  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.transformer import create_model  # noqa: E402
 from dmpo_jax.rl import registry, scoring, train_state as ts, train_step  # noqa: E402
@@ -166,7 +170,7 @@ GIB = 1024 ** 3
 TPU_CHIP_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 
 
-def load_config(path: str, overrides: list[str]) -> ml_collections.ConfigDict:
+def load_config(path: str, overrides: list[str]) -> "ml_collections.ConfigDict":
   """``get_config()`` of a configs/*.py file with dotted ``key=value`` overrides (JSON values)."""
   spec = importlib.util.spec_from_file_location("plan_config", path)
   if spec is None or spec.loader is None:
@@ -194,6 +198,9 @@ def plan_devices(topology: str | None) -> tuple[list[Any], str]:
   dims = [int(d) for d in topology.split(":")[-1].split("x")]
   # Fewer chips than one host's default 2x2x1 block (a single chip) need explicit host bounds.
   kwargs = {"chips_per_host_bounds": tuple(dims + [1] * (3 - len(dims)))} if math.prod(dims) < 4 else {}
+  if topology.startswith("v4:"):
+    # JAX runs a v4 chip's two TensorCores as one device (megacore, 32 GiB).
+    kwargs["chip_config_name"] = "megacore"
   try:
     desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **kwargs)
   except Exception as e:  # libtpu missing or unknown topology
@@ -207,16 +214,16 @@ def _abstract(tree: Any, shardings: Any) -> Any:
                       shardings)
 
 
-def per_device_bytes(tree: Any) -> int:
-  """Bytes one device holds of a pytree of sharded `ShapeDtypeStruct`s (largest shard)."""
-  total = 0
-  for leaf in jax.tree.leaves(tree):
-    shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
-    total += math.prod(shape) * jnp.dtype(leaf.dtype).itemsize
-  return total
+per_device_bytes = sampling_layout.per_device_bytes
 
 
-def _compiled_memory(lowered) -> dict[str, Any]:
+def _compiled_memory(lowered, rows: int | None = None, tokens: int | None = None,
+                     unknown_trip_count: int = 1, weight_shapes=(), inspect=None) -> dict[str, Any]:
+  """The compiler's per-device bytes of a lowered program, and its collectives read from the
+  optimized HLO (`hlo_collectives`): ``collective_bytes`` (Σ payload × executions, loops of
+  unknown trip count counted ``unknown_trip_count`` times) and ``full_batch_collectives`` (those
+  carrying an array of all ``rows`` rows). ``inspect(compiled)`` (optional) adds its own
+  fields (`benchmarks/step_time.py` reads the HLO there)."""
   start = time.time()
   try:
     compiled = lowered.compile()
@@ -235,32 +242,53 @@ def _compiled_memory(lowered) -> dict[str, Any]:
   out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
   out["flops"] = float(cost.get("flops", float("nan"))) if cost else None
   out["bytes_accessed"] = float(cost.get("bytes accessed", float("nan"))) if cost else None
+  items = hlo_collectives.collectives(compiled.as_text(), unknown_trip_count)
+  out["collectives"] = len(items)
+  out["collective_bytes"] = hlo_collectives.total_bytes(items)
+  if rows:
+    hits = hlo_collectives.full_batch_arrays(items, rows, tokens, weight_shapes)
+    out["full_batch_collectives"] = [f"{c.opcode} {dtype}{list(dims)}" for c, (dtype, dims) in hits]
   out["compile_s"] = round(time.time() - start, 1)
+  if inspect is not None:
+    out.update(inspect(compiled))
   return out
 
 
-def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
+def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
                 mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler"),
-                model_overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+                model_overrides: dict[str, Any] | None = None,
+                device_bytes: int | None = None, inspect: Any = None) -> dict[str, Any]:
   """Per-device memory of the RL programs of ``config`` on a mesh of ``devices``, compiled
   ahead of time from abstract inputs (nothing is allocated).
 
   Programs: ``update`` (`train_step.rl_update`: gradients accumulated over MC samples and
-  micro-batches + AdamW, state donated), ``prepare`` (no-grad old / reference scoring) and
-  ``sampler`` (the rollout sampler, weights as the trainer holds them). For each: the compiler's
-  argument / output / alias / temp bytes and ``total`` = argument + output − alias + temp, plus
-  ``peak`` = total + the resident state the program does not take as arguments (the frozen
-  reference copy of full fine-tuning; the optimizer state during sampling and scoring).
+  micro-batches + AdamW, state donated), ``prepare`` (no-grad old / reference scoring),
+  ``sampler`` (the rollout sampler on the sampling layout, `dmpo_jax.sampling_layout`; its
+  arguments include the sampling copy of the weights), ``reshard`` (training layout -> sampling
+  layout, once per RL step) and ``sft`` (one SFT warm-up step of ``config.sft.batch_size``
+  rows). For each: the compiler's argument / output / alias / temp bytes and ``total`` =
+  argument + output − alias + temp, plus ``peak`` = total + the resident state the program does
+  not take as arguments (the frozen reference copy of full fine-tuning; the training state
+  during sampling and scoring), and the collectives of its optimized HLO. The sampler also gets
+  ``collective_bytes_per_step`` (per denoising step). ``device_bytes`` (per device) picks the
+  sampling layout's tensor size when ``config.mesh.sampling_tensor`` is 0 (auto).
+  ``inspect(name, compiled) -> dict`` (optional) adds fields to each program's entry.
   """
-  from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
+  look = (lambda name: None) if inspect is None else (
+      lambda name: lambda compiled: inspect(name, compiled))
+  from dmpo_jax.rl import loop, sft  # pylint: disable=import-outside-toplevel
   loop.validate_config(config, len(devices))
   mesh = sharding.create_mesh(mesh_shape, devices=devices)
   overrides = {"remat": bool(config.model.remat),
-               "use_key_padding_mask": bool(config.model.use_key_padding_mask)}
+               "use_key_padding_mask": bool(config.model.use_key_padding_mask),
+               "grad_reduce_dtype": config.model.get("grad_reduce_dtype", "")}
   for key in ("dtype", "param_dtype"):
     if config.model[key]:
       overrides[key] = config.model[key]
   model_config = get_preset(config.model.preset, **overrides, **(model_overrides or {}))
+  attention_impl = (model_overrides or {}).get("attention_impl",
+                                              config.model.get("attention_impl", "auto"))
+  model_config = model_config.replace(attention_impl=attention_impl)
 
   def build():
     model = create_model(model_config, config.seed)
@@ -285,8 +313,13 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   minibatches = config.minibatches_per_rollout
   full_batch = loop.abstract_rollout_batch(config, mesh)
   batch = loop.abstract_rollout_batch(config, mesh, minibatches)
-  prepare = jax.jit(lambda p, r, b, k, s: train_step.prepare_rollout(graphdef, objective, ocfg, p, r,
-                                                                     b, k, s))
+  rows, tokens = full_batch["sequences"].shape
+  # Weights, their per-layer slices and shards: not activations even when a dimension equals
+  # the rows (a [4096, 32, 128] q_proj slice split 32 ways is [128, 32, 128]).
+  weight_shapes = {tuple(s) for x in jax.tree.leaves(params)
+                   for full in (x.shape, x.sharding.shard_shape(x.shape)) for s in (full, full[1:])}
+  compiled_memory = functools.partial(_compiled_memory, weight_shapes=weight_shapes)
+  prepare = train_step.jit_prepare(graphdef, objective, ocfg, mesh)
   prepared = jax.eval_shape(prepare, params, ref_params, full_batch, key, scalar)
   per_example = {k: jax.ShapeDtypeStruct((v.shape[0] // minibatches,) + v.shape[1:], v.dtype,
                                          sharding=sharding.batch_sharding(mesh, v.ndim))
@@ -295,33 +328,77 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
   param_bytes = per_device_bytes(params)
   ref_bytes = per_device_bytes(ref_params) if ref_params is not None else 0
   opt_bytes = per_device_bytes(state.opt_state)
+  master_bytes = per_device_bytes(state.master) if state.master is not None else 0
+  layout = sampling_layout.layout_for(
+      mesh, model_config, int(config.mesh.get("sampling_tensor", 0)),
+      sampling_layout.param_bytes(params), param_bytes + ref_bytes + opt_bytes + master_bytes,
+      device_bytes=device_bytes)
+  sampling_params = _abstract(params, layout.param_shardings(params))
+  sampling_bytes = per_device_bytes(sampling_params)
   result = {
       "config": config.get("_name", None), "objective": config.objective,
       "preset": config.model.preset, "lora_rank": int(config.model.lora_rank),
       "device_kind": devices[0].device_kind, "num_devices": len(devices),
-      "mesh": dict(mesh.shape), "batch": int(full_batch["sequences"].shape[0]),
-      "update_batch": int(batch["sequences"].shape[0]),
-      "seq_len": int(full_batch["sequences"].shape[1]),
+      "mesh": dict(mesh.shape), "sampling_mesh": dict(layout.mesh.shape), "batch": rows,
+      "update_batch": int(batch["sequences"].shape[0]), "seq_len": tokens,
       "micro_batch_size": getattr(ocfg, "micro_batch_size", None),
       "n_mc": getattr(ocfg, MC_FIELD.get(config.objective) or "", None),
-      "remat": bool(config.model.remat), "jax": jax.__version__,
-      "resident_bytes": {"params": param_bytes, "reference": ref_bytes, "opt_state": opt_bytes},
+      "remat": bool(config.model.remat), "attention_impl": attention_impl,
+      # What `attention_impl` runs on these devices inside a mesh context (`attention.choose`;
+      # "auto" outside one, e.g. a program jitted without the mesh, takes XLA instead of splash).
+      "attention_resolved": attention.resolve_impl(attention_impl, model_config.compute_dtype,
+                                                   devices[0].platform),
+      "jax": jax.__version__,
+      "weight_bytes": sampling_layout.param_bytes(params),
+      "resident_bytes": {"params": param_bytes, "reference": ref_bytes, "opt_state": opt_bytes,
+                         "master": master_bytes, "sampling_copy": sampling_bytes},
       "programs": {}}
+  resident = param_bytes + ref_bytes + opt_bytes + master_bytes
   if "update" in programs:
     jitted = train_step.jit_rl_update(graphdef, objective, ocfg, optimizer, state_shardings)
-    result["programs"]["update"] = _with_peak(
-        _compiled_memory(jitted.lower(state, batch, per_example, scalar, scalar)), ref_bytes)
+    result["programs"]["update"] = _with_peak(compiled_memory(
+        jitted.lower(state, batch, per_example, scalar, scalar), rows // minibatches, tokens,
+        inspect=look("update")),
+        ref_bytes)
   if "prepare" in programs:
-    result["programs"]["prepare"] = _with_peak(
-        _compiled_memory(prepare.lower(params, ref_params, full_batch, key, scalar)), opt_bytes)
+    result["programs"]["prepare"] = _with_peak(compiled_memory(
+        prepare.lower(params, ref_params, full_batch, key, scalar), rows, tokens,
+        inspect=look("prepare")),
+        opt_bytes + master_bytes)
+  if "reshard" in programs:
+    result["programs"]["reshard"] = _with_peak(
+        _reshard_memory(params, sampling_params,
+                       functools.partial(compiled_memory, inspect=look("reshard"))), resident)
   if "sampler" in programs:
     scfg = loop.rollout_sampler_config(config)
-    b, p = full_batch["sequences"].shape[0], config.task.prompt_length
-    ids = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=sharding.batch_sharding(mesh, 2))
-    mask = jax.ShapeDtypeStruct((b, p), jnp.bool_, sharding=sharding.batch_sharding(mesh, 2))
-    result["programs"]["sampler"] = _with_peak(
-        _compiled_memory(sampler_lib.generate.lower(graphdef, params, ids, mask, key, scfg)),
-        opt_bytes + ref_bytes)
+    p = config.task.prompt_length
+    ids = jax.ShapeDtypeStruct((rows, p), jnp.int32, sharding=layout.batch_sharding(2))
+    mask = jax.ShapeDtypeStruct((rows, p), jnp.bool_, sharding=layout.batch_sharding(2))
+    sampling_key = jax.ShapeDtypeStruct(key.shape, key.dtype,
+                                        sharding=sharding.replicated(layout.mesh))
+    with jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh):
+      lowered = sampler_lib.generate.lower(graphdef, sampling_params, ids, mask, sampling_key, scfg)
+    # The block loop's trip count is unknown to XLA (it can stop early): count every block.
+    info = _with_peak(compiled_memory(lowered, rows, tokens, scfg.num_blocks,
+                                            inspect=look("sampler")), resident)
+    if "collective_bytes" in info:
+      info["collective_bytes_per_step"] = info["collective_bytes"] // scfg.steps
+    result["programs"]["sampler"] = info
+  if "sft" in programs:
+    sft_optimizer = ts.make_optimizer(config.sft.learning_rate,
+                                      state_dtype=config.optimizer.state_dtype)
+    sft_init = functools.partial(ts.init_train_state, optimizer=sft_optimizer, seed=config.seed,
+                                 master_weights=config.optimizer.master_weights)
+    sft_abstract, sft_shardings = train_step.state_shardings(sft_init, params, mesh)
+    b = int(config.sft.batch_size)
+    sft_batch = {k: jax.ShapeDtypeStruct((b, tokens), jnp.int32 if k == "sequences" else jnp.bool_,
+                                         sharding=sharding.batch_sharding(mesh, 2))
+                 for k in ("sequences", "attention_mask", "completion_mask")}
+    jitted = sft.jit_sft_step(graphdef, sft_optimizer, sft_shardings)
+    result["programs"]["sft"] = _with_peak(compiled_memory(
+        jitted.lower(_abstract(sft_abstract, sft_shardings), sft_batch), b, tokens,
+        inspect=look("sft")),
+        opt_bytes + master_bytes)
   failed = [name for name, p in result["programs"].items() if "error" in p]
   if failed:  # the compiler ran out of device memory: no peak, does not fit
     result.update(peak_bytes=None, peak_gib=None, out_of_memory=failed)
@@ -329,6 +406,29 @@ def memory_plan(config: ml_collections.ConfigDict, devices: list[Any],
     result["peak_bytes"] = max(p["peak"] for p in result["programs"].values())
     result["peak_gib"] = round(result["peak_bytes"] / GIB, 2)
   return result
+
+
+def _reshard_memory(params, sampling_params, compiled_memory) -> dict[str, Any]:
+  """The training -> sampling reshard as `jax.device_put` runs it: one program per leaf (each
+  unique leaf compiled once). ``temp`` is the largest leaf's, ``output`` the copy (it stays;
+  leaves whose layout does not change are not copied), ``collective_bytes`` the sum over
+  leaves; ``total`` = the copy + the largest temp."""
+  seen: dict[Any, dict[str, Any]] = {}
+  counts: dict[Any, int] = {}
+  for src, dst in zip(jax.tree.leaves(params), jax.tree.leaves(sampling_params)):
+    key = (src.shape, str(src.dtype), src.sharding, dst.sharding)
+    counts[key] = counts.get(key, 0) + 1
+    if key not in seen and src.sharding != dst.sharding:
+      program = jax.jit(lambda x: x, out_shardings=dst.sharding)
+      seen[key] = compiled_memory(program.lower(src))
+  output = sum(per_device_bytes(dst) for src, dst in zip(jax.tree.leaves(params),
+                                                         jax.tree.leaves(sampling_params))
+               if src.sharding != dst.sharding)  # an unchanged leaf is not copied
+  temp = max((info["temp"] for info in seen.values()), default=0)
+  return {"output": output, "temp": temp, "total": output + temp,
+          "collective_bytes": sum(info["collective_bytes"] * counts[key]
+                                  for key, info in seen.items()),
+          "programs": len(seen)}
 
 
 def _with_peak(info: dict[str, Any], resident: int) -> dict[str, Any]:
@@ -373,23 +473,26 @@ def main(argv=None) -> int:
   plan.add_argument("--topology", default=None,
                     help="compile for a TPU topology instead, e.g. v5p:2x2x1 (needs libtpu)")
   plan.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes (-1 = the rest)")
-  plan.add_argument("--programs", default="update,sampler", help="update,prepare,sampler")
+  plan.add_argument("--programs", default="update,sampler",
+                    help="comma-separated: update,prepare,sampler,reshard,sft")
   plan.add_argument("--output", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
   if args.config:
     config = load_config(args.config, args.override)
     devices, _ = plan_devices(args.topology)
     mesh_shape = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
+    generation = (args.topology or "").split(":")[0]
+    device_gib = None
+    if generation in TPU_CHIP_GIB:
+      chips = len({tuple(d.coords) for d in devices})
+      device_gib = TPU_CHIP_GIB[generation] * chips / len(devices)
     result = memory_plan(config, devices, mesh_shape, tuple(args.programs.split(",")),
-                         _parse_overrides(args.model))
+                         _parse_overrides(args.model),
+                         device_bytes=int(device_gib * GIB) if device_gib else None)
     result.update(config=os.path.basename(args.config), overrides=args.override + args.model,
                   topology=args.topology)
-    generation = (args.topology or "").split(":")[0]
-    if generation in TPU_CHIP_GIB:
-      # v4 topologies list each chip's two TensorCores as two devices sharing its HBM.
-      chips = len({tuple(d.coords) for d in devices})
-      result.update(chips=chips, chip_gib=TPU_CHIP_GIB[generation],
-                    device_gib=TPU_CHIP_GIB[generation] * chips / len(devices))
+    if device_gib:
+      result.update(chips=chips, chip_gib=TPU_CHIP_GIB[generation], device_gib=device_gib)
       result["fits"] = (result["peak_bytes"] is not None
                         and result["peak_bytes"] <= result["device_gib"] * GIB)
     line = json.dumps(result)

@@ -42,6 +42,7 @@ from flax import nnx  # noqa: E402
 
 from dmpo_jax.diffusion import sampler as sampler_lib  # noqa: E402
 from dmpo_jax.diffusion.sampler import SamplerConfig, generate  # noqa: E402
+from dmpo_jax.models import attention  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.transformer import create_model  # noqa: E402
 
@@ -100,6 +101,9 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default=None, help="param and compute dtype (default: the preset's)")
   p.add_argument("--peak_tflops", type=float, default=None, help="device peak TFLOP/s for MFU")
   p.add_argument("--repeats", type=int, default=3)
+  p.add_argument("--warmup", type=int, default=0, help="untimed calls before the timed ones")
+  p.add_argument("--attention_impl", default=None,
+                 help="auto | xla | cudnn | splash (default: the preset's / checkpoint's, auto)")
   args = p.parse_args(argv)
   modes = list(MODES) if args.mode == "all" else [m for m in args.mode.split(",") if m]
   unknown = set(modes) - set(MODES)
@@ -108,10 +112,16 @@ def main(argv=None) -> int:
   if args.checkpoint:
     from launch.eval import load_model  # pylint: disable=import-outside-toplevel
     model, model_config = load_model(args.checkpoint, dtype=args.dtype)
+    if args.attention_impl:
+      model_config = model_config.replace(attention_impl=args.attention_impl)
+      model = nnx.merge(nnx.split(nnx.eval_shape(lambda: create_model(model_config)))[0],
+                        nnx.split(model)[1])
     graphdef, params = nnx.split(model)
     name = args.checkpoint
   else:
     overrides = {"remat": False}
+    if args.attention_impl:
+      overrides["attention_impl"] = args.attention_impl
     if args.dtype:
       overrides.update(param_dtype=args.dtype, dtype=args.dtype)
     model_config = get_preset(args.preset, **overrides)
@@ -138,6 +148,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     compiled = generate.lower(graphdef, params, prompt, prompt_mask, jax.random.key(0), config).compile()
     compile_s = time.perf_counter() - start
+    for r in range(args.warmup):
+      jax.block_until_ready(compiled(params, prompt, prompt_mask, jax.random.key(1000 + r)))
     times = []
     for r in range(max(1, args.repeats)):
       start = time.perf_counter()
@@ -148,10 +160,13 @@ def main(argv=None) -> int:
     flops = forward_flops(model_config, config, out, args.batch, prompt_length)
     result = {
         "model": name, "mode": mode, "device": jax.devices()[0].device_kind,
-        "dtype": model_config.dtype, "batch": args.batch, "prompt_length": prompt_length,
+        "dtype": model_config.dtype, "attention_impl": attention.resolve_impl(
+            model_config.attention_impl, model_config.compute_dtype),
+        "batch": args.batch, "prompt_length": prompt_length,
         "gen_length": args.gen_length, "block_length": args.block_length, "steps": args.steps,
         "threshold": config.threshold, "factor": config.factor, "forward_passes": int(out.num_forward_passes),
         "seconds": round(seconds, 4), "compile_seconds": round(compile_s, 2),
+        "warmup_calls": args.warmup, "timed_calls": max(1, args.repeats),
         "tokens_per_s": round(args.batch * args.gen_length / seconds, 1),
         "forward_passes_per_s": round(int(out.num_forward_passes) / seconds, 2),
         "denoise_tflops": round(flops / 1e12, 4),

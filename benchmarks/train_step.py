@@ -36,6 +36,7 @@ import numpy as np  # noqa: E402
 
 from dmpo_jax import sharding  # noqa: E402
 from dmpo_jax.diffusion.sampler import SamplerConfig, generate  # noqa: E402
+from dmpo_jax.models import attention  # noqa: E402
 from dmpo_jax.models.config import LORA_TARGETS, get_preset  # noqa: E402
 from dmpo_jax.rl import registry, rollout, train_state as ts, train_step  # noqa: E402
 from memory import MC_FIELD, gradient_step_passes, step_model_flops  # noqa: E402
@@ -84,9 +85,12 @@ def main(argv=None):
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--peak_tflops", type=float, default=None)
   parser.add_argument("--rollout", action="store_true", help="also time the sampler")
+  parser.add_argument("--attention_impl", default=None, help="auto | xla | cudnn | splash")
   args = parser.parse_args(argv)
 
   overrides = {}
+  if args.attention_impl:
+    overrides["attention_impl"] = args.attention_impl
   if args.dtype:
     overrides.update(dtype=args.dtype, param_dtype=args.dtype)
   if args.remat is not None:
@@ -119,6 +123,7 @@ def main(argv=None):
   result = {"preset": args.preset, "objective": args.objective, "batch": b, "prompt_length": p,
             "gen_length": l, "dtype": config.dtype, "state_dtype": args.state_dtype,
             "master_weights": args.master_weights, "device": jax.devices()[0].device_kind,
+            "attention_impl": attention.resolve_impl(config.attention_impl, config.compute_dtype),
             "num_devices": jax.device_count()}
   if args.rollout:
     scfg = SamplerConfig(gen_length=l, steps=max(1, l // 2), block_length=min(32, l))

@@ -33,7 +33,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.dtype = ""           # compute dtype override ("" = preset / checkpoint)
   config.model.param_dtype = ""
   config.model.remat = True
+  # Padded keys are invisible (`docs/llada.md` §2.1). The references' trainers pass no attention
+  # mask but never see padding at their published layouts (one prompt per GPU batch), so the mask
+  # reproduces their forward on this library's shared padded bucket; False attends to padding.
   config.model.use_key_padding_mask = True
+  # dtype of the cross-device sum of weight gradients: "" = the compute dtype, "float32" = fp32
+  # (twice the reduce-scatter bytes; `docs/scaling.md` §4).
+  config.model.grad_reduce_dtype = ""
+  # Attention kernel: "auto" (Pallas splash attention on TPU, cuDNN flash attention on GPU for
+  # bf16, XLA otherwise), or "xla" / "cudnn" / "splash" (`dmpo_jax/models/attention.py`).
+  config.model.attention_impl = "auto"
   # LoRA (rank 0 = full fine-tuning with a frozen reference copy). With LoRA the reference policy
   # is the base with adapters disabled. Targets use LLaDA's names (HF Llama names are accepted).
   config.model.lora_rank = 0
@@ -107,6 +116,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.mesh.data = 1
   config.mesh.fsdp = -1
   config.mesh.tensor = 1
+  # Rollout sampler layout (`docs/scaling.md` §2): the policy is resharded once per RL step onto
+  # the same devices as (data = N / k, fsdp = 1, tensor = k). 0 = auto: k = 1 (replicated) when
+  # the weights fit next to the training state, else the smallest k that fits.
+  config.mesh.sampling_tensor = 0
 
   # Held-out evaluation during training (greedy, published block/step protocol).
   config.eval = ml_collections.ConfigDict()

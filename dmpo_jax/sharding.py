@@ -3,9 +3,16 @@
 Parameters carry ``logical_axes`` metadata (e.g. ``('vocab', 'embed')``). A rule set maps each
 logical axis to a mesh axis (or ``None`` = replicated) of a ``('data', 'fsdp', 'tensor')`` mesh:
 
-* training rules (`TRAIN_RULES`): FSDP over ``embed``, tensor parallelism over heads / MLP / vocab;
-* sampling rules (`SAMPLING_RULES`): weights replicated over ``fsdp`` (no all-gather per denoising
-  step), still split over ``tensor``; used by the collocated sampler on the same mesh.
+* training rules (`TRAIN_RULES`): how weights are stored: FSDP over ``embed``, tensor
+  parallelism over heads / MLP / vocab;
+* compute rules (`SAMPLING_RULES`): the layout a weight is used in: whole over the batch axes
+  (``embed`` unsplit), still split over ``tensor``. Inside the model every weight is gathered to
+  it just before its matmul (`gather_for_compute`); the rollout sampler gets the policy resharded
+  to it once per RL step (`dmpo_jax.sampling_layout`), so its denoising steps gather nothing.
+
+Activations are split over the batch axes ``('data', 'fsdp')`` from the embedding output on
+(`constrain_batch`): with FSDP every device computes its own rows with the gathered weights, and
+weight gradients are reduce-scattered back to the storage layout (`docs/scaling.md`).
 
 A dimension that the mesh axis size does not divide is replicated instead (tiny models on big
 meshes), and a mesh axis is used at most once per array.
@@ -13,10 +20,12 @@ meshes), and a mesh axis is used at most once per array.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -150,6 +159,102 @@ def constrain_logical(tree: Any, rules: Mapping[str, MeshAxis] = TRAIN_RULES) ->
     spec = partition_spec(value.shape, axes, rules, mesh)
     return variable.replace(jax.lax.with_sharding_constraint(value, spec))
   return jax.tree.map(one, tree, is_leaf=_is_variable)
+
+
+def _ambient_mesh() -> Optional[jax.sharding.AbstractMesh]:
+  mesh = jax.sharding.get_abstract_mesh()
+  return None if mesh.empty else mesh
+
+
+def batch_axes(mesh: Any) -> tuple[str, ...]:
+  """The batch mesh axes of ``mesh`` of size > 1, in `BATCH_AXES` order."""
+  return tuple(a for a in BATCH_AXES if mesh.shape.get(a, 1) > 1)
+
+
+def constrain_batch(x: jax.Array) -> jax.Array:
+  """Pins ``x`` (inside ``jit``) to rows split over the batch axes of the ambient mesh, every other
+  dimension unsplit; the identity without a mesh or when the rows do not divide.
+
+  Placed on the residual stream (embedding output, each layer, final norm): without it XLA may
+  take an activation's layout from a weight's (the embedding lookup from the table's ``embed``
+  split) and then every device holds every row.
+  """
+  mesh = _ambient_mesh()
+  if mesh is None or x.ndim == 0:
+    return x
+  axes = batch_axes(mesh)
+  size = math.prod(mesh.shape[a] for a in axes)
+  if not axes or x.shape[0] % size:
+    return x
+  spec = PartitionSpec(axes if len(axes) > 1 else axes[0], *([None] * (x.ndim - 1)))
+  return jax.lax.with_sharding_constraint(x, spec)
+
+
+def weight_specs(shape: Sequence[int], logical_axes: Optional[Sequence[Optional[str]]]
+                 ) -> Optional[tuple[PartitionSpec, PartitionSpec]]:
+  """(compute spec, storage spec) of a weight on the ambient mesh (`SAMPLING_RULES`,
+  `TRAIN_RULES`); None without a mesh or logical axes."""
+  mesh = _ambient_mesh()
+  if mesh is None or logical_axes is None:
+    return None
+  return (partition_spec(shape, logical_axes, SAMPLING_RULES, mesh),
+          partition_spec(shape, logical_axes, TRAIN_RULES, mesh))
+
+
+def batch_partials(shape: Sequence[int], spec: Optional[PartitionSpec], rows: int
+                   ) -> tuple[int, Optional[PartitionSpec]]:
+  """(S, spec) for per-device partial sums over rows of an array of ``shape``: S = the number of
+  batch shards of the ambient mesh, and ``spec`` puts a leading [S] axis on the batch axes in
+  front of ``spec`` (the array's own layout). (1, None) without a mesh or when ``rows`` does not
+  divide (`constrain_batch` leaves such rows unsplit)."""
+  mesh = _ambient_mesh()
+  if mesh is None:
+    return 1, None
+  axes = batch_axes(mesh)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  if not axes or rows % shards:
+    return 1, None
+  rest = tuple(spec) + (None,) * (len(shape) - len(spec)) if spec is not None else (None,) * len(shape)
+  return shards, PartitionSpec(axes if len(axes) > 1 else axes[0], *rest)
+
+
+def gather_for_compute(weight: jax.Array, logical_axes: Optional[Sequence[Optional[str]]],
+                       dtype: Any = None, reduce_dtype: Any = None) -> jax.Array:
+  """``weight`` cast to ``dtype`` and gathered (inside ``jit``) from its storage layout
+  (`TRAIN_RULES`) to the compute layout (`SAMPLING_RULES`) of the ambient mesh.
+
+  The cast comes first, so the all-gather moves compute-dtype bytes. The gradient goes the other
+  way: the cotangent (each device's partial sum over its rows) is cast to ``reduce_dtype``
+  (default: the compute dtype), reduce-scattered to the storage layout, and cast to the weight's
+  dtype. With ``reduce_dtype=float32`` the sum over devices runs in fp32 and is rounded once
+  (each device's partial sum is rounded by its matmul, as on one device). Without a mesh: the
+  cast alone.
+  """
+  dtype = jnp.dtype(weight.dtype if dtype is None else dtype)
+  specs = weight_specs(weight.shape, logical_axes)
+  if specs is None:
+    return weight.astype(dtype)
+  reduce = jnp.dtype(dtype if reduce_dtype is None else reduce_dtype)
+  return _gather(weight, specs[0], specs[1], dtype, reduce, jnp.dtype(weight.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
+def _gather(weight, gathered, stored, dtype, reduce_dtype, weight_dtype):
+  del stored, reduce_dtype, weight_dtype
+  return jax.lax.with_sharding_constraint(weight.astype(dtype), gathered)
+
+
+def _gather_fwd(weight, gathered, stored, dtype, reduce_dtype, weight_dtype):
+  return _gather(weight, gathered, stored, dtype, reduce_dtype, weight_dtype), None
+
+
+def _gather_bwd(gathered, stored, dtype, reduce_dtype, weight_dtype, _, cotangent):
+  del gathered, dtype
+  reduced = jax.lax.with_sharding_constraint(cotangent.astype(reduce_dtype), stored)
+  return (reduced.astype(weight_dtype),)
+
+
+_gather.defvjp(_gather_fwd, _gather_bwd)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:

@@ -6,6 +6,9 @@ Evaluation prompts: ``system + "\\n\\n" + question`` in one user turn, chat temp
 ``<reasoning>`` prefill (tasks without a chat template, e.g. the demo, encode the text directly);
 completions are the ids up to the first EOS/EOT, decoded with special tokens skipped
 (`dmpo_jax.rl.rollout.decode_completions`, shared with the trainer's held-out evaluation).
+Batch-invariant: every batch is left-padded to the evaluation's longest prompt (rounded up to 32)
+and decoded with ``batch_invariant``, so a row's completion does not depend on ``--batch_size`` or
+on the other rows (`docs/tasks.md` §7.2).
 
   python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
       [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
@@ -32,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402  pylint: disable=wrong-import-position
 from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-import jax.numpy as jnp  # noqa: E402  pylint: disable=wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
 from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
 
@@ -70,9 +72,11 @@ def resolve_steps(steps: str, gen_length: int) -> int:
 
 def make_sampler_config(sampler_module, gen_length: int, block_length: int, steps: int,
                         mask_token_id: int):
-  """The sampler's config for greedy low-confidence decoding (unknown fields keep defaults)."""
+  """The sampler's config for greedy low-confidence decoding (unknown fields keep defaults),
+  batch-invariant: a row's tokens do not depend on the batch size or on its batch-mates."""
   wanted = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
-            "temperature": 0.0, "remasking": "low_confidence", "mask_token_id": mask_token_id}
+            "temperature": 0.0, "remasking": "low_confidence", "mask_token_id": mask_token_id,
+            "batch_invariant": True}
   names = {f.name for f in dataclasses.fields(sampler_module.SamplerConfig)}
   missing = {"gen_length", "block_length", "steps"} - names
   if missing:
@@ -80,9 +84,18 @@ def make_sampler_config(sampler_module, gen_length: int, block_length: int, step
   return sampler_module.SamplerConfig(**{k: v for k, v in wanted.items() if k in names})
 
 
-def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_LENGTH_MULTIPLE):
-  length = max(len(ids) for ids in batch_ids)
-  length = -(-length // multiple) * multiple
+def prompt_bucket(prompt_ids: Sequence[Sequence[int]], multiple: int = PROMPT_LENGTH_MULTIPLE) -> int:
+  """The padded prompt length of a whole evaluation: the longest prompt rounded up to
+  ``multiple``. Every batch is padded to it, so the padding a row gets never depends on the
+  other rows of its batch (`docs/tasks.md` §7.2)."""
+  length = max(len(ids) for ids in prompt_ids)
+  return -(-length // multiple) * multiple
+
+
+def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_LENGTH_MULTIPLE,
+             length: Optional[int] = None):
+  """(ids, mask) left-padded to ``length`` (default: the batch's longest, rounded up)."""
+  length = prompt_bucket(batch_ids, multiple) if length is None else length
   ids = np.full((len(batch_ids), length), pad_id, dtype=np.int32)
   mask = np.zeros((len(batch_ids), length), dtype=bool)
   for row, seq in enumerate(batch_ids):
@@ -96,14 +109,19 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
              score_options: Optional[Dict[str, Any]] = None, progress: bool = True
              ) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
   """Generates for every example and scores; returns (rows, summary)."""
+  from dmpo_jax import sampling_layout  # pylint: disable=import-outside-toplevel
   from dmpo_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
   from dmpo_jax.rl import rollout  # pylint: disable=import-outside-toplevel
   num_steps = resolve_steps(steps, gen_length)
   config = make_sampler_config(sampler, gen_length, block_length, num_steps,
                                tokenizer.mask_token_id)
   graphdef, params = nnx.split(model)
+  # Every device samples its rows of a batch on its own copy of the weights (or a tensor group's).
+  layout = sampling_layout.inference_layout(model.config, params)
+  params = sampling_layout.reshard(params, layout)
   prompt_ids = [rollout.prompt_token_ids(tokenizer, task, e, evaluation=True) for e in examples]
   prompt_texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
+  bucket = prompt_bucket(prompt_ids)
   completions: List[str] = []
   key = jax.random.key(seed)
   bar = metrics_lib.ProgressBar(len(examples), desc=f"{task.name} L={gen_length}", unit="example",
@@ -113,9 +131,10 @@ def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example]
     chunk = prompt_ids[start:start + batch_size]
     real = len(chunk)
     chunk = list(chunk) + [chunk[-1]] * (batch_size - real)  # fixed batch shape
-    ids, mask = left_pad(chunk, tokenizer.pad_token_id)
+    ids, mask = left_pad(chunk, tokenizer.pad_token_id, length=bucket)
     key, subkey = jax.random.split(key)
-    output = sampler.generate(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), subkey, config)
+    output = sampling_layout.generate(layout, graphdef, params, ids, mask, subkey, config,
+                                      sampler.generate)
     sequences = np.asarray(output.sequences)[:real]
     completions.extend(rollout.decode_completions(tokenizer, sequences, ids.shape[1]))
     bar.update(start + real)

@@ -28,12 +28,11 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from dmpo_jax import cli  # noqa: E402
+from dmpo_jax import cli, sampling_layout  # noqa: E402
 from dmpo_jax.diffusion.dream_sampler import DREAM_ALGS, DreamSamplerConfig, dream_generate  # noqa: E402
 from dmpo_jax.diffusion.sampler import CACHES, REMASKING, SamplerConfig, generate  # noqa: E402
 
@@ -172,7 +171,9 @@ def _run() -> int:
   with cli.user_input("sampler flags", ValueError):
     config, fn = _sampler_config(args, sampler)
   start = time.perf_counter()
-  out = fn(graphdef, params, jnp.asarray(ids), jnp.asarray(mask), jax.random.key(args.seed), config)
+  layout = sampling_layout.inference_layout(mc, params)  # rows split over the devices
+  out = sampling_layout.generate(layout, graphdef, sampling_layout.reshard(params, layout), ids,
+                                 mask, jax.random.key(args.seed), config, fn)
   sequences = np.asarray(out.sequences)
   elapsed = time.perf_counter() - start
   for row in range(len(prompts)):

@@ -123,6 +123,11 @@ ERRORS = [
      "has 5 tokens), more than task.max_truncated_fraction=0.05", "w15"),
     (_train("w16", "--config.task.max_truncated_fraction=2"),
      "task.max_truncated_fraction=2.0 must be in [0, 1]", "w16"),
+    (_train("w17", "--config.model.attention_impl=flash"),
+     "model.attention_impl: must be one of ('auto', 'xla', 'cudnn', 'splash'), got 'flash'", "w17"),
+    (_train("w18", "--config.model.attention_impl=cudnn"),
+     "model.attention_impl: attention_impl='cudnn' needs an NVIDIA GPU; this process runs on cpu",
+     "w18"),
     # generate
     (("generate", ["--checkpoint=missing", "--prompt=x"]), "model checkpoint missing does not exist",
      None),

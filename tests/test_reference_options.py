@@ -18,7 +18,8 @@ from dmpo_jax.rl import grad as G
 from dmpo_jax.rl.objectives import one_step
 from dmpo_jax.rl.objectives.base import Prepared
 
-from tests.test_objectives_model import (BATCH, PARAMS_NEW, PARAMS_OLD, assert_trees_close, run)
+from tests.test_objectives_model import (BATCH, PARAMS_NEW, PARAMS_OLD, assert_trees_close, model,
+                                         run)
 
 
 def test_loss_normalization_by_hand():
@@ -199,8 +200,6 @@ def test_d1_prompt_masking_of_left_padding():
   """Row 0 of the batch has one left-pad position; with p_mask_prompt = 1 the reference law
   (``mask_prompt_padding``) masks it, the default masks only real prompt tokens."""
   from dmpo_jax.rl.objectives.one_step import DiffuGRPOConfig, one_step_token_log_probs
-  from tests.test_objectives_model import model
-
   captured = {}
   real = masking.one_step_mask
 
@@ -221,3 +220,104 @@ def test_d1_prompt_masking_of_left_padding():
   assert not default[0, 0] and reference[0, 0]          # the pad position
   np.testing.assert_array_equal(default[:, 1:], reference[:, 1:])
   assert default[:, 1:4].all()                          # real prompt tokens masked in both
+
+
+# -- reference scopes, the ESS solver, the reference bugs, padding visibility ---------------------
+
+def test_group_baseline_per_micro_batch_small_repro():
+  """One group of 4 weights, micro-batches of 2: the group mean gives the project's advantages,
+  the micro-batch mean the reference's (the numbers of the fidelity check)."""
+  from dmpo_jax.rl import reference_rules
+  w = jnp.asarray([0.4126, 0.1518, 0.2502, 0.1854])
+  groups = jnp.zeros((4,), jnp.int32)
+  a_group = w - adv.dmpo_baseline("group", groups, weights=w)
+  a_micro = w - adv.dmpo_baseline("group", reference_rules.micro_batch_ids(4, 2), weights=w)
+  np.testing.assert_allclose(a_group, [0.1626, -0.0982, 0.0002, -0.0646], atol=1e-7)
+  np.testing.assert_allclose(a_micro, [0.1304, -0.1304, 0.0324, -0.0324], atol=1e-7)
+  with pytest.raises(ValueError, match="divide"):
+    reference_rules.micro_batch_ids(4, 3)
+
+
+def test_reference_ess_solver_stops_at_its_start_when_saturated():
+  """A unique best reward 2 nats·α⁻¹ = 50 ahead: at c = 0.5 the weights are one-hot to double
+  precision, the finite-difference gradient is 0 and L-BFGS-B returns its start point; the
+  bisection finds the c whose ESS is the target. Unsaturated, both reach the target."""
+  from dmpo_jax.rl import reference_rules
+  lr = np.asarray(np.random.default_rng(0).normal(0, 0.5, 16), np.float32)
+  saturated = np.asarray([2.0] + [0.0] * 15, np.float32)
+  ids = jnp.zeros((16,), jnp.int32)
+  assert reference_rules.find_coeff(lr, saturated, 0.04, 0.5) == 0.5
+  coeff = reference_rules.reference_ess_coeff(jnp.asarray(lr), jnp.asarray(saturated), ids,
+                                              alpha=0.04, target_ess=0.5)
+  np.testing.assert_array_equal(coeff, np.full(16, 0.5, np.float32))
+  raw, _ = adv.dmpo_logits(jnp.asarray(saturated), jnp.asarray(lr), alpha=0.04)
+  bisect = float(adv.ess_targeted_coeff(raw, ids, target_ess=0.5)[0])
+  ess = float(adv.normalized_ess(adv.group_softmax(bisect * raw, ids), ids)[0])
+  assert bisect < 0.1 and abs(ess - 0.5) < 1e-3
+  spread = np.asarray([0.0, 0.5, 1.0, 2.0] * 4, np.float32)
+  lbfgs = reference_rules.find_coeff(lr, spread, 0.04, 0.5)
+  raw, _ = adv.dmpo_logits(jnp.asarray(spread), jnp.asarray(lr), alpha=0.04)
+  ess = float(adv.normalized_ess(adv.group_softmax(lbfgs * raw, ids), ids)[0])
+  assert abs(ess - 0.5) < 1e-3
+  # Under jit, one coefficient per scope: two micro-batches of 8 rows.
+  scope = reference_rules.micro_batch_ids(16, 8)
+  coeff = jax.jit(lambda a, b, s: reference_rules.reference_ess_coeff(
+      a, b, s, alpha=0.04, target_ess=0.7))(jnp.asarray(lr), jnp.asarray(spread), scope)
+  for k in range(2):
+    rows = slice(8 * k, 8 * k + 8)
+    want = np.float32(reference_rules.find_coeff(lr[rows], spread[rows], 0.04, 0.7))
+    np.testing.assert_array_equal(np.asarray(coeff)[rows], want)
+
+
+@pytest.mark.parametrize("micro,num_samples", [(8, 4), (2, 4), (1, 2)])
+@pytest.mark.parametrize("tail", [False, True])
+def test_loss_mask_non_eos_as_executed_rows(micro, num_samples, tail):
+  """`non_eos_mask_keep` against the reference line itself, executed in numpy (whose ``~`` on an
+  int array and integer-array indexing behave as torch's): which rows of the replicate-major
+  [R·c, L] mask matrix end up empty."""
+  from dmpo_jax.rl import reference_rules
+  length = 6
+  cmask = np.ones((micro, length), np.int64)
+  if tail:
+    cmask[micro // 2, 3:] = 0                    # one completion ends before the last position
+  masked_index = np.ones((num_samples * micro, length), bool)
+  masked_index[~np.tile(cmask, (num_samples, 1))] = False
+  want = masked_index.any(-1).reshape(num_samples, micro)
+  rows = jnp.arange(micro, dtype=jnp.int32)
+  has_tail = jnp.full((micro,), tail)
+  got = np.stack([np.asarray(reference_rules.non_eos_mask_keep(rows, has_tail, j, num_samples, micro))
+                  for j in range(num_samples)])
+  np.testing.assert_array_equal(got.astype(bool), want)
+  assert (~want).sum() == (2 if tail else 1)   # never the positions after an EOS
+
+
+def test_reference_option_validation():
+  from dmpo_jax.rl.objectives.dmpo import DMPOConfig
+  bad = [({"baseline_scope": "micro_batch", "baseline": "group"}, "reference_micro_batch_size"),
+         ({"baseline_scope": "micro_batch", "baseline": "individual",
+           "reference_micro_batch_size": 8}, "group and model"),
+         ({"target_ess_solver": "reference"}, "needs target_ess"),
+         ({"target_ess": 0.5, "target_ess_scope": "micro_batch"}, "target_ess_scope"),
+         ({"weight_eos_law": "as_executed"}, "include_eos_padding=False"),
+         ({"loss_eos_law": "as_executed", "reference_micro_batch_size": 8}, "loss_include_eos"),
+         ({"baseline_scope": "device"}, "baseline_scope")]
+  for values, message in bad:
+    with pytest.raises(ValueError, match=message):
+      DMPOConfig(**values)
+
+
+def test_padding_visibility_matches_the_references_unpadded_forward():
+  """The references pass no attention mask, but each device batch holds one prompt, so their rows
+  carry no padding. Row 0 of the test batch (one left pad) with the key-padding mask gives the
+  unpadded row's log-probs (LLaDA's RoPE scores depend on position differences only); attending
+  to the pad (``use_key_padding_mask=False``) does not."""
+  from tests.test_objectives_model import CONFIG
+  seq = BATCH["sequences"]
+  comp = np.asarray(BATCH["completion_mask"][0, 1:])
+  for mask_on, close in ((True, True), (False, False)):
+    m = model(PARAMS_OLD)
+    m.config = CONFIG.replace(use_key_padding_mask=mask_on)
+    alone = np.asarray(m.token_log_probs(seq[:1, 1:], seq[:1, 1:], None))[0]
+    padded = np.asarray(m.token_log_probs(seq, seq, BATCH["attention_mask"]))[0, 1:]
+    diff = np.abs(alone - padded)[comp].max()
+    assert (diff < 1e-5) if close else (diff > 1e-3), (mask_on, diff)

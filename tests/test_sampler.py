@@ -179,6 +179,29 @@ def test_parallel_decoding_matches_numpy_loop(rule):
     assert (out.commit_step == step).any()
 
 
+@pytest.mark.parametrize("rule", [{"threshold": 0.02}, {"factor": 1.5}], ids=["threshold", "factor"])
+def test_forward_passes_per_row_equal_decoding_each_row_alone(rule):
+  """The per-row NFE derived from a batch's trace is what each row costs decoded on its own;
+  the batch's count is the sum over blocks of its slowest row's steps."""
+  graphdef, params = _model()
+  config = SamplerConfig(gen_length=L, steps=2, block_length=K, return_trace=True, **rule)
+  batch = _run(graphdef, params, config)
+  per_row = sampler_lib.forward_passes_per_row(batch.commit_step, config)
+  for row in range(PROMPT.shape[0]):
+    alone = _run(graphdef, params, config, prompt=PROMPT[row:row + 1],
+                 prompt_mask=PROMPT_MASK[row:row + 1])
+    np.testing.assert_array_equal(alone.sequences[0], batch.sequences[row])
+    assert int(alone.num_forward_passes) == per_row[row], (row, per_row)
+  slowest = sum(max(len(np.unique(r[b * K:(b + 1) * K])) for r in batch.commit_step)
+                for b in range(L // K))
+  assert int(batch.num_forward_passes) == slowest >= per_row.max()
+  assert per_row.min() < L  # parallel decoding committed several tokens in some step
+  quota = config.replace(threshold=None, factor=None, steps=4)
+  np.testing.assert_array_equal(sampler_lib.forward_passes_per_row(batch.commit_step, quota), [4, 4])
+  with pytest.raises(ValueError, match="stop_at_eos"):
+    sampler_lib.forward_passes_per_row(batch.commit_step, config.replace(stop_at_eos=True))
+
+
 def test_prefix_cache_exact_with_one_layer_and_close_with_two():
   graphdef1, params1 = _model(n_layers=1)
   base = SamplerConfig(gen_length=L, steps=4, block_length=K)

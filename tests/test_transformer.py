@@ -26,6 +26,7 @@ import hf_fixtures  # noqa: E402
 from dmpo_jax.models import layers as L  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.hf_io import load_pretrained  # noqa: E402
+from dmpo_jax.models.logprobs import vocab_tiles  # noqa: E402
 from dmpo_jax.models.transformer import Transformer, chunked_target_log_probs  # noqa: E402
 
 T = 8
@@ -361,6 +362,30 @@ def test_chunked_target_log_probs_gradient_matches_numpy(chunk):
   d_hidden_wrapped = jax.grad(lambda h: jnp.sum(jnp.asarray(weights) * chunked_target_log_probs(
       h, jnp.asarray(head), wrapped, chunk)))(jnp.asarray(hidden))
   np.testing.assert_allclose(d_hidden_wrapped, d_hidden, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab,max_tile,chunk", [(12, 4, 3), (11, 4, 7), (12, 12, 5)])
+def test_vocab_tiled_log_probs_match_numpy(vocab, max_tile, chunk):
+  # The head in K strided tiles (12 columns, tiles of <= 4: K = 3; 11 columns: K = 11 tiles of 1):
+  # online logsumexp forward and per-tile backward equal the float64 formula.
+  assert vocab_tiles(vocab, max_tile) == {(12, 4): 3, (11, 4): 11, (12, 12): 1}[(vocab, max_tile)]
+  rng = np.random.default_rng(vocab + chunk)
+  hidden = rng.standard_normal((2, 7, 6)).astype(np.float32)
+  head = rng.standard_normal((6, vocab)).astype(np.float32)
+  targets = rng.integers(0, vocab, size=(2, 7))
+  weights = rng.standard_normal((2, 7)).astype(np.float32)
+  fn = lambda h, w: chunked_target_log_probs(h, w, jnp.asarray(targets), chunk,
+                                             max_vocab_tile=max_tile)
+  log_probs = np_log_softmax(hidden.astype(np.float64) @ head)
+  np.testing.assert_allclose(fn(jnp.asarray(hidden), jnp.asarray(head)),
+                             np.take_along_axis(log_probs, targets[..., None], -1)[..., 0],
+                             rtol=1e-5, atol=1e-5)
+  d_hidden, d_head = jax.grad(lambda h, w: jnp.sum(jnp.asarray(weights) * fn(h, w)),
+                              argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(head))
+  d_logits = weights[..., None] * (np.eye(vocab)[targets] - np.exp(log_probs))
+  np.testing.assert_allclose(d_hidden, d_logits @ head.T.astype(np.float64), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(d_head, np.einsum("btd,btv->dv", hidden.astype(np.float64), d_logits),
+                             rtol=1e-5, atol=1e-5)
 
 
 def _count_params(config):

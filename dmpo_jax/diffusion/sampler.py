@@ -15,7 +15,8 @@ API note
 
 ``graphdef, params = split_model(model)``; `generate` is ``jax.jit`` with ``graphdef`` and
 ``config`` static: one compile per (batch, prompt length, config). The MASK / EOS / EOT ids come
-from the model config. The RL trainer passes the params it trains (no copy).
+from the model config. The RL trainer passes the params it trains in the sampling layout
+(`dmpo_jax.sampling_layout`), with that layout's mesh in scope.
 
 Algorithm (`docs/llada.md` §6): canvas x = [prompt, MASK × L]; blocks of K = block_length positions
 decoded left to right (semi-autoregressive), S = steps / (L / K) steps per block; at the first step
@@ -45,6 +46,16 @@ Fast-dLLM options (arXiv 2505.22618; `docs/llada.md` §7):
   EOS, the remaining blocks are skipped (no forward passes) and their positions are filled with
   EOS, the padding LLaDA-Instruct's sampler leaves there. Their trace entries stay −1 / 0.
 
+``batch_invariant`` (evaluation): each row's tokens depend on that row alone, not on the batch
+size, on its batch-mates' lengths or on the number of data-parallel devices. Padding is masked,
+positions count from the first real token (for LLaDA the same attention as absolute positions
+under the mask, since RoPE scores depend only on position differences), and the rows are decoded
+in a loop over groups of one row per device, so every row runs the same per-device program
+(XLA's CPU kernels otherwise pick different matmul / reduction code for different batch shapes:
+measured in `docs/tasks.md` §7.2). Greedy decoding (τ = 0, ``low_confidence``) is then
+token-identical; sampling noise still follows the row's place in its group. Devices are read from
+the ambient mesh (`jax.sharding.use_abstract_mesh`).
+
 EOS / EOT controls: ``logits_eos_inf`` sets the EOS logit to −∞. ``confidence_eos_eot_inf`` gives
 positions whose sampled token is EOS or EOT zero confidence (the intended behaviour); with
 ``eos_eot_aliased`` the reference's aliased assignment is reproduced instead (`choose_tokens`):
@@ -58,13 +69,17 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, NamedTuple, Optional
 
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.sharding import PartitionSpec
 
+from dmpo_jax import sharding
 from dmpo_jax.diffusion import decoding
 from dmpo_jax.models.transformer import KVCache
 
@@ -92,6 +107,7 @@ class SamplerConfig:
   stop_at_eos: bool = False
   return_trace: bool = False
   noise_dtype: str = "float32"
+  batch_invariant: bool = False
 
   def __post_init__(self):
     errors = []
@@ -255,6 +271,8 @@ def finished_with_eos_padding(completion: jax.Array, decoded_length: jax.Array,
 def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
               key: jax.Array, config: SamplerConfig) -> SampleOutput:
   model = nnx.merge(graphdef, params)
+  if config.batch_invariant:  # padding invisible, positions from the first real token
+    model.config = model.config.replace(use_key_padding_mask=True, positions_from_padding=True)
   mc = model.config
   chex.assert_rank(prompt_ids, 2)
   chex.assert_equal_shape([prompt_ids, prompt_mask])
@@ -268,7 +286,11 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
 
   x0 = jnp.concatenate([prompt_ids.astype(jnp.int32),
                         jnp.full((batch, gen), mask_id, jnp.int32)], axis=1)
-  attention = jnp.concatenate([prompt_mask.astype(jnp.int32), jnp.ones((batch, gen), jnp.int32)], 1)
+  # One convert of the whole canvas mask: the TPU compiler (libtpu 0.0.42.1) aborts on a convert
+  # of the [rows, 200] prompt mask alone in DMPO's prefix-cache sampler ("Cannot find a valid
+  # window"), so `configs/dmpo_*.py` rollouts would not compile for TPU.
+  attention = jnp.concatenate([prompt_mask.astype(jnp.bool_), jnp.ones((batch, gen), jnp.bool_)],
+                              1).astype(jnp.int32)
   positions = model.default_positions(batch, total, attention)
   use_cfg = config.cfg_scale > 0
   # With reference_quota every masked position before the block's end is a candidate, so the
@@ -429,10 +451,69 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
                       state.commit_log_prob if trace else None, state.forwards)
 
 
-generate = jax.jit(_generate, static_argnames=("graphdef", "config"))
+def _generate_row_groups(graphdef: Any, params: Any, prompt_ids: jax.Array,
+                         prompt_mask: jax.Array, key: jax.Array,
+                         config: SamplerConfig) -> SampleOutput:
+  """``batch_invariant``: `_generate` in a loop over groups of D rows, one per device of the
+  ambient mesh's batch axes (D = 1 without a mesh). Group g holds rows g, g + B/D, ... (one from
+  each device's block of the batch), so each device decodes one row at a time."""
+  mesh = jax.sharding.get_abstract_mesh()
+  axes = () if mesh.empty else tuple(a for a in sharding.BATCH_AXES if a in mesh.axis_names)
+  rows = math.prod(mesh.shape[a] for a in axes)
+  b = prompt_ids.shape[0]
+  if b % rows:
+    raise ValueError(f"batch_invariant decoding needs the batch ({b} rows) to be a multiple of the "
+                     f"data-parallel devices ({rows})")
+  groups = b // rows
+
+  def split(x):  # [B, ...] -> [B/D, D, ...]
+    y = x.reshape(rows, groups, *x.shape[1:]).swapaxes(0, 1)
+    return jax.lax.with_sharding_constraint(y, PartitionSpec(None, axes)) if axes else y
+
+  ids, mask = split(prompt_ids), split(prompt_mask)
+  shapes = jax.eval_shape(lambda: _generate(graphdef, params, ids[0], mask[0], key, config))
+  out0 = jax.tree.map(lambda s: jnp.zeros((groups, *s.shape), s.dtype), shapes)
+
+  def body(g, out):
+    res = _generate(graphdef, params, ids[g], mask[g], key, config)
+    return jax.tree.map(lambda o, r: jax.lax.dynamic_update_index_in_dim(o, r, g, 0), out, res)
+
+  # The trip count goes through a barrier so XLA keeps the loop even for one group: every batch
+  # size then runs the same compiled body.
+  out = jax.lax.fori_loop(0, jax.lax.optimization_barrier(jnp.int32(groups)), body, out0)
+  merge = lambda y: None if y is None else y.swapaxes(0, 1).reshape(b, *y.shape[2:])  # noqa: E731
+  return SampleOutput(merge(out.sequences), merge(out.commit_step), merge(out.commit_log_prob),
+                      jnp.sum(out.num_forward_passes))
+
+
+def _generate_entry(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: jax.Array,
+                    key: jax.Array, config: SamplerConfig) -> SampleOutput:
+  if config.batch_invariant:
+    return _generate_row_groups(graphdef, params, prompt_ids, prompt_mask, key, config)
+  return _generate(graphdef, params, prompt_ids, prompt_mask, key, config)
+
+
+generate = jax.jit(_generate_entry, static_argnames=("graphdef", "config"))
 generate.__doc__ = """Jitted LLaDA sampler: generate(graphdef, params, prompt_ids [B, P] left-padded,
 prompt_mask [B, P] (1 = real token), key, config: SamplerConfig) -> SampleOutput.
 See the module docstring for the algorithm and options."""
+
+
+def forward_passes_per_row(commit_step, config: SamplerConfig) -> np.ndarray:
+  """int [B]: the forward passes each row needs when decoded alone, from a batch's commit trace
+  (``SampleOutput.commit_step``, ``return_trace=True``). The quota schedule runs ``steps``
+  passes whatever the row. Threshold / factor decoding commits at least one token of each row
+  whose block still has a mask at every step (the most confident one), so a row decoded alone
+  runs exactly the steps at which it committed something: their number. Exact for greedy
+  decoding, where rows do not interact; batched, a block runs until its slowest row is done
+  (``num_forward_passes``). Not defined with ``stop_at_eos`` (a row alone would stop at its own
+  EOS, the batch at the last row's)."""
+  if config.stop_at_eos:
+    raise ValueError("forward_passes_per_row: not defined with stop_at_eos")
+  steps = np.asarray(commit_step)
+  if not config.parallel:
+    return np.full(steps.shape[0], config.steps, np.int64)
+  return np.array([len(np.unique(row[row >= 0])) for row in steps], np.int64)
 
 
 def quota_schedule(masked: int, steps_per_block: int) -> list[int]:

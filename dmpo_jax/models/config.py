@@ -29,14 +29,14 @@ LORA_TARGETS = {"q_proj": "q_proj", "k_proj": "k_proj", "v_proj": "v_proj", "att
 LORA_TARGET_ALIASES = {"o_proj": "attn_out", "gate_proj": "ff_proj", "down_proj": "ff_out"}
 
 
-ATTENTION_IMPLS = (None, "cudnn", "xla")
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "splash")  # `dmpo_jax.models.attention`
 _INT_FIELDS = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
                "mlp_hidden_size", "max_seq_len", "mask_token_id", "eos_token_id", "pad_token_id",
-               "logprob_chunk_size", "lora_rank")
+               "logprob_chunk_size", "logprob_vocab_tile", "lora_rank")
 _OPTIONAL_INT_FIELDS = ("eot_token_id", "bos_token_id")
 _FLOAT_FIELDS = ("rope_theta", "norm_eps", "initializer_range", "lora_alpha")
 _BOOL_FIELDS = ("qkv_bias", "positions_from_padding", "remat", "use_key_padding_mask")
-_STR_FIELDS = ("family", "logit_alignment", "param_dtype", "dtype")
+_STR_FIELDS = ("family", "logit_alignment", "param_dtype", "dtype", "grad_reduce_dtype")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +70,15 @@ class ModelConfig:
   initializer_range: float = 0.02
   # How many sequence positions the chunked log-prob function processes at once.
   logprob_chunk_size: int = 128
-  # `jax.nn.dot_product_attention` implementation: None (XLA), "cudnn" or "xla".
-  attention_impl: Optional[str] = None
+  # Most output-head columns the log-prob function handles at once (`models.logprobs`): the head
+  # is gathered one vocabulary tile at a time and its fp32 gradient carry is [D, tile].
+  logprob_vocab_tile: int = 16384
+  # dtype in which weight gradients are summed over devices (`sharding.gather_for_compute`):
+  # "" = the compute dtype, "float32" = an fp32 reduce-scatter rounded once.
+  grad_reduce_dtype: str = ""
+  # Attention kernel (`dmpo_jax.models.attention`): "auto" (splash on TPU, cuDNN on GPU for
+  # bf16 / fp16, else XLA), "xla", "cudnn" or "splash". None (older checkpoints) reads as "auto".
+  attention_impl: str = "auto"
   # LoRA adapters (`dmpo_jax.models.lora`): rank 0 = none. Targets use LLaDA's names
   # (`LORA_TARGETS`) or their HF-Llama aliases; stored as canonical LLaDA names in
   # `LORA_TARGETS` order. Output of a target += (x A) B · lora_alpha / lora_rank.
@@ -84,6 +91,8 @@ class ModelConfig:
     if type_errors:  # range checks below assume the types
       raise ValueError("Invalid ModelConfig: " + "; ".join(type_errors))
     errors = self._canonicalize_lora_targets()
+    if self.attention_impl is None:
+      object.__setattr__(self, "attention_impl", "auto")
     for name, low in (("rope_theta", 0.0), ("norm_eps", 0.0)):
       if not getattr(self, name) > low:
         errors.append(f"{name} must be positive, got {getattr(self, name)}")
@@ -107,8 +116,11 @@ class ModelConfig:
     for name in ("param_dtype", "dtype"):
       if getattr(self, name) not in DTYPES:
         errors.append(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+    if self.grad_reduce_dtype not in ("",) + DTYPES:
+      errors.append(f"grad_reduce_dtype must be '' (the compute dtype) or one of {DTYPES}, got "
+                    f"{self.grad_reduce_dtype!r}")
     for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                 "mlp_hidden_size", "max_seq_len", "logprob_chunk_size"):
+                 "mlp_hidden_size", "max_seq_len", "logprob_chunk_size", "logprob_vocab_tile"):
       if int(getattr(self, name)) <= 0:
         errors.append(f"{name} must be positive, got {getattr(self, name)}")
     if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:

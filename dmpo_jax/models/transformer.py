@@ -11,11 +11,18 @@ Layer parameters are stacked along a leading ``layers`` axis and the blocks run 
 parameter carries ``logical_axes`` metadata that `dmpo_jax.sharding` maps to a `PartitionSpec`.
 
 `token_log_probs` is the one likelihood primitive of the project: per-position log p(target)
-in fp32, chunked over the sequence so fp32 ``[batch, length, vocab]`` logits never exist.
+in fp32, chunked over the sequence and tiled over the vocabulary so fp32 ``[batch, length,
+vocab]`` logits never exist (`dmpo_jax.models.logprobs`).
+
+Sharding (`docs/scaling.md`): inside ``jit`` with a mesh in scope, the residual stream is pinned
+to rows split over the batch axes from the embedding output on, and every weight is gathered
+from its storage layout to its compute layout just before use (per layer inside the scan, so
+one layer's weights are whole at a time); weight gradients are reduce-scattered back.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple, Optional
 
 import chex
@@ -23,7 +30,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from dmpo_jax import sharding
+from dmpo_jax.models import attention as attention_lib
 from dmpo_jax.models import layers as L
+from dmpo_jax.models.logprobs import chunked_target_log_probs
 from dmpo_jax.models import lora as lora_lib
 from dmpo_jax.models.config import ModelConfig
 
@@ -64,15 +74,45 @@ class Blocks(nnx.Module):
     self.up_proj = _param(init(rngs.params(), (n, d, f), pd), "layers", "embed", "mlp")
     self.down_proj = _param(init(rngs.params(), (n, f, d), pd), "layers", "mlp", "embed")
 
-  def stacked(self) -> dict[str, jax.Array]:
+  def _variables(self) -> dict[str, Any]:
     names = ["attn_norm", "q_proj", "k_proj", "v_proj", "o_proj", "ffn_norm", "gate_proj",
              "up_proj", "down_proj"]
     if hasattr(self, "q_bias"):
       names += ["q_bias", "k_bias", "v_bias"]
-    out = {name: getattr(self, name)[...] for name in names}
+    out = {name: getattr(self, name) for name in names}
     if hasattr(self, lora_lib.LORA_ATTR):
-      out[lora_lib.LORA_ATTR] = getattr(self, lora_lib.LORA_ATTR).stacked()
+      out[lora_lib.LORA_ATTR] = {
+          kernel: {"a": adapter.a, "b": adapter.b}
+          for kernel, adapter in vars(getattr(self, lora_lib.LORA_ATTR)).items()
+          if isinstance(adapter, lora_lib.Adapter)}
     return out
+
+  def stacked(self) -> dict[str, Any]:
+    """{name: [layers, ...] array} (LoRA factors under ``"lora"``), scanned over layers."""
+    return jax.tree.map(lambda v: v[...], self._variables(), is_leaf=_is_variable)
+
+  def layer_axes(self) -> dict[str, Any]:
+    """The logical axes of one layer's slice of each stacked array (``layers`` dropped), as
+    `LayerAxes` leaves in the structure of `stacked`."""
+    return jax.tree.map(lambda v: LayerAxes(v.get_metadata()["logical_axes"][1:]),
+                        self._variables(), is_leaf=_is_variable)
+
+
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAxes:
+  """Logical axes of a weight (a pytree leaf, not a tuple of leaves)."""
+  axes: tuple[Optional[str], ...]
+
+
+def gather_layer(params: dict[str, Any], axes: dict[str, Any], dtype: Any,
+                 reduce_dtype: Any = None) -> dict[str, Any]:
+  """One layer's weights in the compute dtype and layout (`sharding.gather_for_compute`)."""
+  return jax.tree.map(lambda w, a: sharding.gather_for_compute(w, a.axes, dtype, reduce_dtype),
+                      params, axes, is_leaf=lambda x: isinstance(x, LayerAxes))
 
 
 def _project(x: jax.Array, kernel: jax.Array, equation: str, adapters: dict[str, Any], name: str,
@@ -94,7 +134,7 @@ def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.
   [window_start, window_start + T) of it, whose fresh K/V replace the cached ones there.
   ``p`` may hold LoRA factors under ``p["lora"][kernel]`` (`dmpo_jax.models.lora`)."""
   dt = config.compute_dtype
-  p = jax.tree.map(lambda v: v.astype(dt), p)
+  p = jax.tree.map(lambda v: v.astype(dt), p)  # a no-op after `gather_layer`
   adapters = p.get(lora_lib.LORA_ATTR, {})
   scale = config.lora_scale
   h = L.rms_norm(x, p["attn_norm"], config.norm_eps)
@@ -112,7 +152,7 @@ def _block(config: ModelConfig, x: jax.Array, p: dict[str, jax.Array], cos: jax.
   elif cached is not None:
     k_all = jax.lax.dynamic_update_slice_in_dim(cached[0].astype(dt), k, window_start, axis=1)
     v_all = jax.lax.dynamic_update_slice_in_dim(cached[1].astype(dt), v, window_start, axis=1)
-  att = L.attention(q, k_all, v_all, key_mask, implementation=config.attention_impl)
+  att = attention_lib.attention(q, k_all, v_all, key_mask, impl=config.attention_impl)
   x = x + _project(att, p["o_proj"], "bthk,hkd->btd", adapters, "o_proj", scale)
   h = L.rms_norm(x, p["ffn_norm"], config.norm_eps)
   if not any(name in adapters for name in ("gate_proj", "up_proj", "down_proj")):
@@ -195,18 +235,29 @@ class Transformer(nnx.Module):
         own = jnp.concatenate([pre, own], axis=1)
       key_mask = own
 
-    x = self.embed[...].astype(c.compute_dtype)[input_ids]
+    # The lookup must take its layout from the (batch-split) ids, not from the table.
+    table = sharding.gather_for_compute(self.embed[...], ("vocab", "embed"), c.compute_dtype,
+                                        c.grad_reduce_dtype or None)
+    x = sharding.constrain_batch(jnp.take(table, input_ids, axis=0))
+    cos, sin = sharding.constrain_batch(cos), sharding.constrain_batch(sin)
+    if key_mask is not None:
+      key_mask = sharding.constrain_batch(key_mask)
+    axes = self.blocks.layer_axes()
 
     def body(x, layer):
       params, cached = layer
-      return _block(c, x, params, cos, sin, key_mask, cached, window_start)
+      params = gather_layer(params, axes, c.compute_dtype, c.grad_reduce_dtype or None)
+      x, kv = _block(c, sharding.constrain_batch(x), params, cos, sin, key_mask, cached,
+                     window_start)
+      return sharding.constrain_batch(x), kv
 
     if c.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
     cache = prefix_kv if canvas_kv is None else canvas_kv
     cached = None if cache is None else (cache.k, cache.v)
     x, (ks, vs) = jax.lax.scan(body, x, (self.blocks.stacked(), cached))
-    x = L.rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.norm_eps)
+    x = sharding.constrain_batch(
+        L.rms_norm(x, self.final_norm[...].astype(c.compute_dtype), c.norm_eps))
     if return_kv:
       return x, KVCache(ks, vs, attention_mask)
     return x
@@ -223,8 +274,14 @@ class Transformer(nnx.Module):
 
   def logits_from_hidden(self, hidden: jax.Array) -> jax.Array:
     """[..., D] -> [..., V] fp32 logits (compute-dtype matmul, fp32 accumulation)."""
-    head = self.lm_head[...].astype(self.config.compute_dtype)
+    head = self.head_for_compute()
     return jnp.einsum("...d,dv->...v", hidden, head, preferred_element_type=jnp.float32)
+
+  def head_for_compute(self) -> jax.Array:
+    """The output head [D, V] in the compute dtype, gathered to the compute layout."""
+    c = self.config
+    return sharding.gather_for_compute(self.lm_head[...], ("embed", "vocab"), c.compute_dtype,
+                                       c.grad_reduce_dtype or None)
 
   def __call__(self, input_ids: jax.Array, attention_mask: Optional[jax.Array] = None, *,
                aligned: bool = True) -> jax.Array:
@@ -245,84 +302,12 @@ class Transformer(nnx.Module):
     """
     chex.assert_equal_shape([input_ids, targets])
     hidden = self.align(self.hidden_states(input_ids, attention_mask))
+    c = self.config
+    # The head in its storage layout: gathered one vocabulary tile at a time, once per call.
     return chunked_target_log_probs(hidden, self.lm_head[...], targets,
-                                    chunk_size or self.config.logprob_chunk_size)
-
-
-def chunked_target_log_probs(hidden: jax.Array, head: jax.Array, targets: jax.Array,
-                             chunk_size: int) -> jax.Array:
-  """log_softmax(hidden @ head)[targets] in fp32 without materialising [B, T, V] fp32 logits.
-
-  A `lax.scan` over sequence chunks of ``chunk_size`` positions, so live logits are at most
-  [B, chunk_size, V]. The gradient is hand-written (`_chunked_log_probs`): the backward pass
-  recomputes each chunk's logits and accumulates the head's gradient over chunks in an fp32
-  carry; the matmuls use the head cast to hidden's dtype (a no-op for bf16 weights and bf16
-  activations, so no fp32 copy of the weight is made then).
-  hidden: [B, T, D] (compute dtype); head: [D, V]; targets: [B, T] int, taken modulo V (as
-  `take_along_axis` would wrap negatives) -> [B, T] fp32.
-  """
-  b, t, d = hidden.shape
-  chex.assert_shape(targets, (b, t))
-  chex.assert_shape(head, (d, None))
-  chunk = max(1, min(chunk_size, t))
-  n_chunks = -(-t // chunk)
-  pad = n_chunks * chunk - t
-  if pad:
-    hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-    targets = jnp.pad(targets, ((0, 0), (0, pad)))
-  hidden_chunks = hidden.reshape(b, n_chunks, chunk, d).swapaxes(0, 1)
-  target_chunks = targets.reshape(b, n_chunks, chunk).swapaxes(0, 1).astype(jnp.int32)
-  target_chunks = target_chunks % head.shape[1]  # the same index in the forward and backward
-  out = _chunked_log_probs(hidden_chunks, head, target_chunks)
-  return out.swapaxes(0, 1).reshape(b, n_chunks * chunk)[:, :t]
-
-
-def _chunk_logits(h: jax.Array, head: jax.Array) -> jax.Array:
-  """[b, c, D] x [D, V] -> [b, c, V] fp32 (compute-dtype operands, fp32 accumulation)."""
-  return jnp.einsum("bcd,dv->bcv", h, head.astype(h.dtype), preferred_element_type=jnp.float32)
-
-
-def _chunked_log_probs_fwd(hidden_chunks, head, target_chunks):
-  def body(_, xs):
-    h, y = xs
-    logits = _chunk_logits(h, head)
-    log_norm = jax.nn.logsumexp(logits, axis=-1)
-    target_logit = jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0]
-    return None, (target_logit - log_norm, log_norm)
-
-  _, (log_probs, log_norm) = jax.lax.scan(body, None, (hidden_chunks, target_chunks))
-  return log_probs, (hidden_chunks, head, target_chunks, log_norm)
-
-
-def _chunked_log_probs_bwd(residuals, cotangent):
-  """d log p(y)/d logits = onehot(y) − softmax(logits); per chunk:
-  d hidden = d_logits @ headᵀ, d head += hiddenᵀ @ d_logits (fp32 carry)."""
-  hidden_chunks, head, target_chunks, log_norm = residuals
-  head_c = head.astype(hidden_chunks.dtype)
-  vocab = head.shape[1]
-
-  def body(d_head, xs):
-    h, y, norm, g = xs
-    probs = jnp.exp(_chunk_logits(h, head_c) - norm[..., None])
-    onehot = jax.nn.one_hot(y, vocab, dtype=jnp.float32)
-    d_logits = (g.astype(jnp.float32)[..., None] * (onehot - probs)).astype(h.dtype)
-    d_h = jnp.einsum("bcv,dv->bcd", d_logits, head_c, preferred_element_type=jnp.float32)
-    d_head = d_head + jnp.einsum("bcd,bcv->dv", h, d_logits, preferred_element_type=jnp.float32)
-    return d_head, d_h.astype(h.dtype)
-
-  d_head, d_hidden = jax.lax.scan(body, jnp.zeros(head.shape, jnp.float32),
-                                  (hidden_chunks, target_chunks, log_norm, cotangent))
-  return d_hidden, d_head.astype(head.dtype), None
-
-
-@jax.custom_vjp
-def _chunked_log_probs(hidden_chunks: jax.Array, head: jax.Array,
-                       target_chunks: jax.Array) -> jax.Array:
-  """[N, b, c, D], [D, V], [N, b, c] -> [N, b, c] fp32 target log-probs, chunk by chunk."""
-  return _chunked_log_probs_fwd(hidden_chunks, head, target_chunks)[0]
-
-
-_chunked_log_probs.defvjp(_chunked_log_probs_fwd, _chunked_log_probs_bwd)
+                                    chunk_size or c.logprob_chunk_size,
+                                    max_vocab_tile=c.logprob_vocab_tile,
+                                    reduce_dtype=c.grad_reduce_dtype or None)
 
 
 def create_model(config: ModelConfig, seed: int = 0) -> Transformer:

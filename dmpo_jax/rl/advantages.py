@@ -16,6 +16,8 @@ import chex
 import jax
 import jax.numpy as jnp
 
+from dmpo_jax.rl import reference_rules
+
 # Logits of every softmax are clamped to this range: exp differences stay exact for all
 # realistic values while ±inf/NaN inputs (e.g. r/α overflowing) cannot produce NaN weights.
 LOGIT_LIMIT = 1e30
@@ -23,6 +25,7 @@ BASELINES = ("none", "group", "individual", "model")
 # DMPO's alpha = -1: raw rewards as weights (`docs/algorithms.md` §2.3 step 5).
 RAW_REWARD_ALPHA = -1.0
 WEIGHT_SCALES = ("sum1", "mean1")
+ESS_SOLVERS = ("bisection", "reference")
 
 
 # -- group primitives ------------------------------------------------------------------------------
@@ -201,15 +204,18 @@ def scale_weights(weights: jax.Array, group_ids: jax.Array, weight_scale: str) -
 
 def dmpo_weights(rewards: jax.Array, log_ratio_ref: jax.Array, group_ids: jax.Array, *,
                  alpha: float, coeff: float = 1.0, target_ess: Optional[float] = None,
-                 weight_scale: str = "sum1") -> dict[str, jax.Array]:
+                 weight_scale: str = "sum1", target_ess_solver: str = "bisection",
+                 coeff_scope_ids: Optional[jax.Array] = None) -> dict[str, jax.Array]:
   """DMPO importance weights w = softmax_G(ℓ) and negative weights w⁻ = softmax_G(ℓ⁻)
   (`docs/algorithms.md` §2.1 Eq. 10, §2.3), both over the full group of each prompt.
 
   ``alpha = -1`` (`RAW_REWARD_ALPHA`, the reference code's special case, §2.3 step 5): the raw
   reward is the weight and −r the negative weight (no softmax, no ``weight_scale``).
 
-  With ``target_ess`` the coefficient is chosen per group by `ess_targeted_coeff` on the
-  coefficient-free logits (the same coefficient is used for ℓ⁻). Returns fp32 [B] arrays
+  With ``target_ess`` the coefficient is chosen per scope (``coeff_scope_ids``, default the
+  groups) on the coefficient-free logits and also used for ℓ⁻: by `ess_targeted_coeff`
+  (``bisection``: the largest c whose ESS still reaches the target) or by the DMPO reference's
+  L-BFGS-B (``reference``, `reference_rules.reference_ess_coeff`). Returns fp32 [B] arrays
   ``weights``, ``negative_weights`` (scaled per ``weight_scale``), ``coeff`` and ``ess``.
   """
   if alpha == RAW_REWARD_ALPHA:
@@ -218,9 +224,15 @@ def dmpo_weights(rewards: jax.Array, log_ratio_ref: jax.Array, group_ids: jax.Ar
     r = rewards.astype(jnp.float32)
     return {"weights": r, "negative_weights": -r, "coeff": jnp.ones_like(r),
             "ess": normalized_ess(r, group_ids)}
-  if target_ess is not None:
+  if target_ess_solver not in ESS_SOLVERS:
+    raise ValueError(f"target_ess_solver must be one of {ESS_SOLVERS}, got {target_ess_solver!r}")
+  scope = group_ids if coeff_scope_ids is None else coeff_scope_ids
+  if target_ess is not None and target_ess_solver == "reference":
+    coeff_rows = reference_rules.reference_ess_coeff(log_ratio_ref, rewards, scope, alpha=alpha,
+                                                     target_ess=target_ess)
+  elif target_ess is not None:
     raw, _ = dmpo_logits(rewards, log_ratio_ref, alpha=alpha, coeff=1.0)
-    coeff_rows = ess_targeted_coeff(raw, group_ids, target_ess=target_ess)
+    coeff_rows = ess_targeted_coeff(raw, scope, target_ess=target_ess)
   else:
     coeff_rows = jnp.full(rewards.shape, coeff, jnp.float32)
   pos, neg = dmpo_logits(rewards, log_ratio_ref, alpha=alpha, coeff=coeff_rows)
@@ -240,6 +252,8 @@ def dmpo_baseline(kind: str, group_ids: jax.Array, *, negative_weights: Optional
   group mean (the same for softmax weights; the group mean reward for alpha = -1's raw weights).
   individual (Eq. 14): the negative weights softmax_G(ℓ⁻) (already scaled).
   model (Eq. 15): softmax_G(ELBO_θ − ELBO_v) (``model_log_ratio``), scaled like the weights.
+  ``group_ids`` is the scope of the group and model statistics: the groups, or the reference's
+  per-device micro-batches (`reference_rules.micro_batch_ids`, `docs/algorithms.md` §6).
   """
   if kind not in BASELINES:
     raise ValueError(f"DMPO baseline must be one of {BASELINES}, got {kind!r}")

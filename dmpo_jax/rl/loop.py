@@ -1,8 +1,8 @@
 """The RL training loop (`docs/jax_patterns.md` §2, §8, §10, §11).
 
 One RL step:
-  prompts (grain, G per prompt) → rollout with the jitted sampler on the same mesh and the same
-  parameters (no weight copy) → decode → rewards in worker processes → ``objective.prepare``
+  prompts (grain, G per prompt) → rollout on the policy resharded once for sampling
+  (`sampling_layout`) → decode → rewards in worker processes → ``objective.prepare``
   (advantages / weights, old and reference ELBO terms on shared masks; no grad) →
   ``updates_per_rollout`` jitted train steps (``objective.grads`` + AdamW) → metrics →
   checkpoint.
@@ -28,10 +28,12 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmpo_jax import checkpointing, cli, interrupts, metrics as metrics_lib, profiling, sharding
+from dmpo_jax import (checkpointing, cli, interrupts, metrics as metrics_lib, profiling,
+                      sampling_layout, sharding)
 from dmpo_jax import workdir as workdir_lib
 from dmpo_jax.diffusion import sampler as sampler_lib
-from dmpo_jax.models import config as model_config_lib, hf_io, lora, tokenizer as tokenizer_lib
+from dmpo_jax.models import attention, config as model_config_lib, hf_io, lora
+from dmpo_jax.models import tokenizer as tokenizer_lib
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import config_checks, data_checks, final_model, registry, rollout, run_start, sft
 from dmpo_jax.rl import step_io, train_state as ts, train_step
@@ -96,6 +98,7 @@ NUMERIC_FIELDS: dict[str, tuple[type, float, float]] = {
     "mesh.data": (int, -1, INF),
     "mesh.fsdp": (int, -1, INF),
     "mesh.tensor": (int, -1, INF),
+    "mesh.sampling_tensor": (int, 0, INF),       # 0: auto (`sampling_layout.choose_tensor`)
     "eval.every_steps": (int, 0, INF),           # 0: no evaluation during RL
     "eval.num_examples": (int, 1, INF),
     "eval.gen_length": (int, 1, INF),
@@ -202,6 +205,9 @@ def validate_config(config: ml_collections.ConfigDict, num_devices: Optional[int
     if config.model[name] not in ("",) + model_config_lib.DTYPES:
       errors.append(f"model.{name}: must be '' (the preset's / checkpoint's) or one of "
                     f"{model_config_lib.DTYPES}, got {config.model[name]!r}")
+  if config.model.get("attention_impl", "auto") not in model_config_lib.ATTENTION_IMPLS:
+    errors.append(f"model.attention_impl: must be one of {model_config_lib.ATTENTION_IMPLS}, got "
+                  f"{config.model.attention_impl!r}")
   if config.optimizer.state_dtype not in ts.STATE_DTYPES:
     errors.append(f"optimizer.state_dtype: must be one of {ts.STATE_DTYPES}, got "
                   f"{config.optimizer.state_dtype!r}")
@@ -296,7 +302,8 @@ def abstract_rollout_batch(config, mesh, minibatches: int = 1) -> dict[str, jax.
 def load_model_and_tokenizer(config, mesh):
   """The model (sharded on ``mesh``) and tokenizer named by ``config.model`` / ``config.tokenizer``."""
   overrides = {"remat": bool(config.model.remat),
-               "use_key_padding_mask": bool(config.model.use_key_padding_mask)}
+               "use_key_padding_mask": bool(config.model.use_key_padding_mask),
+               "attention_impl": config.model.get("attention_impl", "auto")}
   if config.model.dtype:
     overrides["dtype"] = config.model.dtype
   path = config.model.checkpoint
@@ -355,6 +362,10 @@ class Trainer:
     self.data_report = data_checks.check_truncation(  # before anything is compiled or written
         self.tokenizer, self.task, self.data[0], self.data[2], config.task.prompt_length,
         config.task.get("max_truncated_fraction", 0.05))
+    model_config = self.model.config
+    problem = attention.platform_error(model_config.attention_impl, jax.default_backend(),
+                                       model_config.compute_dtype)
+    cli.check(problem is None, f"model.attention_impl: {problem}")
     if config.model.lora_rank:
       self.model = lora.add_adapters(self.model, rank=config.model.lora_rank,
                                      alpha=config.model.lora_alpha,
@@ -373,10 +384,17 @@ class Trainer:
     _, self.state_shardings = train_step.state_shardings(init, params, self.mesh)
     # The parameters are donated: the state's params reuse their buffers (no second copy).
     self.state = jax.jit(init, out_shardings=self.state_shardings, donate_argnums=0)(params)
+    # Resident while sampling: the train state and (full fine-tuning) the reference copy, which
+    # has the parameters' shapes and shardings.
+    self.sampling = sampling_layout.layout_for_training(
+        self.mesh, self.model_config, int(config.mesh.get("sampling_tensor", 0)),
+        self.state.params,
+        (self.state,) if config.model.lora_rank else (self.state, self.state.params))
     self.rollout_config = rollout_sampler_config(config)
     self.eval_config = sampler_lib.SamplerConfig(
         gen_length=config.eval.gen_length, steps=config.eval.steps,
-        block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence")
+        block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence",
+        batch_invariant=True)
     self.prompt_length = config.task.prompt_length
     self._train_step = None  # compiled ahead of time in `compile_steps`
     self._prepare = None
@@ -405,16 +423,19 @@ class Trainer:
     return pipeline.make_iterator(train, cfg)
 
   # -- sampling and evaluation -----------------------------------------------------------------
-  def sample(self, params, prompt_ids, prompt_mask, key, sampler_config):
-    """Samples from this process's prompts; returns the global (sequences [B, P + L], prompt
+  def sample(self, sampling_params, prompt_ids, prompt_mask, key, sampler_config):
+    """Samples from this process's prompts with ``sampling_params`` (from
+    `sampling_layout.reshard`, freed after); returns the global (sequences [B, P + L], prompt
     mask [B, P]) on the devices, split over the batch axes."""
     put = self.put_batch({"ids": prompt_ids, "mask": prompt_mask})
-    ids, mask = put["ids"], put["mask"]
-    out = sampler_lib.generate(self.graphdef, params, ids, mask, key, sampler_config)
-    return out.sequences, mask
+    out = sampling_layout.generate(self.sampling, self.graphdef, sampling_params, put["ids"],
+                                   put["mask"], key, sampler_config)
+    # Back on the training mesh's batch split (token ids only), where the RL step reads them.
+    return jax.device_put(out.sequences, sharding.batch_sharding(self.mesh, 2)), put["mask"]
 
   def evaluate(self, params, examples) -> dict[str, float]:
     """Greedy held-out accuracy (%) with the eval sampler; pads the last batch."""
+    params = sampling_layout.reshard(params, self.sampling)  # once for every eval batch
     bs = self.config.eval.batch_size
     completions = []
     for start in range(0, len(examples), bs):
@@ -424,6 +445,7 @@ class Trainer:
                                             prompt_length=self.prompt_length, evaluation=True)
       share = bs // jax.process_count()  # each process feeds its rows of the batch
       mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
+      # The sampling layout's mesh is in scope inside `sample`: rows stay split over devices.
       seqs = step_io.fetch_all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
                                                 self.eval_config)[0])
       completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
@@ -447,8 +469,7 @@ class Trainer:
     # Donated: the warm-up state takes over the parameters' buffers; self.state gets them back
     # (trained) at the end.
     state = jax.jit(init, out_shardings=shardings, donate_argnums=0)(self.state.params)
-    step_fn = jax.jit(functools.partial(sft.sft_step, self.graphdef, optimizer), donate_argnums=0,
-                      out_shardings=(shardings, None))
+    step_fn = sft.jit_sft_step(self.graphdef, optimizer, shardings)
     rng = np.random.default_rng(c.seed)
     progress = metrics_lib.ProgressBar(c.sft.num_steps, desc="sft warm-up",
                                        disable=None if bar_enabled else True,
@@ -495,8 +516,8 @@ class Trainer:
 
   def compile_steps(self, ref_params) -> dict[str, int]:
     """Jits `prepare_rollout` and AOT-compiles `rl_update` for the run's shapes; logs memory."""
-    self._prepare = jax.jit(functools.partial(train_step.prepare_rollout, self.graphdef,
-                                              self.objective, self.objective_config))
+    self._prepare = train_step.jit_prepare(self.graphdef, self.objective, self.objective_config,
+                                           self.mesh)
     prepared = jax.eval_shape(self._prepare, self.state.params, ref_params,
                               self.abstract_rollout_batch(), self.state.key, train_step.SCALAR_INT32)
     minibatches = self.config.minibatches_per_rollout
@@ -626,8 +647,9 @@ class Trainer:
         with timer.phase("rollout"):
           ids, mask, truncated = rollout.encode_prompts(self.tokenizer, self.task, examples,
                                                         prompt_length=self.prompt_length)
-          sequences, prompt_mask = self.sample(self.state.params, ids, mask, rollout_key,
-                                               self.rollout_config)
+          sequences, prompt_mask = self.sample(
+              sampling_layout.reshard(self.state.params, self.sampling), ids, mask, rollout_key,
+              self.rollout_config)
           # Host copy 1 of 2: this process's completion tokens, for its rewards.
           completion_ids = step_io.fetch_local_rows(sequences[:, self.prompt_length:], self.mesh)
         with timer.phase("reward"):

@@ -1,8 +1,8 @@
 """Rollouts: prompt encoding and bucketing, decoding, parallel rewards, the RL batch.
 
-The sampler runs on the same mesh and the same parameters as the train step (collocated, no
-weight copy); this module prepares its inputs and turns its outputs into the RL batch contract
-of `dmpo_jax.rl.scoring`.
+The sampler runs on the training devices, on the policy resharded once per RL step to the
+sampling layout (`dmpo_jax.sampling_layout`); this module prepares its inputs and turns its
+outputs into the RL batch contract of `dmpo_jax.rl.scoring`.
 """
 
 from __future__ import annotations

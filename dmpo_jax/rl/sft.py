@@ -11,6 +11,7 @@ exactly −(1/B) Σ_b elbo_term_b / |completion_b|.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -20,7 +21,7 @@ from flax import nnx
 
 from dmpo_jax.diffusion import elbo, masking
 from dmpo_jax.models import lora
-from dmpo_jax.rl import train_state as ts
+from dmpo_jax.rl import train_state as ts, train_step
 
 
 def sft_loss(graphdef: Any, params: Any, batch: dict[str, jax.Array], key: jax.Array,
@@ -42,3 +43,11 @@ def sft_step(graphdef: Any, optimizer: optax.GradientTransformation, state: ts.T
       lambda params: sft_loss(graphdef, params, batch, state.key, state.step))(state.params)
   state, metrics = ts.apply_gradients(state, grads, optimizer, loss)
   return state, {"sft/loss": loss, **{k.replace("train/", "sft/"): v for k, v in metrics.items()}}
+
+
+def jit_sft_step(graphdef: Any, optimizer: optax.GradientTransformation, state_shardings: Any):
+  """`sft_step` jitted with the state sharded in and out and donated, traced on the state's mesh
+  (activations split over the batch axes, `train_step.on_mesh`)."""
+  fn = functools.partial(sft_step, graphdef, optimizer)
+  return jax.jit(train_step.on_mesh(fn, train_step.mesh_of(state_shardings)), donate_argnums=0,
+                 out_shardings=(state_shardings, None))

@@ -9,7 +9,8 @@ finite. It is jitted with the state's shardings in and out and the state donated
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -64,20 +65,42 @@ def state_shardings(init: Callable[[Any], ts.TrainState], params: Any,
   return abstract_state, sharding.state_shardings(abstract_state, mesh)
 
 
+def on_mesh(fn: Callable, mesh: Optional[jax.sharding.Mesh]) -> Callable:
+  """``fn`` traced with ``mesh`` as the ambient (abstract) mesh, so the model pins activations to
+  the batch split and gathers weights to their compute layout (`sharding.constrain_batch`,
+  `sharding.gather_for_compute`); ``fn`` itself without a mesh."""
+  if mesh is None:
+    return fn
+
+  @functools.wraps(fn)
+  def traced(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return fn(*args, **kwargs)
+  return traced
+
+
+def mesh_of(shardings: Any) -> Optional[jax.sharding.Mesh]:
+  """The mesh of the first `NamedSharding` in a pytree of shardings (None without one)."""
+  meshes = [s.mesh for s in jax.tree.leaves(shardings)
+            if isinstance(s, jax.sharding.NamedSharding)]
+  return meshes[0] if meshes else None
+
+
 def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config: Any,
                   optimizer: optax.GradientTransformation, state_shardings: Any) -> Callable:
   """`rl_update` jitted with the state sharded in and out and donated. It is traced on the
-  state's mesh (`jax.sharding.use_abstract_mesh`), so the gradient accumulator is split like the
-  parameters (`sharding.constrain_logical`)."""
-  meshes = [s.mesh for s in jax.tree.leaves(state_shardings)
-            if isinstance(s, jax.sharding.NamedSharding)]
+  state's mesh (`on_mesh`): activations split over the batch axes, the gradient accumulator
+  split like the parameters (`sharding.constrain_logical`)."""
+  fn = functools.partial(rl_update, graphdef, objective, objective_config, optimizer)
+  return jax.jit(on_mesh(fn, mesh_of(state_shardings)), donate_argnums=0,
+                 out_shardings=(state_shardings, None))
 
-  def fn(*args):
-    if not meshes:  # e.g. one device without a mesh: nothing to pin
-      return rl_update(graphdef, objective, objective_config, optimizer, *args)
-    with jax.sharding.use_abstract_mesh(meshes[0].abstract_mesh):
-      return rl_update(graphdef, objective, objective_config, optimizer, *args)
-  return jax.jit(fn, donate_argnums=0, out_shardings=(state_shardings, None))
+
+def jit_prepare(graphdef: Any, objective: registry.Objective, objective_config: Any,
+                mesh: Optional[jax.sharding.Mesh]) -> Callable:
+  """`prepare_rollout` jitted and traced on ``mesh`` (`on_mesh`)."""
+  fn = functools.partial(prepare_rollout, graphdef, objective, objective_config)
+  return jax.jit(on_mesh(fn, mesh))
 
 
 def compile_ahead_of_time(jitted: Callable, *args) -> tuple[Any, dict[str, int]]:

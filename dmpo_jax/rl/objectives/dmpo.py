@@ -8,6 +8,8 @@ ELBO_ref on the **same** K weight masks (antithetic Bernoulli by default, weight
 
 over the full group of each prompt (α = 0: ℓ = coeff·r, the proximal variant; optional per-group
 ESS-targeted coeff). The weights do not depend on θ, so one rollout buffer serves F updates.
+The reference code's layout-bound rules (group / model baseline and ESS coefficient over each
+GPU's micro-batch, its EOS switches as executed) are options (`docs/algorithms.md` §6).
 
 Per update (``grads``): R fresh loss masks (keyed by the update step), and
 
@@ -39,10 +41,13 @@ from flax import nnx
 from dmpo_jax.diffusion import elbo
 from dmpo_jax.rl import advantages as adv
 from dmpo_jax.rl import grad as G
+from dmpo_jax.rl import reference_rules
 from dmpo_jax.rl import scoring
 from dmpo_jax.rl.objectives.base import ObjectiveConfig, Prepared, check_choice, check_positive
 
 MODEL_BASELINE_MASKS = ("weights", "loss")
+SCOPES = ("group", "micro_batch")
+EOS_LAWS = ("truncate", "as_executed")
 _WEIGHT_PURPOSE = "dmpo/weights"
 _LOSS_PURPOSE = "dmpo/loss"
 _FAKE_PURPOSE = "wddo/fake"
@@ -55,17 +60,25 @@ class _ElboWeightConfig(ObjectiveConfig):
   alpha: KL strength α (0 = proximal variant; -1 = the reference code's raw-reward weights, w = r,
   w⁻ = −r). coeff: logit coefficient. target_ess: if set, a
   per-group coefficient in [0.01, 0.99] giving this normalised ESS (``ada_coeff``).
-  weight_num_mc: K weight masks. mask_scheme / lambda_range: ELBO law (antithetic Bernoulli,
-  λ ∈ [0.1, 1.0) as the released code). include_eos_padding: score the full canvas (§1.6).
+  target_ess_solver: ``bisection`` (the largest c reaching the target) or ``reference`` (the
+  reference's L-BFGS-B from c = 0.5, which stops at 0.5 when the weights there are saturated;
+  `reference_rules.reference_ess_coeff`). weight_num_mc: K weight masks. mask_scheme /
+  lambda_range: ELBO law (antithetic Bernoulli, λ ∈ [0.1, 1.0) as the released code).
+  include_eos_padding: score the full canvas (§1.6). weight_eos_law (with include_eos_padding
+  False): ``truncate`` = masks over the positions up to the first EOS, the padding after it clean
+  (the ELBO of the truncated response); ``as_executed`` = the reference's ``log_rnd_omit_eos``:
+  masks over the full canvas with weight L/m, positions after the first EOS dropped from the sum.
   weight_scale: ``sum1`` (code) or ``mean1`` (paper).
   """
   alpha: float = 0.04
   coeff: float = 1.0
   target_ess: Optional[float] = None
+  target_ess_solver: str = "bisection"
   weight_num_mc: int = 4
   mask_scheme: str = "antithetic"
   lambda_range: tuple[float, float] = (0.1, 1.0)
   include_eos_padding: bool = True
+  weight_eos_law: str = "truncate"
   weight_scale: str = "sum1"
 
   def validation_errors(self) -> list[str]:
@@ -77,6 +90,13 @@ class _ElboWeightConfig(ObjectiveConfig):
       errors.append(f"target_ess must be in (0, 1], got {self.target_ess}")
     if self.target_ess is not None and self.alpha == adv.RAW_REWARD_ALPHA:
       errors.append("target_ess needs softmax weights; alpha = -1 uses raw rewards")
+    check_choice(errors, "target_ess_solver", self.target_ess_solver, adv.ESS_SOLVERS)
+    if self.target_ess_solver != "bisection" and self.target_ess is None:
+      errors.append(f"target_ess_solver={self.target_ess_solver!r} needs target_ess")
+    check_choice(errors, "weight_eos_law", self.weight_eos_law, EOS_LAWS)
+    if self.weight_eos_law != "truncate" and self.include_eos_padding:
+      errors.append("weight_eos_law='as_executed' drops the positions after the first EOS: it needs "
+                    "include_eos_padding=False")
     if self.weight_num_mc < 1:
       errors.append(f"weight_num_mc must be >= 1, got {self.weight_num_mc}")
     check_choice(errors, "mask_scheme", self.mask_scheme, scoring.ELBO_SCHEMES)
@@ -98,18 +118,28 @@ class DMPOConfig(_ElboWeightConfig):
   CRN with ELBO_v; at θ = θ_old it equals the group baseline) or ``loss`` (the reference code's
   choice: ELBO_θ on the loss masks). loss_include_eos_padding: which positions the loss masks
   (None = as ``include_eos_padding``, which then governs the weights only; the reference code has
-  separate switches, ``log_rnd_omit_eos`` and ``loss_mask_non_eos``). reference_micro_batch_size:
-  None = the loss is a mean over prompts (weights sum to 1 per group); c = the reference code's
-  scale, the mean over micro-batches of c completions of each micro-batch's summed loss
-  (× c/G of the default: ½ at the paper's c = 8, G = 16), which the published learning rate and
-  ``max_grad_norm`` assume (`grad.loss_normalization`).
+  separate switches, ``log_rnd_omit_eos`` and ``loss_mask_non_eos``). loss_eos_law (with the loss
+  up to the first EOS): ``truncate`` = masks over the positions up to the first EOS (what
+  ``loss_mask_non_eos`` intends); ``as_executed`` = what that line does (`reference_rules`:
+  full-canvas masks, and the last two rows of each micro-batch's last replicate cleared).
+  reference_micro_batch_size: None = the loss is a mean over prompts (weights sum to 1 per group);
+  c = the reference code's scale, the mean over micro-batches of c completions of each
+  micro-batch's summed loss (× c/G of the default: ½ at the paper's c = 8, G = 16), which the
+  published learning rate and ``max_grad_norm`` assume (`grad.loss_normalization`).
+  baseline_scope: ``group`` (default) or ``micro_batch``: the group baseline's mean and the model
+  baseline's softmax over the reference's micro-batches of c consecutive rows (its per-device
+  batch), as the paper's runs computed them. target_ess_scope: the rows one ESS coefficient is
+  fitted on, ``group`` or ``micro_batch`` (the reference fits one per device row).
   """
   baseline: str = "individual"
   baseline_strength: float = 1.0
   loss_num_mc: int = 4
   model_baseline_masks: str = "weights"
   loss_include_eos_padding: Optional[bool] = None
+  loss_eos_law: str = "truncate"
   reference_micro_batch_size: Optional[int] = None
+  baseline_scope: str = "group"
+  target_ess_scope: str = "group"
 
   def validation_errors(self) -> list[str]:
     errors = super().validation_errors()
@@ -122,6 +152,21 @@ class DMPOConfig(_ElboWeightConfig):
     check_choice(errors, "model_baseline_masks", self.model_baseline_masks, MODEL_BASELINE_MASKS)
     check_positive(errors, "reference_micro_batch_size", self.reference_micro_batch_size,
                    allow_none=True)
+    check_choice(errors, "baseline_scope", self.baseline_scope, SCOPES)
+    check_choice(errors, "target_ess_scope", self.target_ess_scope, SCOPES)
+    check_choice(errors, "loss_eos_law", self.loss_eos_law, EOS_LAWS)
+    micro = self.reference_micro_batch_size is not None
+    if self.baseline_scope == "micro_batch":
+      if not micro:
+        errors.append("baseline_scope='micro_batch' needs reference_micro_batch_size")
+      if self.baseline not in ("group", "model"):
+        errors.append(f"baseline_scope='micro_batch' applies to the group and model baselines, "
+                      f"not baseline={self.baseline!r}")
+    if self.target_ess_scope == "micro_batch" and (not micro or self.target_ess is None):
+      errors.append("target_ess_scope='micro_batch' needs target_ess and reference_micro_batch_size")
+    if self.loss_eos_law != "truncate" and (self.loss_eos_padding or not micro):
+      errors.append("loss_eos_law='as_executed' needs the loss up to the first EOS "
+                    "(loss_include_eos_padding=False) and reference_micro_batch_size")
     return errors
 
   @property
@@ -184,8 +229,17 @@ def _eligible(model: Any, mb: Mapping[str, jax.Array], cfg: _ElboWeightConfig,
 
 def _elbo_estimate(model: Any, mb: Mapping[str, jax.Array], keys: jax.Array,
                    cfg: _ElboWeightConfig, num_samples: int) -> elbo.ElboEstimate:
-  est = elbo.elbo_estimate(model, mb["sequences"], keys, _eligible(model, mb, cfg),
-                           _mask_fn(cfg, num_samples), num_samples,
+  """K-sample ELBO on the weight masks (no gradient). ``weight_eos_law='as_executed'``: masks and
+  weights L/m over the full canvas, the sum over the positions up to the first EOS only."""
+  mask_fn, eligible = _mask_fn(cfg, num_samples), _eligible(model, mb, cfg)
+  if cfg.weight_eos_law == "as_executed":
+    truncated, base_fn = eligible, mask_fn
+    eligible = _eligible(model, mb, cfg, include_eos_padding=True)
+
+    def mask_fn(keys, eligible, j):
+      sample = base_fn(keys, eligible, j)
+      return sample._replace(scored=sample.scored & truncated)
+  est = elbo.elbo_estimate(model, mb["sequences"], keys, eligible, mask_fn, num_samples,
                            attention_mask=mb["attention_mask"])
   return jax.tree.map(jax.lax.stop_gradient, est)
 
@@ -201,7 +255,8 @@ def _base_tree(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
 
 def _weights_and_elbos(graphdef: Any, params: Any, ref_params: Any,
                        batch: Mapping[str, jax.Array], keys: scoring.RLKeys,
-                       cfg: _ElboWeightConfig, need_old: bool):
+                       cfg: _ElboWeightConfig, need_old: bool,
+                       coeff_scope_ids: Optional[jax.Array] = None):
   """ELBO_v and ELBO_ref on shared weight masks and the DMPO weights (no gradient)."""
   tree = _base_tree(batch) | {
       "weight_keys": scoring.example_keys(keys, batch["example_ids"], _WEIGHT_PURPOSE)}
@@ -225,7 +280,8 @@ def _weights_and_elbos(graphdef: Any, params: Any, ref_params: Any,
   log_ratio_ref = scored["elbo_ref"] - scored["elbo_old"] if need_ref else zeros
   weights = adv.dmpo_weights(batch["rewards"], log_ratio_ref, batch["group_ids"], alpha=cfg.alpha,
                              coeff=cfg.coeff, target_ess=cfg.target_ess,
-                             weight_scale=cfg.weight_scale)
+                             weight_scale=cfg.weight_scale, target_ess_solver=cfg.target_ess_solver,
+                             coeff_scope_ids=coeff_scope_ids)
   metrics = {"dmpo/ess_mean": jnp.mean(weights["ess"]),
              "dmpo/coeff_mean": jnp.mean(weights["coeff"]),
              "dmpo/log_ratio_ref_mean": jnp.mean(log_ratio_ref),
@@ -238,18 +294,42 @@ def _weights_and_elbos(graphdef: Any, params: Any, ref_params: Any,
 
 # -- DMPO ------------------------------------------------------------------------------------------
 
+def _scope_ids(batch: Mapping[str, jax.Array], cfg: DMPOConfig, scope: str) -> jax.Array:
+  """Labels of the rows a statistic runs over: the groups, or the reference micro-batches."""
+  if scope == "group":
+    return batch["group_ids"]
+  return reference_rules.micro_batch_ids(batch["rewards"].shape[0], cfg.reference_micro_batch_size)
+
+
+def _loss_sample(model: Any, mb: Mapping[str, jax.Array], cfg: DMPOConfig,
+                 j: jax.Array) -> tuple[Any, jax.Array, jax.Array]:
+  """Loss mask j of each row: (MaskSample, keep [b] (0 where the as-executed
+  ``loss_mask_non_eos`` clears the row), eligible count [b])."""
+  as_executed = cfg.loss_eos_law == "as_executed"
+  eligible = _eligible(model, mb, cfg, True if as_executed else cfg.loss_eos_padding)
+  sample = _mask_fn(cfg, cfg.loss_num_mc)(mb["loss_keys"], eligible, j)
+  keep = jnp.ones(sample.weight.shape, jnp.float32)
+  if as_executed:
+    keep = reference_rules.non_eos_mask_keep(mb["reference_row"], mb["reference_tail"], j,
+                                             cfg.loss_num_mc, cfg.reference_micro_batch_size)
+  return sample, keep, jnp.maximum(jnp.sum(eligible, axis=-1), 1).astype(jnp.float32)
+
+
 def dmpo_prepare(graphdef: Any, params: Any, ref_params: Any, batch: Mapping[str, jax.Array],
                  keys: scoring.RLKeys, cfg: DMPOConfig) -> Prepared:
   """Weights, baseline-subtracted weights A (except the model baseline, done in ``grads``) and
   ELBO_v, once per rollout (no gradient)."""
   scoring.check_batch(batch)
   group_ids = batch["group_ids"]
+  coeff_scope = _scope_ids(batch, cfg, cfg.target_ess_scope)
   weights, scored, metrics = _weights_and_elbos(graphdef, params, ref_params, batch, keys, cfg,
-                                                need_old=cfg.baseline == "model")
+                                                need_old=cfg.baseline == "model",
+                                                coeff_scope_ids=coeff_scope)
   if cfg.baseline == "model":
     a = weights["weights"]
   else:
-    base = adv.dmpo_baseline(cfg.baseline, group_ids, negative_weights=weights["negative_weights"],
+    base = adv.dmpo_baseline(cfg.baseline, _scope_ids(batch, cfg, cfg.baseline_scope),
+                             negative_weights=weights["negative_weights"],
                              weight_scale=cfg.weight_scale, weights=weights["weights"])
     a = weights["weights"] - cfg.baseline_strength * base
   per_example = {"weights": weights["weights"], "advantages": a,
@@ -272,30 +352,44 @@ def dmpo_grads(graphdef: Any, params: Any, batch: Mapping[str, jax.Array], aux: 
       "advantages": pe["advantages"], "row_scale": row_scale, "row_denominator": row_denominator,
       "loss_keys": scoring.example_keys(keys, batch["example_ids"], _LOSS_PURPOSE, fresh=True)}
   r = cfg.loss_num_mc
+  if cfg.loss_eos_law == "as_executed":
+    c = cfg.reference_micro_batch_size
+    b = batch["rewards"].shape[0]
+    eos = scoring.model_config(graphdef, params).eos_token_id
+    truncated = jnp.sum(scoring.eligible_positions(batch, eos, False), axis=-1)
+    tree["reference_row"] = jnp.arange(b, dtype=jnp.int32) % c
+    tree["reference_tail"] = reference_rules.micro_batch_any(
+        truncated < scoring.canvas_length(batch), c)
 
   if cfg.baseline == "model":
     model0 = nnx.merge(graphdef, jax.lax.stop_gradient(params))
     if cfg.model_baseline_masks == "weights":
-      theta_keys = scoring.example_keys(keys, batch["example_ids"], _WEIGHT_PURPOSE)
-      n_theta = cfg.weight_num_mc
-    else:
-      theta_keys, n_theta = tree["loss_keys"], r
-    elbo_theta = G.micro_batch_map(
-        lambda mb: _elbo_mean(model0, mb, mb["theta_keys"], cfg, n_theta),
-        _base_tree(batch) | {"theta_keys": theta_keys}, cfg.micro_batch_size)
-    base = adv.dmpo_baseline("model", batch["group_ids"],
+      elbo_theta = G.micro_batch_map(
+          lambda mb: _elbo_mean(model0, mb, mb["theta_keys"], cfg, cfg.weight_num_mc),
+          _base_tree(batch) | {"theta_keys": scoring.example_keys(keys, batch["example_ids"],
+                                                                  _WEIGHT_PURPOSE)},
+          cfg.micro_batch_size)
+    else:  # the reference's choice: ELBO_θ (weight L/m) on this update's loss masks
+      def theta_on_loss_masks(mb):
+        def body(total, j):
+          sample, keep, _ = _loss_sample(model0, mb, cfg, j)
+          term = elbo.elbo_term(model0, mb["sequences"], sample, mb["attention_mask"])
+          return total + keep * term, None
+        total, _ = jax.lax.scan(body, jnp.zeros(mb["sequences"].shape[:1], jnp.float32),
+                                jnp.arange(r, dtype=jnp.int32))
+        return total / r
+      elbo_theta = G.micro_batch_map(theta_on_loss_masks, tree, cfg.micro_batch_size)
+    base = adv.dmpo_baseline("model", _scope_ids(batch, cfg, cfg.baseline_scope),
                              model_log_ratio=elbo_theta - pe["elbo_old"],
                              weight_scale=cfg.weight_scale)
     tree["advantages"] = pe["weights"] - cfg.baseline_strength * base
 
   def loss_fn(p, mb, j):
     model = nnx.merge(graphdef, p)
-    eligible = _eligible(model, mb, cfg, cfg.loss_eos_padding)
-    sample = _mask_fn(cfg, r)(mb["loss_keys"], eligible, j)
+    sample, keep, n_eligible = _loss_sample(model, mb, cfg, j)
     log_lik = elbo.masked_log_likelihood(model, mb["sequences"], sample, mb["attention_mask"])
-    n_eligible = jnp.maximum(jnp.sum(eligible, axis=-1), 1).astype(jnp.float32)
-    contribution = mb["row_scale"] * wdce_sample_loss(mb["advantages"], log_lik,
-                                                      sample.weight / n_eligible, r)
+    contribution = keep * mb["row_scale"] * wdce_sample_loss(mb["advantages"], log_lik,
+                                                             sample.weight / n_eligible, r)
     m = jnp.sum(sample.scored, axis=-1)
     metrics = {"dmpo/small_mask_frac": G.WeightedMetric.mean_of(m < 4),
                "dmpo/masked_nll_per_token": G.WeightedMetric(
