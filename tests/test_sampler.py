@@ -583,3 +583,18 @@ def test_rl_rollout_config_builds_the_sampler_and_is_validated():
     rollout.sampler_config({"gen_length": 8, "use_prefix_cache": True})
   times = {"time/rollout": 3.0, "time/reward": 0.5, "time/prepare": 0.2, "time/update": 0.3, "time/eval": 10.0}
   assert loop.rollout_share(times) == 0.75 and loop.rollout_share({}) == 0.0
+
+
+@pytest.mark.parametrize("rule", [{"threshold": 0.9}, {"factor": 1.0}], ids=["threshold", "factor"])
+def test_parallel_decoding_ends_when_the_model_predicts_the_mask_token(rule):
+  """A model whose argmax is the mask id re-writes the mask: the block loop still ends after at
+  most one step per block position (before the bound, the loop never ended)."""
+  graphdef, params = _model()
+  head = params["lm_head"][...]
+  params = jax.tree.map(lambda x: x, params)
+  params["lm_head"] = params["lm_head"].replace(
+      head.at[:, CONFIG.mask_token_id].set(50.0 * jnp.sign(jnp.sum(head, axis=1))))
+  config = SamplerConfig(gen_length=L, steps=2, block_length=K, return_trace=True, **rule)
+  out = _run(graphdef, params, config)
+  assert int(out.num_forward_passes) == L  # K steps per block, 2 blocks
+  assert (out.sequences[:, PROMPT.shape[1]:] == CONFIG.mask_token_id).mean() > 0.5

@@ -384,7 +384,9 @@ def _generate(graphdef: Any, params: Any, prompt_ids: jax.Array, prompt_mask: ja
       return jax.lax.fori_loop(1, config.steps_per_block, step_body, state)
 
     def cond(carry):
-      return block_has_mask(carry[0].x, block_start)
+      # Each step commits at least one position, so k_len steps finish the block; the bound
+      # also ends it when a committed token is the mask id itself (an untrained model).
+      return block_has_mask(carry[0].x, block_start) & (carry[1] < k_len)
 
     def body(carry):
       state, s = carry
