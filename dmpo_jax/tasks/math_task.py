@@ -21,10 +21,6 @@ MATH500_SYSTEM_PROMPT = (
     "final answer in a \\boxed{}.\nRespond in the following format:\n<reasoning>\nYour reasoning "
     "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\" \n")
 
-# Hugging Face source of d1's training split (`docs/tasks.md` §3.1); `launch/prepare_data.py --task=math`
-# writes it to <data folder>/math/train.jsonl.
-DEFAULT_TRAIN_SOURCE = "ankner/math-500"
-
 
 def gold_answer(example: base.Example) -> Optional[str]:
   """The reference answer: the ``answer`` field, else the last ``\\boxed{}`` of ``solution``."""
