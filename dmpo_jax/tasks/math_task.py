@@ -9,6 +9,7 @@ import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 from dmpo_jax.tasks import base
+from dmpo_jax.tasks import d1_eval
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
@@ -181,7 +182,6 @@ class MathTask(base.Task):
   def score(self, completion: str, example: base.Example, use_math_verify: bool = False,
             eval_style: str = base.DEFAULT_EVAL_STYLE, **options: Any) -> Dict[str, Any]:
     if base.check_eval_style(eval_style) == "d1":
-      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
       return d1_eval.score_row(self.name, completion, {"answer": gold_answer(example)})
     predicted = extract_eval_answer(completion)
     correct = answers_equivalent(predicted, gold_answer(example), use_math_verify)
