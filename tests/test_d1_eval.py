@@ -267,7 +267,7 @@ def test_config_eval_style_is_validated():
 def test_task_modules_import_no_cycle():
   """An AST walk over every import (top-level and inside functions) of `dmpo_jax/tasks/*.py`
   other than `base` (whose registry reads the package): the task modules form no import cycle
-  (countdown and d1_eval imported each other; both now use `tasks/arithmetic.py`)."""
+  (the safe arithmetic that countdown and d1_eval share lives in `tasks/arithmetic.py`)."""
   import ast  # pylint: disable=import-outside-toplevel
   folder = pathlib.Path(d1_eval.__file__).parent
   names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
