@@ -1,4 +1,4 @@
-"""Metric writers, progress bar, phase timers and generic statistics (`docs/jax_patterns.md` §11).
+"""Metric writers, progress bar, phase timers and throughput (`docs/jax_patterns.md` §11).
 
 `MetricWriter` fans each ``write(step, {name: scalar})`` out to
   (a) ``<workdir>/metrics.jsonl``: always; one JSON object per call, ``{"step": int, name: float}``,
@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import math
 import numbers
 import os
 import pathlib
@@ -29,7 +28,6 @@ import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Union
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dmpo_jax import extras
@@ -278,13 +276,6 @@ class MetricWriter:
     self.close()
 
 
-def check_finite(metrics: Mapping[str, Any], step: int) -> None:
-  """Raises FloatingPointError naming every NaN/Inf metric (a NaN guard for the loop)."""
-  bad = sorted(name for name, value in metrics.items() if not math.isfinite(_to_scalar(name, value)))
-  if bad:
-    raise FloatingPointError(f"Non-finite metric(s) at step {step}: {bad}")
-
-
 # ------------------------------------------------------------------------------------------------
 # Progress and timing
 # ------------------------------------------------------------------------------------------------
@@ -413,7 +404,7 @@ class PhaseTimer:
 
 
 # ------------------------------------------------------------------------------------------------
-# Generic statistics
+# Throughput
 # ------------------------------------------------------------------------------------------------
 
 def tokens_per_second(num_tokens: float, seconds: float) -> float:
@@ -421,51 +412,3 @@ def tokens_per_second(num_tokens: float, seconds: float) -> float:
   if not seconds > 0:
     raise ValueError(f"seconds must be positive to compute a throughput, got {seconds}")
   return float(num_tokens) / float(seconds)
-
-
-def effective_sample_size(weights: jax.Array, mask: Optional[jax.Array] = None, *, axis: int = -1,
-                          normalize: bool = True) -> jax.Array:
-  """Kish effective sample size of non-negative weights along ``axis`` (fp32).
-
-    ESS = (Σ_i w_i)² / Σ_i w_i²  ∈ [1, n];  normalised: ESS / n ∈ [1/n, 1]
-
-  (1/n: all mass on one sample; 1: uniform weights). ``mask`` (same shape, 0/1) excludes entries
-  and then n = Σ mask. Rows whose weights are all zero (or fully masked) give 0.
-  """
-  w = jnp.asarray(weights, jnp.float32)
-  if mask is not None:
-    if jnp.shape(mask) != w.shape:
-      raise ValueError(f"mask shape {jnp.shape(mask)} != weights shape {w.shape}")
-    m = jnp.asarray(mask, jnp.float32)
-    w = w * m
-    n = jnp.sum(m, axis=axis)
-  else:
-    n = jnp.asarray(w.shape[axis], jnp.float32)
-  total = jnp.sum(w, axis=axis)
-  sum_sq = jnp.sum(w * w, axis=axis)
-  ess = jnp.where(sum_sq > 0, total * total / jnp.where(sum_sq > 0, sum_sq, 1.0), 0.0)
-  if normalize:
-    ess = jnp.where(n > 0, ess / jnp.maximum(n, 1.0), 0.0)
-  return ess
-
-
-def summary_stats(values: jax.Array, mask: Optional[jax.Array] = None, *, prefix: str = "") -> dict[str, jax.Array]:
-  """{prefix+'mean', 'std', 'min', 'max'} of the (masked) entries, fp32; std is the population
-  std √(Σ m (x − mean)² / Σ m) (ddof = 0). No valid entry: mean = std = 0, min = +inf, max = −inf."""
-  x = jnp.asarray(values, jnp.float32)
-  if mask is None:
-    m = jnp.ones_like(x)
-  else:
-    if jnp.shape(mask) != x.shape:
-      raise ValueError(f"mask shape {jnp.shape(mask)} != values shape {x.shape}")
-    m = jnp.asarray(mask, jnp.float32)
-  count = jnp.sum(m)
-  safe = jnp.maximum(count, 1.0)
-  mean = jnp.sum(x * m) / safe
-  var = jnp.sum(m * jnp.square(x - mean)) / safe
-  return {
-      f"{prefix}mean": mean,
-      f"{prefix}std": jnp.sqrt(var),
-      f"{prefix}min": jnp.min(jnp.where(m > 0, x, jnp.inf)),
-      f"{prefix}max": jnp.max(jnp.where(m > 0, x, -jnp.inf)),
-  }

@@ -262,3 +262,31 @@ def test_config_eval_style_is_validated():
   config.task.reward_timeout_s = -1.0
   with pytest.raises(loop.ConfigError, match="reward_timeout_s"):
     loop.validate_config(config, num_devices=1)
+
+
+def test_task_modules_import_no_cycle():
+  """An AST walk over every import (top-level and inside functions) of `dmpo_jax/tasks/*.py`
+  other than `base` (whose registry reads the package): the task modules form no import cycle
+  (the safe arithmetic that countdown and d1_eval share lives in `tasks/arithmetic.py`)."""
+  import ast  # pylint: disable=import-outside-toplevel
+  folder = pathlib.Path(d1_eval.__file__).parent
+  names = {p.stem for p in folder.glob("*.py")} - {"__init__"}
+  graph = {}
+  for name in names - {"base"}:
+    imported = set()
+    for node in ast.walk(ast.parse((folder / f"{name}.py").read_text())):
+      if isinstance(node, ast.ImportFrom) and node.module == "dmpo_jax.tasks":
+        imported |= {alias.name for alias in node.names}
+      elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("dmpo_jax.tasks."):
+        imported.add(node.module.rsplit(".", 1)[1])
+      elif isinstance(node, ast.Import):
+        imported |= {a.name.rsplit(".", 1)[1] for a in node.names
+                     if a.name.startswith("dmpo_jax.tasks.")}
+    graph[name] = imported & (names - {"base"})
+
+  def reaches(start, goal, seen=()):
+    return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen + (nxt,)))
+               for nxt in graph[start])
+
+  assert "countdown" in graph and "arithmetic" in graph["d1_eval"]
+  assert [name for name in sorted(graph) if reaches(name, name)] == []

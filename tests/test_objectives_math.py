@@ -131,6 +131,26 @@ def test_dmpo_weights_invariant_to_group_placement():
     np.testing.assert_allclose(np.asarray(base[key])[perm], moved[key], **F32)
 
 
+def test_normalized_ess_is_kish_per_group_for_any_placement():
+  """(Σw)² / (N·Σw²) per group against numpy; bounds: uniform -> 1, one non-zero -> 1/N, all
+  zero -> 1 (defined); groups in any order give the same per-row values."""
+  rng = np.random.default_rng(0)
+  w = rng.exponential(size=12).astype(np.float32)
+  gid = np.repeat(np.arange(3), 4)
+  expected = np.repeat([g.sum() ** 2 / (4 * (g ** 2).sum()) for g in w.reshape(3, 4)], 4)
+  np.testing.assert_allclose(adv.normalized_ess(jnp.asarray(w), jnp.asarray(gid)), expected,
+                             rtol=1e-6)
+  perm = rng.permutation(12)
+  np.testing.assert_allclose(adv.normalized_ess(jnp.asarray(w[perm]), jnp.asarray(gid[perm])),
+                             expected[perm], rtol=1e-6)
+  bounds = jnp.array([2.0, 2.0, 2.0, 2.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+  np.testing.assert_array_equal(adv.normalized_ess(bounds, jnp.asarray(gid)),
+                                np.repeat([1.0, 0.25, 1.0], 4))
+  # The formula from sums (the bisection passes Σw = 1 for its softmax rows).
+  np.testing.assert_allclose(adv.normalized_ess_from_sums(1.0, jnp.array([0.5, 1.0]),
+                                                          jnp.array([4.0, 2.0])), [0.5, 0.5])
+
+
 def test_ess_targeted_coeff_hits_target_and_clips():
   gid = jnp.array([0, 0, 0, 1, 1, 1, 2, 2, 2])
   logits = jnp.array([0.0, 1.0, 3.0, 0.0, 1000.0, 2000.0, 1.0, 1.0, 1.0])

@@ -9,6 +9,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -112,6 +113,31 @@ def test_master_weights_keep_updates_that_bf16_storage_loses():
                                         jnp.float32(1.0))
   assert float(metrics["train/skipped_nonfinite"]) == 1.0 and dtypes(skipped) == before
   assert_same_tree(skipped.replace(step=master.step), master)
+
+
+def test_a_skipped_update_keeps_every_bit_where_optax_apply_if_finite_does_not():
+  """The hand-written skip keeps a bf16 -0.0 (0x8000) and the optimizer state bit-identical and
+  counts the step; `optax.apply_if_finite` adds zero updates (-0.0 + 0.0 = +0.0), wraps the
+  state (old checkpoints would not restore) and sees only the gradient, not the loss."""
+  params = {"w": jnp.asarray([-0.0, 1.0, -2.0], jnp.bfloat16)}
+  bad_grads = {"w": jnp.asarray([np.nan, 1.0, 1.0], jnp.float32)}
+  optimizer = ts.make_optimizer(1e-2)
+  state = ts.init_train_state(params, optimizer, 0)
+  skipped, metrics = ts.apply_gradients(state, bad_grads, optimizer, jnp.float32(1.0))
+  assert np.asarray(skipped.params["w"]).view(np.uint16).tolist() == [0x8000, 0x3F80, 0xC000]
+  assert_same_tree(skipped.opt_state, state.opt_state)
+  assert float(metrics["train/skipped_nonfinite"]) == 1.0 and int(skipped.step) == 1
+  _, metrics = ts.apply_gradients(state, {"w": jnp.ones(3)}, optimizer, jnp.float32(np.nan))
+  assert float(metrics["train/skipped_nonfinite"]) == 1.0  # a non-finite loss skips too
+
+  wrapped = optax.apply_if_finite(optimizer, max_consecutive_errors=3)
+  wrapped_state = wrapped.init(params)
+  updates, _ = wrapped.update(bad_grads, wrapped_state, params)
+  library = optax.apply_updates(params, updates)
+  assert np.asarray(library["w"]).view(np.uint16).tolist() == [0x0000, 0x3F80, 0xC000]
+  assert type(wrapped_state).__name__ == "ApplyIfFiniteState"
+  updates, _ = wrapped.update({"w": jnp.ones(3)}, wrapped_state, params)
+  assert bool(jnp.any(updates["w"] != 0))  # it cannot see a NaN loss
 
 
 def test_bad_state_dtype_is_rejected():

@@ -10,9 +10,10 @@ adapted model starts equal to the base. Targets use LLaDA's checkpoint names (`d
 `ModelConfig.lora_targets`): q_proj, k_proj, v_proj, attn_out, ff_proj (gate), up_proj, ff_out
 (down); HF-Llama names o_proj, gate_proj, down_proj are aliases.
 
-Adapters are `LoRAParam` variables (a subclass of `nnx.Param`) at ``model.blocks.lora.<param>.{a,b}``
-(``<param>`` = the Flax kernel name: q_proj ... down_proj). They are stored in float32 whatever the
-base dtype (small; PEFT also keeps adapters in fp32) and cast to the compute dtype in the forward.
+Adapters are `nnx.LoRAParam` variables (a subclass of `nnx.Param`) at
+``model.blocks.lora.<param>.{a,b}`` (``<param>`` = the Flax kernel name: q_proj ... down_proj).
+They are stored in float32 whatever the base dtype (small; PEFT also keeps adapters in fp32) and
+cast to the compute dtype in the forward.
 
 Pure helpers over `nnx.State` (all jit-friendly):
 
@@ -56,9 +57,11 @@ _KERNEL_AXES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
 _LETTERS = "ijklmn"  # einsum letters of a kernel's input/output dims
 
 
-class LoRAParam(nnx.Param):
-  """A LoRA factor. A distinct variable type so that ``nnx.split(model, LoRAParam, ...)`` /
-  ``state.split(LoRAParam, ...)`` separate adapters from base weights."""
+# A LoRA factor: flax's own variable type (an `nnx.Param`), so ``state.split(LoRAParam, ...)``
+# separates adapters from base weights. `nnx.LoRA` itself does not serve: it is one 2-D
+# in_features -> out_features layer, while these factors are stacked over layers with
+# multi-axis kernels ([L, D, H, hd]), logical sharding axes and PEFT's initialisation.
+LoRAParam = nnx.LoRAParam
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))

@@ -147,12 +147,24 @@ def dmpo_logits(rewards: jax.Array, log_ratio_ref: jax.Array, *, alpha: float,
   return sanitize_logits(coeff * sanitize_logits(pos)), sanitize_logits(coeff * sanitize_logits(neg))
 
 
+def normalized_ess_from_sums(sum_w: jax.Array | float, sum_sq_w: jax.Array,
+                             count: jax.Array) -> jax.Array:
+  """The project's one ESS formula: Kish's normalised effective sample size of N weights,
+
+    ESS / N = (Σ w)² / (N · Σ w²)  ∈ [1/N, 1]   (Kish 1965, *Survey Sampling*)
+
+  (1/N: all mass on one sample; 1: uniform), from the sums; 1 where Σ w² = 0 (all-zero weights).
+  DMPO's ``ada_coeff`` targets it for softmax weights, where Σ w = 1 (`docs/algorithms.md` §2.3).
+  """
+  sum_sq_w = jnp.asarray(sum_sq_w, jnp.float32)
+  return jnp.where(sum_sq_w > 0, jnp.square(sum_w) / (count * jnp.maximum(sum_sq_w, 1e-38)), 1.0)
+
+
 def normalized_ess(weights: jax.Array, group_ids: jax.Array) -> jax.Array:
-  """Normalised effective sample size of each row's group, (Σw)² / (N·Σw²) ∈ [1/N, 1], [B]."""
+  """`normalized_ess_from_sums` over each row's group, fp32 [B]."""
   w = weights.astype(jnp.float32)
-  s1 = group_sum(w, group_ids)
-  s2 = group_sum(jnp.square(w), group_ids)
-  return jnp.where(s2 > 0, jnp.square(s1) / (group_count(group_ids) * jnp.maximum(s2, 1e-38)), 1.0)
+  return normalized_ess_from_sums(group_sum(w, group_ids), group_sum(jnp.square(w), group_ids),
+                                  group_count(group_ids))
 
 
 def ess_targeted_coeff(logits: jax.Array, group_ids: jax.Array, *, target_ess: float,
@@ -176,7 +188,8 @@ def ess_targeted_coeff(logits: jax.Array, group_ids: jax.Array, *, target_ess: f
   def ess_at(c):  # c: [B] per row (equal within a group) -> ESS of that row's group
     z = jnp.where(same, c[:, None] * logits[None, :], -jnp.inf)
     w = jax.nn.softmax(z, axis=-1)
-    return 1.0 / (counts * jnp.sum(jnp.square(w), axis=-1))
+    # Softmax rows: Σ w = 1 (the reference's 1 / (N·Σw²)), not re-summed in fp32.
+    return normalized_ess_from_sums(1.0, jnp.sum(jnp.square(w), axis=-1), counts)
 
   lo = jnp.full(logits.shape, lo_c, jnp.float32)
   hi = jnp.full(logits.shape, hi_c, jnp.float32)

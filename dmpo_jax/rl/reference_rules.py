@@ -71,6 +71,8 @@ def find_coeff(log_rnds: np.ndarray, rewards: np.ndarray, alpha: float, ess_thre
 
   def loss(coeff):
     weights = scipy.special.softmax(coeff * logits, axis=0)
+    # The reference's float64 host arithmetic, called by scipy per evaluation: not
+    # `advantages.normalized_ess_from_sums` (fp32 on device), which would move the optimum.
     ess = 1 / np.sum(weights ** 2) / log_rnds.shape[0]
     return (ess_threshold - ess) ** 2
 

@@ -140,15 +140,6 @@ def sample_elbo_term(model: Any, batch: Mapping[str, jax.Array], keys: jax.Array
   return term, sample
 
 
-def elbo_terms_no_grad(model: Any, batch: Mapping[str, jax.Array], keys: jax.Array,
-                       eligible: jax.Array, mask_fn: masking.MaskFn,
-                       num_samples: int) -> jax.Array:
-  """Per-sample ELBO terms [B, n] (no gradient) via `elbo.elbo_estimate`'s `lax.scan`."""
-  estimate = elbo.elbo_estimate(model, batch["sequences"], keys, eligible, mask_fn, num_samples,
-                                attention_mask=batch["attention_mask"])
-  return jax.lax.stop_gradient(estimate.terms.T)
-
-
 def model_config(graphdef: Any, params: Any) -> Any:
   """The static `ModelConfig` of the model behind (graphdef, params) (works under jit)."""
   return nnx.merge(graphdef, params).config

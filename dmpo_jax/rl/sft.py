@@ -11,7 +11,6 @@ exactly −(1/B) Σ_b elbo_term_b / |completion_b|.
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import jax
@@ -47,7 +46,10 @@ def sft_step(graphdef: Any, optimizer: optax.GradientTransformation, state: ts.T
 
 def jit_sft_step(graphdef: Any, optimizer: optax.GradientTransformation, state_shardings: Any):
   """`sft_step` jitted with the state sharded in and out and donated, traced on the state's mesh
-  (activations split over the batch axes, `train_step.on_mesh`)."""
-  fn = functools.partial(sft_step, graphdef, optimizer)
-  return jax.jit(train_step.on_mesh(fn, train_step.mesh_of(state_shardings)), donate_argnums=0,
+  (activations split over the batch axes, `train_step.on_mesh`); it may be traced once
+  (`train_step.traced_once`)."""
+  def step(state, batch):
+    return sft_step(graphdef, optimizer, state, batch)
+  mesh = train_step.mesh_of(state_shardings)
+  return jax.jit(train_step.on_mesh(train_step.traced_once(step), mesh), donate_argnums=0,
                  out_shardings=(state_shardings, None))

@@ -136,6 +136,8 @@ def apply_gradients(state: TrainState, grads: Any, optimizer: optax.GradientTran
   Returns the new state and metrics (grad norm, skipped flag)."""
   trainable, frozen = lora.split_trainable(state.params)
   grad_norm = optax.global_norm(grads)
+  # Not optax.apply_if_finite: a skipped step adds zero updates (bf16 -0.0 becomes +0.0), it
+  # ignores the loss and wraps opt_state (old checkpoints do not restore); see test_precision.py.
   finite = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
   safe_grads = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), grads)
   weights = trainable if state.master is None else state.master

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Optional
 
+import chex
 import jax
 import jax.numpy as jnp
 import optax
@@ -96,11 +97,24 @@ def jit_rl_update(graphdef: Any, objective: registry.Objective, objective_config
                  out_shardings=(state_shardings, None))
 
 
+def traced_once(fn: Callable) -> Callable:
+  """``fn`` (a plain function, to be jitted) under `chex.assert_max_traces` with n = 1: a second
+  trace, which would recompile every step (new shapes, dtypes or static values), raises.
+
+  chex counts traces per definition site, process-wide, so the count restarts here: each call
+  makes a new jitted function (one per trainer)."""
+  chex.clear_trace_counter()
+  return chex.assert_max_traces(fn, n=1)
+
+
 def jit_prepare(graphdef: Any, objective: registry.Objective, objective_config: Any,
                 mesh: Optional[jax.sharding.Mesh]) -> Callable:
-  """`prepare_rollout` jitted and traced on ``mesh`` (`on_mesh`)."""
-  fn = functools.partial(prepare_rollout, graphdef, objective, objective_config)
-  return jax.jit(on_mesh(fn, mesh))
+  """`prepare_rollout` jitted and traced on ``mesh`` (`on_mesh`); it may be traced once
+  (`traced_once`)."""
+  def prepare(params, ref_params, batch, base_key, rollout_step):
+    return prepare_rollout(graphdef, objective, objective_config, params, ref_params, batch,
+                           base_key, rollout_step)
+  return jax.jit(on_mesh(traced_once(prepare), mesh))
 
 
 def compile_ahead_of_time(jitted: Callable, *args) -> tuple[Any, dict[str, int]]:

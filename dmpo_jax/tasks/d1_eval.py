@@ -52,9 +52,7 @@ from __future__ import annotations
 import re
 from typing import Any, Dict, List, Optional, Sequence
 
-from dmpo_jax.tasks import countdown as countdown_task
-from dmpo_jax.tasks import math_utils
-from dmpo_jax.tasks import text_scan
+from dmpo_jax.tasks import arithmetic, math_utils, text_scan
 
 _FIRST_NUMBER = re.compile(r"-?\d+\.?\d*")
 _ONLY_DOTS = re.compile(r"^\.+$")
@@ -201,9 +199,9 @@ def countdown_correct(expression: str, numbers: Sequence[int], target: int) -> b
   if not _D1_CHARACTERS.match(expression):
     return False
   try:
-    value = countdown_task.evaluate_python_semantics(expression)
+    value = arithmetic.evaluate_python_semantics(expression)
     return abs(value - target) < 1e-5
-  except (countdown_task.ExpressionError, ArithmeticError, TypeError, ValueError):
+  except (arithmetic.ExpressionError, ArithmeticError, TypeError, ValueError):
     return False
 
 

@@ -6,6 +6,7 @@ import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 from dmpo_jax.tasks import base
+from dmpo_jax.tasks import d1_eval
 from dmpo_jax.tasks import format_rewards as fmt
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
@@ -123,7 +124,6 @@ class GSM8KTask(base.Task):
   def score(self, completion: str, example: base.Example, eval_style: str = base.DEFAULT_EVAL_STYLE,
             **options: Any) -> Dict[str, Any]:
     if base.check_eval_style(eval_style) == "d1":
-      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
       return d1_eval.score_row(self.name, completion, example)
     predicted = extract_eval_answer(completion)
     gold = math_utils.parse_number(str(example["answer"]))

@@ -9,6 +9,7 @@ import functools
 from typing import Any, Dict, List, Optional, Tuple
 
 from dmpo_jax.tasks import base
+from dmpo_jax.tasks import d1_eval
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
@@ -20,10 +21,6 @@ MATH500_SYSTEM_PROMPT = (
     "You are a math expert. You will be given a question to solve. Solve it step by step. Wrap the "
     "final answer in a \\boxed{}.\nRespond in the following format:\n<reasoning>\nYour reasoning "
     "here\n</reasoning>\n<answer>\n\\boxed{...}\n</answer>\" \n")
-
-# Hugging Face source of d1's training split (`docs/tasks.md` §3.1); `launch/prepare_data.py --task=math`
-# writes it to <data folder>/math/train.jsonl.
-DEFAULT_TRAIN_SOURCE = "ankner/math-500"
 
 
 def gold_answer(example: base.Example) -> Optional[str]:
@@ -185,7 +182,6 @@ class MathTask(base.Task):
   def score(self, completion: str, example: base.Example, use_math_verify: bool = False,
             eval_style: str = base.DEFAULT_EVAL_STYLE, **options: Any) -> Dict[str, Any]:
     if base.check_eval_style(eval_style) == "d1":
-      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
       return d1_eval.score_row(self.name, completion, {"answer": gold_answer(example)})
     predicted = extract_eval_answer(completion)
     correct = answers_equivalent(predicted, gold_answer(example), use_math_verify)

@@ -68,11 +68,6 @@ def boxed_spans(text: str, unclosed_leading_number: bool = False) -> List[Tuple[
   return spans
 
 
-def boxed_contents(text: str, unclosed_leading_number: bool = False) -> List[str]:
-  """The texts of `boxed_spans`."""
-  return [text[a:b] for a, b in boxed_spans(text, unclosed_leading_number)]
-
-
 def _fix_fracs(string: str) -> str:
   """``\\frac12`` -> ``\\frac{1}{2}``, ``\\frac1{72}`` -> ``\\frac{1}{72}``."""
   pieces = string.split("\\frac")
@@ -184,11 +179,6 @@ def math_verify_equal(gold: str, prediction: str) -> bool:
       return False
   from dmpo_jax.tasks import math_verify_worker  # pylint: disable=import-outside-toplevel
   return math_verify_worker.shared_worker().equal(gold, prediction)
-
-
-def first_number(text: str) -> Optional[float]:
-  match = NUMBER.search(text)
-  return parse_number(match.group(0)) if match else None
 
 
 def last_number(text: str) -> Optional[float]:

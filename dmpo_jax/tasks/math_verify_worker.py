@@ -2,22 +2,22 @@
 runs past its limit (math-verify can run forever, e.g. on ``\\boxed{9^{9^{9}}}``).
 
 math-verify's own timeouts use ``signal.alarm`` (main thread only) and cannot interrupt sympy in
-C code, so they are disabled inside the worker and the parent enforces the wall-clock limit: it
-waits on the worker's stdout with ``select`` and, past the limit, kills the worker (SIGKILL) and
-answers False. The next call starts a fresh worker. Requests and answers are JSON lines; the
-worker runs ``python -I`` and imports only math-verify.
+C code, so they are disabled inside the worker and the parent enforces the wall-clock limit
+(`timeout_pool.TimeoutPool`): past the limit it kills the worker (SIGKILL), answers False and
+starts a fresh one. Requests are JSON lines, answers ``1`` / ``0`` lines; the worker runs
+``python -I`` (no project code, no ``PYTHON*`` variables) and imports only math-verify; it is a
+plain subprocess, not a ``multiprocessing`` one, because it also runs inside the daemonic reward
+workers of `reward_pool`, which may not have ``multiprocessing`` children.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import select
-import subprocess
 import sys
 import threading
-import time
 from typing import Optional
+
+from dmpo_jax.tasks import timeout_pool
 
 # Wall-clock limit of one verify call (parse of both sides + verify), and of the worker start-up
 # (importing math-verify and sympy takes seconds).
@@ -48,71 +48,45 @@ for line in sys.stdin:
 
 
 class MathVerifyWorker:
-  """One math-verify worker process; ``equal`` is thread-safe (calls are serialised)."""
+  """One math-verify worker process in a one-worker `timeout_pool.TimeoutPool` (started at the
+  first call, replaced after a timeout); ``equal`` is thread-safe (calls are serialised)."""
 
   def __init__(self, call_timeout_s: float = CALL_TIMEOUT_S,
                startup_timeout_s: float = STARTUP_TIMEOUT_S):
     self.call_timeout_s, self.startup_timeout_s = call_timeout_s, startup_timeout_s
-    self._process: Optional[subprocess.Popen] = None
+    self._pool: Optional[timeout_pool.TimeoutPool] = None
     self._lock = threading.Lock()
-    self.timeouts = 0
 
-  def _read_line(self, timeout_s: float) -> Optional[bytes]:
-    stdout = self._process.stdout
-    deadline = time.monotonic() + timeout_s
-    line = b""
-    while not line.endswith(b"\n"):
-      remaining = deadline - time.monotonic()
-      if remaining <= 0 or not select.select([stdout], [], [], remaining)[0]:
-        return None
-      chunk = os.read(stdout.fileno(), 64)
-      if not chunk:
-        return None
-      line += chunk
-    return line
+  @property
+  def timeouts(self) -> int:
+    """Calls killed at ``call_timeout_s``."""
+    return self._pool.timeouts if self._pool else 0
 
-  def _start(self) -> bool:
+  @staticmethod
+  def _start(slot: int) -> timeout_pool.CommandWorker:
+    del slot
     from dmpo_jax import extras  # pylint: disable=import-outside-toplevel
     extras.require("math_verify", "math-verify equivalence (use_math_verify)")
-    self._process = subprocess.Popen(  # pylint: disable=consider-using-with
-        [sys.executable, "-I", "-c", _WORKER_CODE], stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    if self._read_line(self.startup_timeout_s) != b"ready\n":
-      self.close()
-      return False
-    return True
+    return timeout_pool.CommandWorker([sys.executable, "-I", "-c", _WORKER_CODE])
 
   def equal(self, gold: str, prediction: str) -> bool:
     """math-verify equivalence (gold first); False on a timeout, a crash or no math-verify."""
     with self._lock:
-      if self._process is None or self._process.poll() is not None:
-        if not self._start():
-          return False
-      request = json.dumps([str(gold), str(prediction)]) + "\n"
+      if self._pool is None:
+        self._pool = timeout_pool.TimeoutPool(self._start, 1, start_now=False,
+                                              startup_timeout_s=self.startup_timeout_s)
+      self._pool.startup_timeout_s = self.startup_timeout_s
+      request = (json.dumps([str(gold), str(prediction)]) + "\n").encode()
       try:
-        self._process.stdin.write(request.encode())
-        self._process.stdin.flush()
-      except (BrokenPipeError, OSError):
-        self.close()
+        (result,) = self._pool.run([request], self.call_timeout_s)
+      except timeout_pool.WorkerStartError:
         return False
-      answer = self._read_line(self.call_timeout_s)
-      if answer is None:
-        self.timeouts += 1
-        self.close()
-        return False
-      return answer == b"1\n"
+      return result == (timeout_pool.OK, b"1\n")
 
   def close(self) -> None:
-    if self._process is not None:
-      if self._process.poll() is None:
-        self._process.kill()
-      self._process.wait()
-      for stream in (self._process.stdin, self._process.stdout):
-        try:
-          stream.close()
-        except OSError:
-          pass
-      self._process = None
+    with self._lock:
+      if self._pool is not None:
+        self._pool.close()
 
 
 _WORKER: Optional[MathVerifyWorker] = None

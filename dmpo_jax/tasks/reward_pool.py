@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import multiprocessing
 import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
 from dmpo_jax import sandbox as sandbox_lib
-from dmpo_jax.tasks import base as task_base
+from dmpo_jax.tasks import base as task_base, timeout_pool
 
 # Per-call wall limit when none is given: generous for text rewards (they take <= 50 ms;
 # math-verify has its own 2 s limit and a restart after a timeout), and for code the sandbox's
@@ -132,28 +131,16 @@ def _reward_worker(connection, task_name: str, style: str,
       connection.send((index, None, f"{type(e).__name__}: {e}"))
 
 
-class _Worker:
-  """One reward worker process, its host folder for sandbox runs, and the job it is running."""
+class _RewardWorker(timeout_pool.SpawnedWorker):
+  """A `_reward_worker` process and its host folder for sandbox runs (removed when it is killed)."""
 
-  def __init__(self, context, task_name: str, style: str,
-               sandbox: Optional[sandbox_lib.SandboxConfig], folder: str):
+  def __init__(self, task_name: str, style: str, sandbox: Optional[sandbox_lib.SandboxConfig],
+               folder: str):
     self.folder = folder
-    self.connection, child = context.Pipe()
-    self.process = context.Process(target=_reward_worker,
-                                   args=(child, task_name, style, sandbox, folder), daemon=True)
-    self.process.start()
-    child.close()
-    self.ready = False
-    self.job: Optional[Tuple[int, float]] = None  # (index, deadline)
+    super().__init__(_reward_worker, (task_name, style, sandbox, folder))
 
   def kill(self) -> None:
-    import signal  # pylint: disable=import-outside-toplevel
-    try:
-      os.killpg(self.process.pid, signal.SIGKILL)
-    except (OSError, ProcessLookupError):
-      self.process.kill()
-    self.process.join(5)
-    self.connection.close()
+    super().kill()
     # Its sandbox processes die with it (parent-death signal); what they left goes now.
     for _ in range(20):
       if sandbox_lib.remove_tree(self.folder):
@@ -166,14 +153,15 @@ class _Worker:
 class RewardPool:
   """Computes rewards in parallel worker processes (``num_workers`` = 0: in this process).
 
-  Workers are started with ``spawn`` (safe next to JAX's threads). With workers, every call (the
-  total reward of one completion) has a wall-clock limit, ``timeout_s`` (default
-  `default_reward_timeout`; `config_errors` refuses a code task's below
-  ``sandbox.max_duration_s`` at config load): a call past it scores 0, its reason is recorded in
-  ``last_failures`` (index, reason), and its worker is killed (its sandbox processes with it,
-  their folders removed) and replaced, after the project's code is checked unchanged. In-process rewards
-  (``num_workers`` = 0, the demo) have no limit. A reward function that raises is a bug in the
-  task: the other calls in flight finish, then it propagates with the offending completion.
+  Workers are started with ``spawn`` (safe next to JAX's threads) and run by the
+  `timeout_pool.TimeoutPool`. With workers, every call (the total reward of one completion) has a
+  wall-clock limit, ``timeout_s`` (default `default_reward_timeout`; `config_errors` refuses a
+  code task's below ``sandbox.max_duration_s`` at config load): a call past it scores 0, its
+  reason is recorded in ``last_failures`` (index, reason), and its worker is killed (its sandbox
+  processes with it, their folders removed) and replaced, after the project's code is checked
+  unchanged. In-process rewards (``num_workers`` = 0, the demo) have no limit. A reward function
+  that raises is a bug in the task: the other calls in flight finish, then it propagates with the
+  offending completion.
 
   For a code task, ``sandbox`` (default: the task's) is used by the workers and by this
   process's task (in-process rewards, evaluation); the sandbox's mode is logged once and
@@ -200,14 +188,18 @@ class RewardPool:
     self.timeout_s = float(timeout_s) if timeout_s else default_reward_timeout(task_name,
                                                                                self.sandbox)
     self.last_failures: list[tuple[int, str]] = []
-    self.replaced_workers = 0
-    self._context = multiprocessing.get_context("spawn")
     self._root = tempfile.mkdtemp(prefix="dmpo_rewards_") if num_workers else None
     if self._root:
       os.chmod(self._root, 0o711)  # a dropped uid reaches its own run folder inside
-    self._workers = [self._new_worker(slot) for slot in range(num_workers)]
+    self._closed = False
+    self._pool = (timeout_pool.TimeoutPool(self._new_worker, num_workers) if num_workers
+                  else None)
 
-  def _new_worker(self, slot: int) -> _Worker:
+  @property
+  def replaced_workers(self) -> int:
+    return self._pool.replaced_workers if self._pool else 0
+
+  def _new_worker(self, slot: int) -> _RewardWorker:
     if self._digest is not None:
       changed = sorted(set(self._digest.items()) ^ set(code_digest().items()))
       if changed:
@@ -217,86 +209,46 @@ class RewardPool:
     folder = os.path.join(self._root, f"worker{slot}")
     sandbox_lib.remove_tree(folder)
     os.mkdir(folder, 0o711)
-    return _Worker(self._context, self.task_name, self.reward_style, self.sandbox, folder)
+    return _RewardWorker(self.task_name, self.reward_style, self.sandbox, folder)
 
   def __call__(self, completions: Sequence[str], examples: Sequence[dict]) -> np.ndarray:
     if len(completions) != len(examples):
       raise ValueError(f"{len(completions)} completions for {len(examples)} examples")
     self.last_failures = []
-    if not self._workers:
+    if self._closed:
+      raise RuntimeError(f"the reward pool of task {self.task_name} is closed")
+    if self._pool is None:
       return np.asarray([_total_reward((self.task_name, self.reward_style, c, e))
                          for c, e in zip(completions, examples)], np.float32)
     return np.asarray(self._run(list(completions), list(examples)), np.float32)
 
   def _run(self, completions: list, examples: list) -> list:
-    from multiprocessing import connection as mp_connection  # pylint: disable=import-outside-toplevel
-    rewards: list = [None] * len(completions)
-    queue = list(range(len(completions)))[::-1]
-    error = None  # the first call that raised: no new call starts, the ones in flight finish
+    errors = []  # (index, value, message) answers of calls that raised, in arrival order
 
-    def replace(slot: int, reason: Optional[str]) -> None:
-      worker = self._workers[slot]
-      if worker.job is not None and reason is not None:
-        rewards[worker.job[0]] = 0.0
-        self.last_failures.append((worker.job[0], reason))
-      worker.job = None
-      worker.kill()
-      self._workers[slot] = self._new_worker(slot)
-      self.replaced_workers += 1
+    def raised(answer) -> bool:
+      if answer[2] is not None:
+        errors.append(answer)
+      return answer[2] is not None
 
-    while True:
-      for worker in self._workers:
-        if worker.ready and worker.job is None and queue and error is None:
-          index = queue.pop()
-          worker.connection.send((index, completions[index], examples[index]))
-          worker.job = (index, time.monotonic() + self.timeout_s)
-      busy = [w for w in self._workers if w.job is not None]
-      if not busy and (error is not None or not queue):
-        break
-      wait_s = max(0.0, min(w.job[1] for w in busy) - time.monotonic()) if busy else None
-      ready = mp_connection.wait([w.connection for w in self._workers], timeout=wait_s)
-      for slot, worker in enumerate(list(self._workers)):
-        if worker.connection not in ready:
-          continue
-        try:
-          index, value, message = worker.connection.recv()
-        except (EOFError, OSError):
-          if not worker.ready:
-            worker.process.join(5)
-            raise RuntimeError(f"a reward worker for task {self.task_name} failed to start "
-                               f"(exit code {worker.process.exitcode})") from None
-          replace(slot, f"reward worker died (exit code {worker.process.exitcode})")
-          continue
-        if index == "ready":
-          worker.ready = True
-          continue
-        worker.job = None
-        if message is not None:
-          error = error or (index, message)
-          continue
-        rewards[index] = value
-      now = time.monotonic()
-      for slot, worker in enumerate(list(self._workers)):
-        if worker.job is not None and worker.job[1] <= now:
-          replace(slot, f"reward call exceeded the {self.timeout_s:g} s wall limit")
-    if error is not None:
-      index, message = error
+    try:
+      results = self._pool.run([(i, c, e) for i, (c, e) in enumerate(zip(completions, examples))],
+                               self.timeout_s, stop_on=raised)
+    except timeout_pool.WorkerStartError as e:
+      raise RuntimeError(f"a reward worker for task {self.task_name} failed to start "
+                         f"(exit code {e.exit_code})") from None
+    for index, status, exit_code in self._pool.last_failures:
+      self.last_failures.append((index, f"reward call exceeded the {self.timeout_s:g} s wall limit"
+                                 if status == timeout_pool.TIMEOUT else
+                                 f"reward worker died (exit code {exit_code})"))
+    if errors:
+      index, _, message = errors[0]
       raise RuntimeError(f"reward of task {self.task_name} (style {self.reward_style}) raised "
                          f"{message} on completion {completions[index][:2000]!r}")
-    return rewards
+    return [answer[1] if status == timeout_pool.OK else 0.0 for status, answer in results]
 
   def close(self) -> None:
-    for worker in self._workers:
-      if worker.process.is_alive():
-        try:
-          worker.connection.send(None)
-        except OSError:
-          pass
-        worker.process.join(2)
-      if worker.process.is_alive():
-        worker.kill()
-      else:
-        worker.connection.close()
-    self._workers = []
+    self._closed = True
+    if self._pool is not None:
+      self._pool.close()
     if self._root:
       sandbox_lib.remove_tree(self._root)

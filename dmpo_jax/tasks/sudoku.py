@@ -7,6 +7,7 @@ import re
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from dmpo_jax.tasks import base
+from dmpo_jax.tasks import d1_eval
 from dmpo_jax.tasks import math_utils
 from dmpo_jax.tasks import text_scan
 
@@ -136,7 +137,6 @@ class SudokuTask(base.Task):
   def score(self, completion: str, example: base.Example, eval_style: str = base.DEFAULT_EVAL_STYLE,
             **options: Any) -> Dict[str, Any]:
     if base.check_eval_style(eval_style) == "d1":
-      from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel
       return d1_eval.score_row(self.name, completion, example)
     grid = extract_eval_grid(completion)
     correct_cells, empty_cells = cell_counts(grid or "", example["puzzle"], example["solution"])

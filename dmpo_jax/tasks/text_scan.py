@@ -21,7 +21,6 @@ import numpy as np
 MAX_TEXT_CHARS = 65536
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _WHITESPACE_RUN = re.compile(r"\s*")
-_NOT_WHITESPACE_BEFORE = re.compile(r"\S")
 
 
 def bounded_text(text: object) -> str:
