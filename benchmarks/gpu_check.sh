@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU check in at most ~8 minutes of wall time: the LLaDA-8B-shape sampler (random bf16 weights)
-# in every mode at the README's GPU shape, the cuDNN attention against XLA, and the update MFU
+# in every mode (shape: `docs/sampling.md` §3), the cuDNN attention vs XLA, and the update MFU
 # of `llada_1b` in bf16. Writes JSON lines to $OUT/gpu_check.jsonl when OUT is set, else to
 # stdout; progress lines ("# ...") go to stderr.
 #

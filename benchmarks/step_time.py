@@ -232,13 +232,13 @@ def reanalyze(path: str, hlo_dir: str) -> list[dict]:
   return out
 
 
-# The README table: published configs x topologies (`--sweep`), one fresh process per run.
+# The `docs/performance.md` §2 table: published configs x topologies (`--sweep`), a process per run.
 SWEEP_CONFIGS = ("configs/bgpo_math.py", "configs/dmpo_gsm8k.py")
 SWEEP_TOPOLOGIES = {"v5p:2x2x1": "v5p-8", "v5p:2x2x4": "v5p-32", "v4:2x2x4": "v4-32"}
 
 
 def sweep(output: str, overrides: list[str], hlo_dir: str | None = None) -> None:
-  """Runs every (config, topology) of the README table, appending to ``output``."""
+  """Runs every (config, topology) of the `docs/performance.md` §2 table; appends to ``output``."""
   import subprocess  # pylint: disable=import-outside-toplevel
   for topology in SWEEP_TOPOLOGIES:
     for config in SWEEP_CONFIGS:

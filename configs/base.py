@@ -98,7 +98,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.optimizer.max_grad_norm = 1.0
   config.optimizer.warmup_steps = 0
   config.optimizer.schedule = "constant"
-  # Precision (README "Precision"): AdamW moments in fp32 whatever model.param_dtype is
+  # Precision (`docs/architecture.md` §3): AdamW moments in fp32 whatever model.param_dtype is
   # (bfloat16 halves their memory); master_weights keeps an fp32 copy of the trainable
   # parameters that receives the updates, the stored parameters being its rounded compute copy.
   config.optimizer.state_dtype = "float32"

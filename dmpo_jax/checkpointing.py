@@ -1,6 +1,6 @@
 """Checkpoints: the project's model format, resumable training checkpoints, preemption handling.
 
-Two formats (`docs/jax_patterns.md` §10):
+Two formats (`docs/checkpoints.md` §1-§3):
 
 * **Model checkpoint** (`save_model_checkpoint` / `load_model_checkpoint`): a folder with
     ``model_config.json``   `dataclasses.asdict(ModelConfig)`, enough to rebuild the architecture;

@@ -1,5 +1,5 @@
 """Checkpoint integrity from the written files: SHA-256 digests of every file, taken on the host
-once the files are on disk and checked before anything is read back (`docs/jax_patterns.md` §10).
+once the files are on disk and checked before anything is read back (`docs/checkpoints.md` §3).
 
 Nothing here touches an accelerator: a save's digests are computed from the files orbax wrote
 (for training checkpoints in orbax's background commit thread, so the training step never waits

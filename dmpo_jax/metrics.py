@@ -1,4 +1,4 @@
-"""Metric writers, progress bar, phase timers and throughput (`docs/jax_patterns.md` §11).
+"""Metric writers, progress bar, phase timers and throughput (`docs/architecture.md` §8).
 
 `MetricWriter` fans each ``write(step, {name: scalar})`` out to
   (a) ``<workdir>/metrics.jsonl``: always; one JSON object per call, ``{"step": int, name: float}``,

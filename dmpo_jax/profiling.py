@@ -1,5 +1,5 @@
-"""``--config.profile_steps=a,b``: a `jax.profiler` trace of RL steps a to b (`docs/jax_patterns.md`
-§11).
+"""``--config.profile_steps=a,b``: a `jax.profiler` trace of RL steps a to b (`docs/architecture.md`
+§8).
 
 Steps are numbered as the rows of ``metrics.jsonl`` (step 1 is the first RL step). The trace starts
 before step a's prompts are encoded and stops at the end of step b, after its metrics are on the

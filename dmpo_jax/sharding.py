@@ -1,4 +1,4 @@
-"""Device mesh and logical-axis sharding rules (`docs/jax_patterns.md` §7).
+"""Device mesh and logical-axis sharding rules (`docs/scaling.md` §1).
 
 Parameters carry ``logical_axes`` metadata (e.g. ``('vocab', 'embed')``). A rule set maps each
 logical axis to a mesh axis (or ``None`` = replicated) of a ``('data', 'fsdp', 'tensor')`` mesh:

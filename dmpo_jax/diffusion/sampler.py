@@ -163,7 +163,7 @@ class SamplerConfig:
     return dataclasses.replace(self, **kwargs)
 
 
-# Named (cache, parallel rule) combinations of the benchmarks and the README tables.
+# Named (cache, parallel rule) combinations of the benchmarks and `docs/sampling.md`.
 MODES = ("standard", "prefix_cache", "dual_cache", "threshold", "factor",
          "prefix_cache+threshold", "dual_cache+threshold", "dual_cache+factor")
 

@@ -1,4 +1,4 @@
-"""Gradient machinery shared by every RL objective (`docs/jax_patterns.md` §4, §6).
+"""Gradient machinery shared by every RL objective (`docs/architecture.md` §4, §5).
 
 * `LossOutput` / `WeightedMetric`: the (numerator, denominator) loss contract (`docs/algorithms.md`
   §5.4). Accumulating numerators and denominators separately over MC samples and micro-batches

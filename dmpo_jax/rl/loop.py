@@ -1,4 +1,4 @@
-"""The RL training loop (`docs/jax_patterns.md` §2, §8, §10, §11).
+"""The RL training loop (`docs/architecture.md` §2, §3, §8; `docs/checkpoints.md` §2).
 
 One RL step:
   prompts (grain, G per prompt) → rollout on the policy resharded once for sampling

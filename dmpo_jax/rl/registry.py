@@ -1,4 +1,4 @@
-"""Registry of RL objectives selected by a config string (`docs/jax_patterns.md` §6).
+"""Registry of RL objectives selected by a config string (`docs/architecture.md` §5).
 
 Usage (the trainer's side)::
 

@@ -1,4 +1,4 @@
-"""Host <-> device traffic of one RL step (`docs/jax_patterns.md` §8).
+"""Host <-> device traffic of one RL step (`docs/architecture.md` §2).
 
 The rollout stays on the device from the sampler to the last update: the RL batch is built from
 the sampler's output on the device (`device_rl_batch`), the per-example arrays of ``prepare`` are

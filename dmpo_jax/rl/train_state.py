@@ -1,4 +1,4 @@
-"""Explicit training state, optimizer and precision policy (`docs/jax_patterns.md` §2).
+"""Explicit training state, optimizer and precision policy (`docs/architecture.md` §3).
 
 The jitted step is a pure function ``(TrainState, batch) -> (TrainState, metrics)`` over this
 pytree; nothing stateful lives in Python objects inside the hot loop.

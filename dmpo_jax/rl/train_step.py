@@ -1,4 +1,4 @@
-"""The pure RL train step and its ahead-of-time compilation (`docs/jax_patterns.md` §2-§3).
+"""The pure RL train step and its ahead-of-time compilation (`docs/architecture.md` §3).
 
   rl_update(state, batch, per_example, rollout_step, iteration) -> (state, metrics)
 

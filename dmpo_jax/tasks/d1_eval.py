@@ -3,8 +3,8 @@
 d1 (arXiv 2504.12216), DMPO (arXiv 2510.08233) and BGPO (arXiv 2510.11683) all score GSM8K,
 MATH500, Countdown and Sudoku with d1's ``eval/parse_and_get_acc.py``. These functions return,
 row for row, what that script returns, so accuracies can be compared with the published tables.
-The default ``fixed`` style (the tasks' ``score``) fixes the quirks; the README and
-``docs/tasks.md`` list both side by side. The rules, as published:
+The default ``fixed`` style (the tasks' ``score``) fixes the quirks; ``docs/tasks.md``
+§9.1 lists both side by side. The rules, as published:
 
 GSM8K
   1. Every match of ``\\boxed{(.*?)}`` -- *without* DOTALL, so a box whose content spans a

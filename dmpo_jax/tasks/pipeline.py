@@ -1,5 +1,5 @@
 """Grain input pipeline for RL: seeded shuffle, epochs, G generations per prompt, batching,
-per-process sharding and a checkpointable iterator (`docs/jax_patterns.md`; grain 0.2.18 API).
+per-process sharding and a checkpointable iterator (`docs/architecture.md` §6; grain 0.2.18 API).
 
 Order of operations (all on indices, the examples are looked up at the end):
 
