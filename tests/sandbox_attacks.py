@@ -178,7 +178,7 @@ def tasks():
   return [("humaneval", e) for e in HUMANEVAL_STYLE] + [("mbpp", e) for e in MBPP_STYLE]
 
 
-# ---------------------------------------------------------------- round 3: reading and writing the world
+# ---------------------------------------------------------------- reading and writing the world
 # Program text (module level) of attacks that need no harness bug: they look for the answers, or
 # for the trainer, in the file system. ``HINTS`` are folders the attacker guesses (the tests pass
 # the data folder, as an attacker who knows the layout would).

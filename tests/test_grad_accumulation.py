@@ -159,7 +159,7 @@ def compiled_temp_bytes(objective_name: str, n_mc: int, micro_batch_size: int = 
 @pytest.mark.parametrize("objective_name", ["bgpo", "dmpo", "vrpo_ol_two_pass"])
 def test_temp_memory_independent_of_mc_samples(objective_name):
   # The accumulation loop's trip count is a runtime value, so n_t = 1 keeps the loop (and its
-  # working set) and every n_t compiles to the same buffers: the bound is 5 %.
+  # working set) and every n_t compiles to the same buffers: the bound is 5 %.
   one, many = compiled_temp_bytes(objective_name, 1), compiled_temp_bytes(objective_name, 16)
   assert many <= 1.05 * one, (objective_name, one, many)
 
