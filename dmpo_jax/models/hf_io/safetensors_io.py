@@ -16,6 +16,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 from typing import Any, Mapping, Optional, Union
 
 import ml_dtypes
@@ -56,10 +57,16 @@ class TensorEntry:
   shape: tuple[int, ...]
 
 
-def _not_safetensors(file: pathlib.Path, error: Exception) -> CheckpointError:
-  """The library's `SafetensorError` as one line naming the file."""
+def _library_error(file: pathlib.Path, error: Exception, problem: str) -> Exception:
+  """The library's `SafetensorError` as one line naming the file: an `OSError` when the library
+  reports one (``... (os error N)``: a full disk, a missing permission), else a `CheckpointError`
+  saying ``problem``."""
   reason = " ".join(str(error).split())
-  return CheckpointError(f"{file}: not a valid safetensors file ({reason[:240]})")
+  os_error = re.search(r"\(os error (\d+)\)", reason)
+  if os_error:
+    code = int(os_error.group(1))
+    return OSError(code, os.strerror(code), str(file))
+  return CheckpointError(f"{file}: {problem} ({reason[:240]})")
 
 
 def read_safetensors_header(file: PathLike) -> dict[str, TensorEntry]:
@@ -75,7 +82,7 @@ def read_safetensors_header(file: PathLike) -> dict[str, TensorEntry]:
         tensor = handle.get_slice(name)
         entries[name] = TensorEntry(name, file, tensor.get_dtype(), tuple(tensor.get_shape()))
   except safetensors.SafetensorError as e:
-    raise _not_safetensors(file, e) from e
+    raise _library_error(file, e, "not a valid safetensors file") from e
   for name, entry in entries.items():
     if entry.dtype not in SAFETENSORS_DTYPES:
       raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {entry.dtype!r}; "
@@ -99,8 +106,7 @@ class SafetensorsFiles(contextlib.ExitStack):
             safetensors.safe_open(entry.file, framework="numpy"))
       return self._handles[entry.file].get_slice(entry.name)[index]
     except safetensors.SafetensorError as e:
-      raise CheckpointError(f"{entry.file}: cannot read tensor {entry.name!r}: "
-                            f"{' '.join(str(e).split())[:240]}") from e
+      raise _library_error(entry.file, e, f"cannot read tensor {entry.name!r}") from e
 
 
 def write_safetensors(file: PathLike, tensors: Mapping[str, np.ndarray]) -> None:
@@ -110,8 +116,11 @@ def write_safetensors(file: PathLike, tensors: Mapping[str, np.ndarray]) -> None
     if array.dtype not in SAFETENSORS_DTYPES.values():
       raise CheckpointError(f"tensor {name!r}: dtype {array.dtype} is not a weight dtype "
                             f"{sorted(SAFETENSORS_DTYPES)}")
-  safetensors.numpy.save_file({name: np.ascontiguousarray(array) for name, array in tensors.items()},
-                              str(file), metadata=dict(_FILE_METADATA))
+  try:
+    safetensors.numpy.save_file({name: np.ascontiguousarray(a) for name, a in tensors.items()},
+                                str(file), metadata=dict(_FILE_METADATA))
+  except safetensors.SafetensorError as e:
+    raise _library_error(pathlib.Path(file), e, "cannot write the safetensors file") from e
 
 
 # ------------------------------------------------------------------------------------------------
