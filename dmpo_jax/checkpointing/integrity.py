@@ -191,11 +191,16 @@ def verify_files(root: pathlib.Path, manifest: Mapping[str, Any], *, collective:
   return problems
 
 
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-  """Writes JSON to ``path`` through a temporary file and a rename (never half-written)."""
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+  tmp.write_bytes(data)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: pathlib.Path, value: Any) -> None:
+  """Writes JSON to ``path`` atomically (`write_bytes_atomic`)."""
+  write_bytes_atomic(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -106,17 +106,11 @@ def save_model_checkpoint(path: PathLike, model_or_state, config: ModelConfig,
     # model_config.json last: its presence marks a complete checkpoint.
     integrity.write_json_atomic(path / MODEL_CHECKSUMS_FILE, integrity.make_manifest(files))
     if extra_metadata is not None:
-      _write_bytes_atomic(path / MODEL_METADATA_FILE, metadata_text.encode("utf-8"))
+      integrity.write_bytes_atomic(path / MODEL_METADATA_FILE, metadata_text.encode("utf-8"))
     elif (path / MODEL_METADATA_FILE).exists():
       (path / MODEL_METADATA_FILE).unlink()  # overwrite: no stale metadata beside new weights
-    _write_bytes_atomic(path / MODEL_CONFIG_FILE, config_bytes)
+    integrity.write_bytes_atomic(path / MODEL_CONFIG_FILE, config_bytes)
   return path
-
-
-def _write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_bytes(data)
-  os.replace(tmp, path)
 
 
 def load_model_config(path: PathLike) -> ModelConfig:

@@ -10,7 +10,7 @@ import math
 import pathlib
 import re
 import shutil
-from typing import Optional, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import jax
 import numpy as np
