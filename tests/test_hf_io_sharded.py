@@ -78,7 +78,15 @@ def _run_checks(workdir: pathlib.Path) -> None:
   explicit = jax.tree.map(lambda _: NamedSharding(mesh2, P()), abstract.to_pure_dict())
   explicit["blocks"]["gate_proj"] = NamedSharding(mesh2, P("x", None, "y"))
   explicit["lm_head"] = NamedSharding(mesh2, P("y", "x"))
+  # head_dim split (the rules never do this): whole heads are read, then cut.
+  explicit["blocks"]["q_proj"] = NamedSharding(mesh2, P(None, "x", None, "y"))
+  explicit["blocks"]["o_proj"] = NamedSharding(mesh2, P(None, "x", "y", None))
   model2, _ = hf_io.load_pretrained(folder, shardings=explicit)
+  for name in ("q_proj", "o_proj"):
+    array = getattr(model2.blocks, name)[...]
+    assert len({str(s.index) for s in array.addressable_shards}) == 8, name
+    for shard in array.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), ref[("blocks", name)][shard.index])
   gate = model2.blocks.gate_proj[...]
   assert gate.sharding.spec == P("x", None, "y")
   for shard in gate.addressable_shards:
