@@ -15,8 +15,9 @@ llada_1b; ``--moments`` adds Adam's mu and nu of the same shapes), then times, m
 * ``restore_s``: `TrainCheckpointer.restore` into the state's shardings;
 * ``integrity_save_s`` / ``integrity_restore_s``: the time spent inside the integrity functions
   during the save (wherever they run: the calling thread or orbax's commit thread) and the
-  restore. The script wraps whichever of `file_digests.digest_files`,
-  `file_digests.verify_files` and `checkpointing.array_checksums` the installed package has, so
+  restore. The script wraps whichever of `checkpointing.integrity.digest_files` / `verify_files`,
+  `file_digests.digest_files` / `verify_files` and `checkpointing.array_checksums` the installed
+  package has, so
   the same script measures any revision of the package (``integrity`` names what it found).
 """
 
@@ -62,7 +63,9 @@ class IntegrityTimer:
   """Wraps the package's integrity functions (module attributes, so calls from any thread go
   through the wrapper) and adds up the seconds spent in them."""
 
-  CANDIDATES = (("dmpo_jax.file_digests", "digest_files"), ("dmpo_jax.file_digests", "verify_files"),
+  CANDIDATES = (("dmpo_jax.checkpointing.integrity", "digest_files"),
+                ("dmpo_jax.checkpointing.integrity", "verify_files"),
+                ("dmpo_jax.file_digests", "digest_files"), ("dmpo_jax.file_digests", "verify_files"),
                 ("dmpo_jax.checkpointing", "array_checksums"))
 
   def __init__(self):

@@ -18,7 +18,8 @@ import optax
 import pytest
 from flax import nnx
 
-from dmpo_jax import checkpointing as ckpt, file_digests
+from dmpo_jax import checkpointing as ckpt
+from dmpo_jax.checkpointing import integrity
 from dmpo_jax.models.config import get_preset
 from dmpo_jax.models.transformer import Transformer, split_model
 
@@ -207,7 +208,8 @@ _CRASHING_SAVER = """
 import os, signal, sys
 import jax, jax.numpy as jnp
 from orbax.checkpoint._src.path import atomicity
-from dmpo_jax import checkpointing as ckpt, file_digests
+from dmpo_jax import checkpointing as ckpt
+from dmpo_jax.checkpointing import integrity
 
 checkpointer = ckpt.TrainCheckpointer(sys.argv[1], save_interval_steps=1, max_to_keep=3)
 state = {"w": jnp.arange(4.0), "key": jax.random.key(1)}
@@ -275,6 +277,35 @@ def test_train_checkpoint_abstract_mismatch(tmp_path):
       checkpointer.restore(abstract_state={"w": jnp.zeros(3), "key": jax.random.key(0)})
     with pytest.raises(ValueError, match="does not match abstract_state"):
       checkpointer.restore(abstract_state={"w": jnp.zeros(3), "other": jnp.zeros(2, jnp.uint32)})
+
+
+def test_save_policy_is_the_interval_only_and_never_older_than_the_newest(tmp_path):
+  """No save at the first step of a fresh run (orbax's default policy would), none at a step
+  older than the newest checkpoint; single-process runs never reach JAX's preemption point."""
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt", save_interval_steps=5, max_to_keep=3) as checkpointer:
+    assert [s for s in range(1, 11) if checkpointer.should_save(s)] == [5, 10]
+    assert not checkpointer.reached_preemption(1)
+    assert checkpointer.save(10, {"w": jnp.zeros(2)}, force=True)
+    assert [s for s in range(1, 21) if checkpointer.should_save(s)] == [15, 20]
+    assert not checkpointer.save(5, {"w": jnp.zeros(2)})
+
+
+def test_leaf_names_in_the_metadata_are_dotted_key_paths(tmp_path):
+  """PRNG key leaves are recorded under the names earlier checkpoints used: dict keys, NamedTuple
+  fields and sequence indices joined by dots."""
+  adam = optax.adam(1e-3).init({"w": jnp.zeros(2)})
+  state = {"rng": {"sampler": jax.random.key(0)}, "opt_state": adam,
+           "pairs": [jnp.zeros(1), (jnp.zeros(1), jax.random.key(1, impl="rbg"))]}
+  with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
+    checkpointer.save(1, state)
+    checkpointer.wait_until_finished()
+    assert checkpointer.metadata(1)["prng_key_impls"] == {"rng.sampler": "threefry2x32",
+                                                          "pairs.1.1": "rbg"}
+    restored, _, _ = checkpointer.restore(abstract_state=state)
+  assert sorted(integrity.saved_shapes(tmp_path / "ckpt" / "1" / ckpt.STATE_ITEM, "x")) == [
+      "opt_state.0.count", "opt_state.0.mu.w", "opt_state.0.nu.w", "pairs.0", "pairs.1.0",
+      "pairs.1.1", "rng.sampler"]
+  assert jax.random.key_impl(restored["pairs"][1][1]) == jax.random.key_impl(state["pairs"][1][1])
 
 
 # -- preemption ------------------------------------------------------------------------------------
@@ -376,14 +407,14 @@ def test_save_returns_before_the_digests_and_a_step_appears_only_with_them(tmp_p
   are held back, the step becomes visible only once they are written, and they catch a byte
   flipped afterwards. ``async_save=False`` waits for them inside `save`."""
   started, release = threading.Event(), threading.Event()
-  digest_files = file_digests.digest_files
+  digest_files = integrity.digest_files
 
   def held_back(*args, **kwargs):
     started.set()
     assert release.wait(120), "the test never released the digests"
     return digest_files(*args, **kwargs)
 
-  monkeypatch.setattr(file_digests, "digest_files", held_back)
+  monkeypatch.setattr(integrity, "digest_files", held_back)
   w = _random_bits((256, 64), np.float32, 4)
   state = {"w": jnp.asarray(w), "step": jnp.int32(1)}
   with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
@@ -399,7 +430,7 @@ def test_save_returns_before_the_digests_and_a_step_appears_only_with_them(tmp_p
   with ckpt.TrainCheckpointer(tmp_path / "ckpt") as checkpointer:
     with pytest.raises(ckpt.CheckpointIntegrityError, match=r"step 1 .*item 'state': file .* differ"):
       checkpointer.restore(abstract_state=state)
-  monkeypatch.setattr(file_digests, "digest_files", digest_files)
+  monkeypatch.setattr(integrity, "digest_files", digest_files)
   with ckpt.TrainCheckpointer(tmp_path / "sync", async_save=False) as checkpointer:
     assert checkpointer.save(2, state, force=True)
     assert (tmp_path / "sync" / "2" / ckpt.STEP_CHECKSUMS_FILE).is_file()
@@ -467,29 +498,29 @@ def test_train_checkpoint_json_damage_names_step_item_and_file(tmp_path, item):
 
 
 def test_file_digests_match_hashlib_and_name_the_damaged_segment(tmp_path):
-  """`file_digests` against a plain hashlib computation: one SHA-256 per segment of
+  """`integrity` digests against a plain hashlib computation: one SHA-256 per segment of
   ``segment_bytes``; `verify_files` names the changed segment, a size change and a missing file."""
   rng = np.random.default_rng(0)
   (tmp_path / "item" / "sub").mkdir(parents=True)
   blobs = {"item/a": rng.bytes(1000), "item/sub/b": rng.bytes(64), "item/empty": b""}
   for name, data in blobs.items():
     (tmp_path / name).write_bytes(data)
-  names = file_digests.list_files(tmp_path, ["item", "not_there"])
+  names = integrity.list_files(tmp_path, ["item", "not_there"])
   assert names == sorted(blobs)
-  files = file_digests.digest_files(tmp_path, names, segment_bytes=300)
+  files = integrity.digest_files(tmp_path, names, segment_bytes=300)
   for name, data in blobs.items():
     by_hand = [hashlib.sha256(data[i:i + 300]).hexdigest() for i in range(0, max(len(data), 1), 300)]
     assert files[name] == {"bytes": len(data), "sha256": by_hand}
-    assert file_digests.digest_bytes(data, segment_bytes=300) == files[name]
-  manifest = file_digests.make_manifest(files, segment_bytes=300)
-  assert file_digests.manifest_problem(manifest) is None
-  assert file_digests.verify_files(tmp_path, manifest) == []
+    assert integrity.digest_bytes(data, segment_bytes=300) == files[name]
+  manifest = integrity.make_manifest(files, segment_bytes=300)
+  assert integrity.manifest_problem(manifest) is None
+  assert integrity.verify_files(tmp_path, manifest) == []
   damaged = bytearray(blobs["item/a"])
   damaged[650] ^= 0x10
   (tmp_path / "item/a").write_bytes(bytes(damaged))
   (tmp_path / "item/sub/b").write_bytes(blobs["item/sub/b"] + b"x")
   (tmp_path / "item/empty").unlink()
-  assert file_digests.verify_files(tmp_path, manifest) == [
+  assert integrity.verify_files(tmp_path, manifest) == [
       "item/a: bytes [600, 900) differ from the saved SHA-256", "item/empty: missing or unreadable",
       "item/sub/b: 65 bytes, saved 64"]
-  assert file_digests.manifest_problem({"files": {}}) is not None
+  assert integrity.manifest_problem({"files": {}}) is not None

@@ -427,16 +427,18 @@ def test_parse_failures_are_checkpoint_errors_naming_the_file(tmp_path, dream_di
   header = ("[" * 100000 + "]" * 100000).encode()
   data = (folder / "model.safetensors").read_bytes()
   (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + data[8:])
-  with pytest.raises(CheckpointError, match=r"model.safetensors: safetensors header is not valid JSON: "
-                                            "RecursionError"):
+  with pytest.raises(CheckpointError, match=r"model.safetensors: not a valid safetensors file \(.*"
+                                            "invalid JSON in header: invalid type: sequence"):
     load_pretrained(folder)
   header = b'{"a": {"dtype": "F32", "shape": ["2"], "data_offsets": [0, 8]}}'
   (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header + bytes(8))
-  with pytest.raises(CheckpointError, match="model.safetensors: malformed header entry for tensor 'a'"):
+  with pytest.raises(CheckpointError, match=r"model.safetensors: not a valid safetensors file \(.*"
+                                            r"invalid type: string \"2\", expected usize"):
     load_pretrained(folder)
   header = b'[1, 2]'
   (folder / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
-  with pytest.raises(CheckpointError, match="header must be a JSON object"):
+  with pytest.raises(CheckpointError, match=r"model.safetensors: not a valid safetensors file \(.*"
+                                            "expected struct HashMetadata"):
     load_pretrained(folder)
 
   for name, text in (("config.json", '{"model_type": "Dream",'), ("config.json", "[" * 100000),

@@ -40,7 +40,23 @@ def _run_checks(workdir: pathlib.Path) -> None:
 
   # 1) mesh + the project's logical rules: data 1 x fsdp 2 x tensor 4.
   mesh = sharding_lib.create_mesh({"data": 1, "fsdp": 2, "tensor": 4})
+  reads = []  # (tensor name, HF-layout index, shape read): the loader reads per device block
+  read = hf_io.SafetensorsFiles.read
+
+  def spy(self, entry, index):
+    out = read(self, entry, index)
+    reads.append((entry.name, index, out.shape))
+    return out
+  hf_io.SafetensorsFiles.read = spy
   model, _ = hf_io.load_pretrained(folder, mesh=mesh, rules=sharding_lib.TRAIN_RULES)
+  hf_io.SafetensorsFiles.read = read
+  q0 = [(index, shape) for name, index, shape in reads if name == "model.transformer.blocks.0.q_proj.weight"]
+  # q_proj [n, D=32, H=4, hd=8] as P(None, fsdp, tensor, None): each of the 8 devices reads the
+  # 8 rows of its one head and the 16 columns of its half of D from the HF [H*hd, D] tensor.
+  assert len(q0) == 8 and all(shape == (8, 16) for _, shape in q0), q0
+  assert sorted((i[0].start, i[1].start) for i, _ in q0) == [(h * 8, d) for h in range(4) for d in (0, 16)]
+  lm_head = [shape for name, _, shape in reads if name == "model.transformer.ff_out.weight"]
+  assert lm_head == [(128 // 4, 32 // 2)] * 8, lm_head  # [V, D] stored, P(fsdp, tensor) on [D, V]
   _, abstract = hf_io.abstract_model(info.model_config)
   expected = sharding_lib.state_shardings(abstract, mesh, sharding_lib.TRAIN_RULES)
   expected = {p: v.get_value() for p, v in expected.flat_state()}
@@ -62,7 +78,15 @@ def _run_checks(workdir: pathlib.Path) -> None:
   explicit = jax.tree.map(lambda _: NamedSharding(mesh2, P()), abstract.to_pure_dict())
   explicit["blocks"]["gate_proj"] = NamedSharding(mesh2, P("x", None, "y"))
   explicit["lm_head"] = NamedSharding(mesh2, P("y", "x"))
+  # head_dim split (the rules never do this): whole heads are read, then cut.
+  explicit["blocks"]["q_proj"] = NamedSharding(mesh2, P(None, "x", None, "y"))
+  explicit["blocks"]["o_proj"] = NamedSharding(mesh2, P(None, "x", "y", None))
   model2, _ = hf_io.load_pretrained(folder, shardings=explicit)
+  for name in ("q_proj", "o_proj"):
+    array = getattr(model2.blocks, name)[...]
+    assert len({str(s.index) for s in array.addressable_shards}) == 8, name
+    for shard in array.addressable_shards:
+      np.testing.assert_array_equal(np.asarray(shard.data), ref[("blocks", name)][shard.index])
   gate = model2.blocks.gate_proj[...]
   assert gate.sharding.spec == P("x", None, "y")
   for shard in gate.addressable_shards:

@@ -16,6 +16,10 @@ a mismatch names the byte range. A manifest is JSON::
 With several JAX processes, `verify_files` is a collective: each process hashes every P-th file
 and the verdicts are exchanged (`multihost_utils.process_allgather`), so every process raises the
 same error.
+
+A restore reads the manifest (`_read_manifest`) and raises `CheckpointIntegrityError` naming the
+damaged files (`_check_files`); `saved_shapes` reads the array shapes an orbax item stores, so a
+restore target is compared with them before any array is read.
 """
 
 from __future__ import annotations
@@ -23,12 +27,18 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
+import logging
 import os
 import pathlib
 from typing import Any, Iterable, Mapping, Optional
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+
+from dmpo_jax.models.hf_io import CheckpointError
+
+_log = logging.getLogger(__name__)
 
 FORMAT = "dmpo_jax.file_sha256.v1"
 SEGMENT_BYTES = 64 * 2**20
@@ -181,8 +191,81 @@ def verify_files(root: pathlib.Path, manifest: Mapping[str, Any], *, collective:
   return problems
 
 
-def write_json_atomic(path: pathlib.Path, value: Any) -> None:
-  """Writes JSON to ``path`` through a temporary file and a rename (never half-written)."""
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes ``data`` to ``path`` through a temporary file and a rename (never half-written)."""
   tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+  tmp.write_bytes(data)
   os.replace(tmp, path)
+
+
+def write_json_atomic(path: pathlib.Path, value: Any) -> None:
+  """Writes JSON to ``path`` atomically (`write_bytes_atomic`)."""
+  write_bytes_atomic(path, json.dumps(value, indent=1, sort_keys=True).encode("utf-8"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Verification at restore
+# ------------------------------------------------------------------------------------------------
+
+class CheckpointIntegrityError(CheckpointError):
+  """A checkpoint file does not match the digest written with it (or cannot be read): the
+  checkpoint's files were changed or damaged after the save."""
+
+
+def _read_json_file(path: pathlib.Path) -> Any:
+  """JSON file contents; unreadable or broken JSON raises `CheckpointIntegrityError` naming it."""
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+    raise CheckpointIntegrityError(f"{path} is not valid JSON: {type(e).__name__}: {e}") from e
+
+
+_DAMAGED = "checksum mismatch: changed or damaged after the save"
+
+
+def _read_manifest(manifest_path: pathlib.Path, what: str) -> Optional[dict]:
+  """The file-digest manifest at ``manifest_path``; None (with a warning) when there is none or
+  it is in an older format (the files are then not verified)."""
+  if not manifest_path.is_file():
+    _log.warning("%s has no %s (saved by an older version): its files are not verified", what,
+                 manifest_path.name)
+    return None
+  manifest = _read_json_file(manifest_path)
+  if isinstance(manifest, dict) and "format" not in manifest:
+    _log.warning("%s is in an older checksum format: the files of %s are not verified",
+                 manifest_path, what)
+    return None
+  problem = manifest_problem(manifest)
+  if problem:
+    raise CheckpointIntegrityError(f"{manifest_path}: {problem}")
+  return manifest
+
+
+def _check_files(root: pathlib.Path, manifest: Optional[dict], where: str, *,
+                 names: Optional[list[str]] = None, collective: bool = True) -> None:
+  """Raises `CheckpointIntegrityError` (``where``: damaged file(s) ...) when a file under ``root``
+  differs from ``manifest`` (`verify_files`)."""
+  if manifest is None:
+    return
+  problems = verify_files(root, manifest, names=names, collective=collective)
+  if problems:
+    raise CheckpointIntegrityError(
+        f"{where}: " + "; ".join(f"file {root}/{p}" for p in problems) + f" ({_DAMAGED})")
+
+
+def flatten_with_names(tree) -> dict[str, Any]:
+  """``{"a.b.0": leaf}``: leaves by their dotted key path (the names checkpoints store)."""
+  leaves, _ = jax.tree_util.tree_flatten_with_path(tree)
+  return {jax.tree_util.keystr(path, simple=True, separator="."): leaf for path, leaf in leaves}
+
+
+def saved_shapes(item_dir: pathlib.Path, where: str) -> dict[str, tuple]:
+  """``{leaf name: shape}`` of an orbax pytree item, from its metadata (no array is read)."""
+  try:
+    with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+      stored = checkpointer.metadata(item_dir)
+  except (ValueError, OSError, KeyError, TypeError) as e:
+    raise CheckpointIntegrityError(f"{where}: cannot read the metadata of {item_dir}: {e}") from e
+  stored_tree = getattr(stored, "item_metadata", stored)
+  stored_tree = getattr(stored_tree, "tree", stored_tree)
+  return {name: tuple(leaf.shape) for name, leaf in flatten_with_names(stored_tree).items()}
