@@ -19,7 +19,7 @@ import os
 import pathlib
 from typing import Any, Optional
 
-from dmpo_jax import cli
+from dmpo_jax import errors as error_lib
 from dmpo_jax.models import config as model_config_lib
 from dmpo_jax.rl import train_state as ts
 from dmpo_jax.tasks import base as task_base
@@ -47,7 +47,8 @@ def choice_errors(config) -> list[str]:
     except (KeyError, AttributeError):
       continue
     if value not in allowed:
-      errors.append(f"{key}={value!r} is not one of {list(allowed)}{cli.closest(str(value), allowed)}")
+      errors.append(f"{key}={value!r} is not one of {list(allowed)}"
+                    f"{error_lib.closest(str(value), allowed)}")
   return errors
 
 
