@@ -5,7 +5,7 @@ turn a low-level failure into ONE line naming the problem.
 * `Fault` (exit code 1): the environment failed (a read-only or full disk, a file where a folder
   belongs, a missing permission), named with the path and the operation.
 
-The CLI layer (`dmpo_jax.cli.run_main`) prints them as ``error: <message>`` and exits with their
+The CLI layer (`run_main` in `cli.py`) prints them as ``error: <message>`` and exits with their
 ``exit_code``; the library raises them and never imports the CLI layer.
 """
 
