@@ -130,7 +130,8 @@ def numeric_errors(config: ml_collections.ConfigDict) -> list[str]:
       errors.append(f"mesh.{axis}=0 must be >= 1 or -1 (the remaining devices)")
   return errors
 
-# Keys whose value must be one of a fixed set (besides those `loop.validate_config` checks with
+
+# Keys whose value must be one of a fixed set (besides those `validate_config` checks with
 # their own message: objective, task.name, model.preset / init / dtypes, eval.style, and the
 # rollout sampler's remasking and cache through `rollout.sampler_config`).
 CHOICES: dict[str, tuple[str, ...]] = {
