@@ -42,7 +42,8 @@ def test_digit_sort_run_data_is_the_seeded_generator_with_a_mixed_warmup_set():
 
 def test_default_run_data_reads_the_sources_and_warms_up_on_the_training_set(fixture_data_dir):
   task = tasks.get_task("gsm8k")
-  train_file, eval_file = fixture_data_dir / "gsm8k" / "train.jsonl", fixture_data_dir / "gsm8k" / "test.jsonl"
+  train_file = fixture_data_dir / "gsm8k" / "train.jsonl"
+  eval_file = fixture_data_dir / "gsm8k" / "test.jsonl"
   config = _config(**{"task.name": "gsm8k", "task.train_source": str(train_file),
                       "task.eval_source": str(eval_file), "sft.num_steps": 2})
   data = task.run_data(config)

@@ -35,8 +35,8 @@ from dmpo_jax.rl import trainer as trainer_lib
 from dmpo_jax.tasks import reward_pool as reward_pool_lib
 # Names importers reach through this module (launch/, benchmarks/, tests/).
 from dmpo_jax.rl.config_checks import NUMERIC_FIELDS, ConfigError, validate_config  # noqa: F401
-from dmpo_jax.rl.trainer import (Trainer, abstract_rollout_batch, load_model_and_tokenizer,  # noqa: F401
-                                 rl_optimizer, rollout_sampler_config)
+from dmpo_jax.rl.trainer import (  # noqa: F401
+    Trainer, abstract_rollout_batch, load_model_and_tokenizer, rl_optimizer, rollout_sampler_config)
 
 _log = logging.getLogger("dmpo_jax.train")
 

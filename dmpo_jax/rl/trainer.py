@@ -120,14 +120,14 @@ class Trainer:
     self.task.configure(config)  # e.g. a code task's config.sandbox
     with errors.user_input(f"task {config.task.name} data"):  # before the (slow) model load
       self.data = self.load_data()
-    errors.check(len(self.data[0]) > 0 and len(self.data[2]) > 0,
-              f"task {config.task.name}: no training or no held-out examples (task.train_source="
-              f"{config.task.train_source!r}, task.eval_source={config.task.eval_source!r})")
+    errors.check(len(self.data.train) > 0 and len(self.data.held_out) > 0,
+                 f"task {config.task.name}: no training or no held-out examples (task.train_source="
+                 f"{config.task.train_source!r}, task.eval_source={config.task.eval_source!r})")
     self.mesh = sharding.create_mesh(config_checks.mesh_shape(config, jax.device_count()))
     with errors.user_input(f"model {config.model.checkpoint or config.model.preset}"):
       self.model, self.tokenizer = load_model_and_tokenizer(config, self.mesh)
     self.data_report = data_checks.check_truncation(  # before anything is compiled or written
-        self.tokenizer, self.task, self.data[0], self.data[2], config.task.prompt_length,
+        self.tokenizer, self.task, self.data.train, self.data.held_out, config.task.prompt_length,
         config.task.get("max_truncated_fraction", 0.05))
     model_config = self.model.config
     problem = attention.platform_error(model_config.attention_impl, jax.default_backend(),
