@@ -18,7 +18,7 @@ from __future__ import annotations
 import importlib.util
 import sys
 
-from dmpo_jax import cli
+from dmpo_jax import errors
 
 # import name -> (extra, PyPI package)
 EXTRAS = {
@@ -30,7 +30,7 @@ EXTRAS = {
 }
 
 
-class MissingExtra(cli.UserError, ImportError):
+class MissingExtra(errors.UserError, ImportError):
   """An optional dependency is not installed (the message names the install command)."""
 
 

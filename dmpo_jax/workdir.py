@@ -13,7 +13,7 @@
   either the previous folder or the complete new one, never a partial one
   (`temporary_sibling` names the folder to write first).
 
-File-system failures become one `cli.Fault` line naming the path and the operation.
+File-system failures become one `errors.Fault` line naming the path and the operation.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import sys
 import time
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence, Union
 
-from dmpo_jax import cli
+from dmpo_jax import errors
 
 PathLike = Union[str, os.PathLike]
 
@@ -42,12 +42,12 @@ TEMPORARY_MARKER = ".tmp"
 
 
 def check_path(workdir: PathLike) -> pathlib.Path:
-  """The workdir as a path; an empty value or a file in its place is a `cli.UserError`."""
+  """The workdir as a path; an empty value or a file in its place is a `errors.UserError`."""
   if workdir is None or not str(workdir).strip():
-    raise cli.UserError("--workdir is empty: give the run folder, e.g. --workdir=runs/demo")
+    raise errors.UserError("--workdir is empty: give the run folder, e.g. --workdir=runs/demo")
   path = pathlib.Path(workdir)
   if path.exists() and not path.is_dir():
-    raise cli.UserError(f"--workdir {workdir} is a file, not a folder: give a folder for the run's "
+    raise errors.UserError(f"--workdir {workdir} is a file, not a folder: give a folder for the run's "
                         "checkpoints and metrics")
   return path
 
@@ -69,21 +69,21 @@ class RunFolder:
     if not self._lock:
       return self
     self._created = not self.path.exists()
-    with cli.file_operation("create the workdir", self.path):
+    with errors.file_operation("create the workdir", self.path):
       self.path.mkdir(parents=True, exist_ok=True)
     try:
-      with cli.file_operation("write the lock file of the workdir", self.lock_path):
+      with errors.file_operation("write the lock file of the workdir", self.lock_path):
         self._file = open(self.lock_path, "a+", encoding="utf-8")  # pylint: disable=consider-using-with
       try:
         fcntl.flock(self._file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
       except BlockingIOError as e:
         self._file.seek(0)
         holder = self._file.read().strip()
-        raise cli.UserError(
+        raise errors.UserError(
             f"--workdir {self.path} is in use by another run ({_describe_holder(holder)}); wait "
             "for it to finish or stop it, or use another --workdir") from e
       self._locked = True
-      with cli.file_operation("write the lock file of the workdir", self.lock_path):
+      with errors.file_operation("write the lock file of the workdir", self.lock_path):
         self._file.seek(0)
         self._file.truncate()
         self._file.write(json.dumps({
@@ -215,7 +215,7 @@ def publish_folder(temporary: PathLike, target: PathLike) -> pathlib.Path:
   """Renames the completed folder ``temporary`` to ``target``, replacing an existing ``target``
   (set aside first, then deleted: a crash in between leaves no ``target``, never a mixed one)."""
   temporary, target = pathlib.Path(temporary), pathlib.Path(target)
-  with cli.file_operation("publish", target):
+  with errors.file_operation("publish", target):
     old = None
     if target.exists():
       old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -232,7 +232,7 @@ def write_text_atomic(path: PathLike, text: str, operation: str = "write") -> No
   path = pathlib.Path(path)
   tmp = path.with_name(f".{path.name}{TEMPORARY_MARKER}-{os.getpid()}")
   try:
-    with cli.file_operation(operation, path):
+    with errors.file_operation(operation, path):
       with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
@@ -318,18 +318,18 @@ def quiet_storage_error_logs() -> Iterator[None]:
 
 @contextlib.contextmanager
 def storage_operation(operation: str, path: PathLike, note: str = "") -> Iterator[None]:
-  """Like `cli.file_operation`, for array writers too (orbax reports the operating system's error
+  """Like `errors.file_operation`, for array writers too (orbax reports the operating system's error
   inside a ValueError): ``cannot <operation> <path> (<file>): <reason>[; <note>]``."""
   try:
     yield
-  except cli.UserError:
+  except errors.UserError:
     raise
   except (OSError, ValueError) as e:
     os_error = os_error_of(e)
-    if os_error is None or os_error.errno not in cli.WRITE_ERRNOS:
+    if os_error is None or os_error.errno not in errors.WRITE_ERRNOS:
       raise
-    fault = cli.filesystem_fault(operation, path, os_error)
-    raise cli.Fault(f"{fault}; {note}" if note else str(fault)) from e
+    fault = errors.filesystem_fault(operation, path, os_error)
+    raise errors.Fault(f"{fault}; {note}" if note else str(fault)) from e
 
 
 # The suffix orbax gives a checkpoint step while it is written (renamed when complete).

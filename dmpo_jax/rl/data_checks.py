@@ -17,7 +17,7 @@ import json
 import logging
 from typing import Any, Sequence
 
-from dmpo_jax import cli
+from dmpo_jax import errors
 from dmpo_jax.rl import rollout
 from dmpo_jax.tasks import base as task_base
 
@@ -65,7 +65,7 @@ def check_truncation(tokenizer: Any, task: task_base.Task, train: Sequence[dict]
                      held_out: Sequence[dict], prompt_length: int,
                      max_fraction: float) -> dict[str, float]:
   """Counts the prompts longer than ``prompt_length`` in both sets; warns with the counts and
-  raises `cli.UserError` when a set's share exceeds ``max_fraction``. Returns
+  raises `errors.UserError` when a set's share exceeds ``max_fraction``. Returns
   ``{"data/truncated_train_prompts": n, "data/truncated_held_out_prompts": m}``."""
   counts, problems = {}, []
   for name, examples, evaluation in (("training", train, False), ("held-out", held_out, True)):
@@ -82,6 +82,6 @@ def check_truncation(tokenizer: Any, task: task_base.Task, train: Sequence[dict]
     else:
       _log.warning("%s: they keep their last %d tokens", text, prompt_length)
   if problems:
-    raise cli.UserError("; ".join(problems) + f", more than task.max_truncated_fraction="
+    raise errors.UserError("; ".join(problems) + f", more than task.max_truncated_fraction="
                         f"{max_fraction}: raise task.prompt_length (or task.max_truncated_fraction)")
   return counts

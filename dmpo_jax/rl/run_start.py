@@ -29,7 +29,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
-from dmpo_jax import checkpointing, cli, metrics as metrics_lib, workdir as workdir_lib
+from dmpo_jax import checkpointing, errors, metrics as metrics_lib, workdir as workdir_lib
 from dmpo_jax.rl import final_model
 
 _log = logging.getLogger("dmpo_jax.train")
@@ -51,7 +51,7 @@ RUN_OUTPUTS = ("checkpoints", "reference_model", "final_model", metrics_lib.METR
 FRESH, RESUME = "fresh", "resume"
 
 
-class WorkdirError(cli.UserError, ValueError):
+class WorkdirError(errors.UserError, ValueError):
   """The workdir holds a run that this config cannot continue (the message says why and how)."""
 
 
@@ -121,7 +121,7 @@ def discard(workdir: pathlib.Path) -> None:
   _log.warning("--overwrite: discarding the earlier run in %s", workdir)
   for name in RUN_OUTPUTS:
     path = workdir / name
-    with cli.file_operation("remove the earlier run's", path):
+    with errors.file_operation("remove the earlier run's", path):
       if path.is_dir():
         shutil.rmtree(path)
       elif path.exists():
@@ -169,8 +169,8 @@ def last_checkpoint_note(ckpt: checkpointing.TrainCheckpointer) -> str:
 
 
 def is_storage_failure(error: BaseException) -> bool:
-  """A failed file write: a `cli.Fault`, or an error carrying an operating-system error."""
-  return isinstance(error, cli.Fault) or workdir_lib.os_error_of(error) is not None
+  """A failed file write: a `errors.Fault`, or an error carrying an operating-system error."""
+  return isinstance(error, errors.Fault) or workdir_lib.os_error_of(error) is not None
 
 
 def close_after_run(ckpt: checkpointing.TrainCheckpointer, closers: Sequence[Callable[[], Any]],
@@ -180,7 +180,8 @@ def close_after_run(ckpt: checkpointing.TrainCheckpointer, closers: Sequence[Cal
 
   After a failed file write the checkpointer is left as it is: closing it stops its event loop
   under writes still in flight, whose callbacks then print tracebacks; the process ends right
-  after the one-line error instead (`cli.run_main`). The failed save's partial step is removed.
+  after the one-line error instead (an `errors.Fault`, printed by the CLI layer). The failed
+  save's partial step is removed.
   """
   error = None
   storage = failure is not None and is_storage_failure(failure)

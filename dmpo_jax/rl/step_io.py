@@ -57,35 +57,39 @@ def fetch_all_rows(array: jax.Array) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(array, tiled=True))
 
 
-def reward_stats(rewards: jax.Array, group_ids: jax.Array) -> dict[str, jax.Array]:
-  """Reward mean / std (ddof 0) over the global batch, the fraction of rewards >= 1, and the
-  fraction of groups whose rewards are all equal (max == min, exact)."""
+def reward_stats(rewards: jax.Array, group_ids: jax.Array, solved_reward: float = 1.0
+                 ) -> dict[str, jax.Array]:
+  """Reward mean / std (ddof 0) over the global batch, the fraction of rewards >=
+  ``solved_reward`` (the task's `Task.solved_reward`), and the fraction of groups whose rewards
+  are all equal (max == min, exact)."""
   rewards = rewards.astype(jnp.float32)
   all_equal = advantages.group_max(rewards, group_ids) == -advantages.group_max(-rewards, group_ids)
   counts = advantages.group_count(group_ids)  # each row adds 1 / |its group|: groups, not rows
   return {"reward/mean": jnp.mean(rewards), "reward/std": jnp.std(rewards),
           "reward/zero_std_group_fraction": jnp.sum(all_equal / counts) / jnp.sum(1.0 / counts),
-          "reward/accuracy": jnp.mean((rewards >= 1.0).astype(jnp.float32))}
+          "reward/accuracy": jnp.mean((rewards >= solved_reward).astype(jnp.float32))}
 
 
 def device_rl_batch(mesh: jax.sharding.Mesh, sequences: jax.Array, prompt_mask: jax.Array,
-                    rows: Mapping[str, jax.Array]) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+                    rows: Mapping[str, jax.Array], solved_reward: float = 1.0
+                    ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
   """The RL batch (`rollout.rl_batch`) built on the device from the sampler's output, split over
-  the batch axes as the compiled train step expects, and the rollout's metrics.
+  the batch axes as the compiled train step expects, and the rollout's metrics
+  (`reward_stats` with ``solved_reward``).
 
   ``rows``: global arrays of rewards, group_ids, example_ids and truncated (prompts cut to the
   bucket: their sum over rows is the count).
   """
-  return _device_rl_batch(mesh, sequences, prompt_mask, dict(rows))
+  return _device_rl_batch(mesh, float(solved_reward), sequences, prompt_mask, dict(rows))
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _device_rl_batch(mesh, sequences, prompt_mask, rows):
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _device_rl_batch(mesh, solved_reward, sequences, prompt_mask, rows):
   batch = rollout.rl_batch(sequences, prompt_mask, rows["rewards"], rows["group_ids"],
                            rows["example_ids"])
   batch = {k: jax.lax.with_sharding_constraint(v, sharding.batch_sharding(mesh, v.ndim))
            for k, v in batch.items()}
-  metrics = reward_stats(batch["rewards"], batch["group_ids"])
+  metrics = reward_stats(batch["rewards"], batch["group_ids"], solved_reward)
   metrics["rollout/truncated_prompts"] = jnp.sum(rows["truncated"]).astype(jnp.float32)
   return batch, metrics
 

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import pathlib
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 Example = Dict[str, Any]
 RewardFn = Callable[[str, Example], float]
@@ -311,14 +311,44 @@ class PromptSpec:
   prefill: str = ""
 
 
+class RunData(NamedTuple):
+  """The examples of one training run: RL prompts, SFT warm-up examples (empty without a
+  warm-up) and the held-out evaluation set."""
+  train: List[Example]
+  warmup: List[Example]
+  held_out: List[Example]
+
+
 class Task:
-  """Base class of every benchmark. Subclasses set ``name`` and implement the abstract methods."""
+  """Base class of every benchmark. Subclasses set ``name`` and implement the abstract methods;
+  the hooks (`configure`, `run_data`, `demonstration`, `solved_reward`, `use_chat_template`)
+  carry what a task changes in a training run."""
 
   name: str = ""
   # Reference fields a scoring row must hold (launch/score.py).
   reference_fields: Tuple[str, ...] = ()
   # Where the published protocol gets the evaluation set (`docs/tasks.md` §7).
   default_eval_size: Optional[int] = None
+  # A reward at or above this counts as a solved prompt (the training metric ``reward/accuracy``).
+  solved_reward: float = 1.0
+  # Prompts through the tokenizer's chat template (False: user content + prefill as raw text).
+  use_chat_template: bool = True
+
+  # ---- a training run (`dmpo_jax.rl.trainer.Trainer`)
+  def configure(self, config: Any) -> None:
+    """Applies the run config's task-specific settings to this task (default: none)."""
+
+  def run_data(self, config: Any) -> RunData:
+    """The examples of a training run with config ``config`` (``task.train_source`` /
+    ``task.eval_source``, empty: the task's default files); the warm-up trains on the RL prompts
+    when ``sft.num_steps`` is set."""
+    train = self.load_train(config.task.train_source or None)
+    held_out = self.load_eval(config.task.eval_source or None)
+    return RunData(train, train if config.sft.num_steps else [], held_out)
+
+  def demonstration(self, example: Example) -> str:
+    """The SFT warm-up target of ``example`` (default: its reference ``answer``)."""
+    return example.get("answer", "")
 
   # ---- data
   def load_train(self, source: Optional[str] = None, data_dir: Optional[os.PathLike] = None

@@ -9,6 +9,7 @@ sanitized set in the data folder, 427 tasks, of which the test split — task id
 from __future__ import annotations
 
 import ast
+import dataclasses
 import functools
 import os
 import re
@@ -29,6 +30,30 @@ MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "
                "all": (1, 10 ** 9)}
 
 DEFAULT_SANDBOX = sandbox.SandboxConfig(cpu_time_s=5, wall_time_s=10.0)
+
+# Keys of `config.sandbox` (configs/base.py) and the `SandboxConfig` fields they set.
+SANDBOX_KEYS = ("cpu_time_s", "wall_time_s", "memory_bytes", "allow_unisolated")
+
+
+def task_sandbox(task: base.Task) -> Optional[sandbox.SandboxConfig]:
+  """The sandbox configuration of a code task (None for text tasks)."""
+  config = getattr(task, "config", None)
+  return config if isinstance(config, sandbox.SandboxConfig) else None
+
+
+def sandbox_from_config(config: Any, task: base.Task) -> Optional[sandbox.SandboxConfig]:
+  """The task's sandbox configuration with the keys of ``config.sandbox`` applied (None for a
+  text task). An unknown key or a bad value raises ValueError naming it."""
+  base_config = task_sandbox(task)
+  block = config.get("sandbox") if hasattr(config, "get") else None
+  if base_config is None or not block:
+    return base_config
+  values = dict(block.items())
+  unknown = sorted(set(values) - set(SANDBOX_KEYS))
+  if unknown:
+    raise ValueError(f"unknown sandbox key(s) {unknown}; known {list(SANDBOX_KEYS)}")
+  return dataclasses.replace(base_config, **values)
+
 
 _FENCE_LANGUAGES = ("python3", "python", "py", "Python")
 _SPACES_TABS = re.compile(r"[ \t]*")
@@ -171,6 +196,11 @@ class _CodeTask(base.Task):
     self.max_workers = max_workers
     # Examples by task id, per resolved data folder.
     self._by_id: Dict[str, Dict[str, base.Example]] = {}
+
+  def configure(self, config: Any) -> None:
+    """Applies ``config.sandbox`` (`sandbox_from_config`) to this task's rewards and evaluation in
+    this process."""
+    self.config = sandbox_from_config(config, self)
 
   def lookup(self, task_id: Any, data_dir=None) -> base.Example:
     """The dataset example with this task id (for rescoring rows that only carry ``task_id``)."""

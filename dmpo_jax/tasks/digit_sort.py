@@ -94,6 +94,21 @@ class DigitSortTask(base.Task):
     return generate_examples(num_examples, num_digits=self.num_digits, split="test", seed=seed,
                              distinct=True)
 
+  def run_data(self, config: Any) -> base.RunData:
+    """Generated prompts seeded by ``config.seed`` (unless files are given); the warm-up set is
+    a fresh sample whose demonstrations are ascending w.p. ``sft.ascending_fraction``."""
+    train = self.load_train(config.task.train_source or None, seed=config.seed)
+    warmup = self.load_train(None, seed=config.seed + 1,
+                             ascending_fraction=config.sft.ascending_fraction
+                             ) if config.sft.num_steps else []
+    held_out = self.load_eval(config.task.eval_source or None,
+                              num_examples=config.eval.num_examples, seed=config.seed)
+    return base.RunData(train, warmup, held_out)
+
+  def demonstration(self, example: Example) -> str:
+    """The example's mixed-order SFT target (``demonstration``)."""
+    return example.get("demonstration", example.get("answer", ""))
+
   def normalize(self, row: Example) -> Example:
     digits = str(row["digits"])
     if not digits.isdigit():

@@ -22,6 +22,8 @@ import numpy as np
 
 from dmpo_jax import sandbox as sandbox_lib
 from dmpo_jax.tasks import base as task_base, timeout_pool
+# A code task's sandbox settings (`_CodeTask.configure` applies them, `config_errors` checks them).
+from dmpo_jax.tasks.code_tasks import SANDBOX_KEYS, sandbox_from_config, task_sandbox  # noqa: F401
 
 # Per-call wall limit when none is given: generous for text rewards (they take <= 50 ms;
 # math-verify has its own 2 s limit and a restart after a timeout), and for code the sandbox's
@@ -29,35 +31,6 @@ from dmpo_jax.tasks import base as task_base, timeout_pool
 TEXT_REWARD_TIMEOUT_S = 30.0
 CODE_REWARD_MARGIN_S = 5.0
 _PACKAGE = pathlib.Path(__file__).resolve().parents[1]  # dmpo_jax/
-# Keys of `config.sandbox` (configs/base.py) and the `SandboxConfig` fields they set.
-SANDBOX_KEYS = ("cpu_time_s", "wall_time_s", "memory_bytes", "allow_unisolated")
-
-
-def task_sandbox(task: task_base.Task) -> Optional[sandbox_lib.SandboxConfig]:
-  """The sandbox configuration of a code task (None for text tasks)."""
-  config = getattr(task, "config", None)
-  return config if isinstance(config, sandbox_lib.SandboxConfig) else None
-
-
-def sandbox_from_config(config: Any, task: task_base.Task) -> Optional[sandbox_lib.SandboxConfig]:
-  """The task's sandbox configuration with the keys of ``config.sandbox`` applied (None for a
-  text task). An unknown key or a bad value raises ValueError naming it."""
-  base_config = task_sandbox(task)
-  block = config.get("sandbox") if hasattr(config, "get") else None
-  if base_config is None or not block:
-    return base_config
-  values = dict(block.items())
-  unknown = sorted(set(values) - set(SANDBOX_KEYS))
-  if unknown:
-    raise ValueError(f"unknown sandbox key(s) {unknown}; known {list(SANDBOX_KEYS)}")
-  return dataclasses.replace(base_config, **values)
-
-
-def configure_task(task: task_base.Task, config: Any) -> None:
-  """Applies ``config.sandbox`` to a code task (its rewards and evaluation in this process)."""
-  sandbox = sandbox_from_config(config, task)
-  if sandbox is not None:
-    task.config = sandbox
 
 
 def default_reward_timeout(task_name: str,
