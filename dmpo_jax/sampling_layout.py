@@ -144,6 +144,10 @@ def generate(layout: SamplingLayout, graphdef: Any, params: Any, prompt_ids: Any
     sampler = sampler_lib.generate
   ids = _put_rows(prompt_ids, layout)
   mask = _put_rows(prompt_mask, layout)
+  # Every input on the sampling mesh: a multi-process run's key is a global array of the
+  # training mesh (device_put cannot move an array that other processes hold; jit can).
+  if getattr(getattr(key, "sharding", None), "mesh", layout.mesh) != layout.mesh:
+    key = jax.jit(lambda k: k, out_shardings=sharding.replicated(layout.mesh))(key)
   with jax.sharding.use_abstract_mesh(layout.mesh.abstract_mesh):
     return sampler(graphdef, params, ids, mask, key, config)
 
