@@ -37,16 +37,19 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from dmpo_jax import cli, extras, sampling_layout  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax import workdir as workdir_lib  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax.inference import evaluation, model_loading  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax.inference.prompts import (  # noqa: E402,F401  pylint: disable=wrong-import-position,unused-import
+from dmpo_jax import cli, extras, sampling_layout  # noqa: E402
+from dmpo_jax import workdir as workdir_lib  # noqa: E402
+from dmpo_jax.inference import evaluation, model_loading  # noqa: E402
+# left_pad / prompt_bucket: where benchmarks and tests find the evaluation's padding.
+from dmpo_jax.inference.prompts import (  # noqa: E402,F401  pylint: disable=unused-import
     PROMPT_LENGTH_MULTIPLE, left_pad, prompt_bucket)
-from dmpo_jax.inference.sampler_configs import greedy_eval, resolve_steps  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402  pylint: disable=wrong-import-position
+from dmpo_jax.inference.sampler_configs import greedy_eval, resolve_steps  # noqa: E402
+from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402
+# pylint: enable=wrong-import-position
 
 
 def load_model(checkpoint: str, dtype: Optional[str] = None):

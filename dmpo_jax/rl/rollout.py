@@ -15,9 +15,11 @@ import jax.numpy as jnp
 import numpy as np
 
 # Prompt encoding / completion decoding and the sampler settings, where the RL code finds them.
-from dmpo_jax.inference.prompts import (  # noqa: F401  pylint: disable=unused-import
+# pylint: disable=unused-import
+from dmpo_jax.inference.prompts import (  # noqa: F401
     completion_token_ids, decode_completions, encode_prompts, prompt_token_ids)
-from dmpo_jax.inference.sampler_configs import sampler_config  # noqa: F401  pylint: disable=unused-import
+from dmpo_jax.inference.sampler_configs import sampler_config  # noqa: F401
+# pylint: enable=unused-import
 
 
 def rl_batch(sequences: Any, prompt_mask: Any, rewards: Any, group_ids: Any,
