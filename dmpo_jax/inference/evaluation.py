@@ -101,9 +101,10 @@ def generate_rows(layout: sampling_layout.SamplingLayout, graphdef: Any, params:
   """(sequences int32 [N, P + L] on the host, forward passes) of host prompts every process
   holds: rows padded to a multiple of the layout's batch devices with copies of the last row,
   split over them, sampled on the layout (``params`` from `sampling_layout.reshard`), and cut
-  back to N. The padding rows change nothing in the real rows: the sampler's noise for a row
-  does not depend on the rows after it (partitionable threefry) and ``stop_at_eos`` waits for
-  every row, which the copies of the last row do not change."""
+  back to N. The padding rows do not reach the real rows: a row's sampling noise does not
+  depend on the rows after it (one key, partitionable threefry) and ``stop_at_eos`` waits for
+  every row, which copies of the last row do not change. Only rounding may follow the batch
+  shape, as for any batch size, unless the config is ``batch_invariant`` (`docs/tasks.md` §7.2)."""
   rows = np.shape(prompt_ids)[0]
   padded = rows_per_call(rows, layout)
   extra = np.repeat(np.arange(rows - 1, rows), padded - rows)
