@@ -69,6 +69,43 @@ def test_sampler_configs():
   assert (llada.cache, llada.block_length) == ("dual", 8)
 
 
+def test_one_loader_for_checkpoints_presets_and_bad_paths(tmp_path):
+  """A project checkpoint loads bit-identically to the saved model, ``param_dtype`` casts it,
+  compute overrides keep the parameters, a preset is placed on the mesh, and a path that is no
+  model is one `UserError` line."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+  from dmpo_jax import checkpointing, cli, sharding
+  from dmpo_jax.inference import model_loading
+  from dmpo_jax.models.config import get_preset
+  from dmpo_jax.models.transformer import create_model
+  config = get_preset("tiny")
+  saved = create_model(config, seed=0)
+  checkpointing.save_model_checkpoint(tmp_path / "ckpt", saved, config)
+  want = jax.tree.leaves(nnx.state(saved))
+  loaded = model_loading.load_model(tmp_path / "ckpt")
+  assert loaded.source == model_loading.CHECKPOINT and loaded.hf_info is None
+  for a, b in zip(jax.tree.leaves(nnx.state(loaded.model)), want):
+    np.testing.assert_array_equal(a, b)
+  cast = model_loading.load_model(tmp_path / "ckpt", param_dtype="bfloat16", dtype="bfloat16",
+                                  remat=True).model
+  assert (cast.config.param_dtype, cast.config.dtype, cast.config.remat) == (
+      "bfloat16", "bfloat16", True)
+  for a, b in zip(jax.tree.leaves(nnx.state(cast)), want):
+    np.testing.assert_array_equal(a, jnp.asarray(b).astype(jnp.bfloat16))
+  mesh = sharding.create_mesh()
+  preset = model_loading.load_model(preset="tiny", seed=0, mesh=mesh).model
+  for a, b in zip(jax.tree.leaves(nnx.state(preset)), want):
+    np.testing.assert_array_equal(a, b)
+    assert a.sharding.mesh.shape == mesh.shape
+  (tmp_path / "empty").mkdir()
+  for path, problem in ((tmp_path / "missing", "does not exist"),
+                        (tmp_path / "empty", "is not a model folder")):
+    with pytest.raises(cli.UserError, match=f"^model checkpoint {path} {problem}"):
+      model_loading.load_model(path)
+
+
 # -- the same checkpoint, both ways ----------------------------------------------------------------
 
 def save_checkpoints(folder: pathlib.Path) -> None:
