@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
+from jax.sharding import AxisType, Mesh
 
 from dmpo_jax import sharding
 
@@ -59,7 +59,10 @@ def sampling_mesh(train_mesh: Mesh, tensor: int) -> Mesh:
   if tensor < 1 or len(devices) % tensor:
     raise ValueError(f"sampling tensor parallelism {tensor} does not divide the {len(devices)} "
                      "devices")
-  return sharding.create_mesh((len(devices) // tensor, 1, tensor), devices=list(devices))
+  # Reshaped as they are, not through `jax.make_mesh`: the groups must be consecutive devices of
+  # the training mesh, which already follows the topology.
+  return Mesh(devices.reshape(len(devices) // tensor, 1, tensor), sharding.MESH_AXES,
+              axis_types=(AxisType.Auto,) * len(sharding.MESH_AXES))
 
 
 def valid_tensor_sizes(model_config: Any, num_devices: int) -> list[int]:

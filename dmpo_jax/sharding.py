@@ -26,9 +26,8 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
@@ -57,11 +56,15 @@ def create_mesh(shape: Mapping[str, int] | Sequence[int] = (-1, 1, 1),
   """Builds a mesh; one axis may be -1 to take the remaining devices.
 
   ``shape`` is either a sequence aligned with ``axis_names`` or a mapping ``{axis: size}``
-  (missing axes get size 1).
+  (missing axes get size 1). The devices are placed by `jax.make_mesh`, which orders them by the
+  physical topology (TPU rings, GPU slices; CPU devices keep their order). Every axis is
+  ``AxisType.Auto``: the code shards through ``NamedSharding`` in/out and
+  ``with_sharding_constraint``, whereas `jax.make_mesh` defaults to ``Explicit`` axes.
   """
   devices = list(jax.devices() if devices is None else devices)
   sizes = resolve_mesh_shape(shape, len(devices), axis_names)
-  return Mesh(np.asarray(devices).reshape(sizes), tuple(axis_names))
+  return jax.make_mesh(sizes, tuple(axis_names), axis_types=(AxisType.Auto,) * len(sizes),
+                       devices=devices)
 
 
 def resolve_mesh_shape(shape: Mapping[str, int] | Sequence[int], num_devices: int,

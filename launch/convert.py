@@ -30,6 +30,7 @@ from absl import flags
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from dmpo_jax import checkpointing, cli, workdir as workdir_lib  # noqa: E402
+from dmpo_jax.inference import model_loading  # noqa: E402
 from dmpo_jax.models import hf_io  # noqa: E402
 
 HF_METADATA_KEY = "hf_checkpoint"
@@ -60,7 +61,11 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing output."
 def hf_to_orbax(input_dir, output_dir, *, param_dtype: Optional[str] = None,
                 overwrite: bool = False) -> pathlib.Path:
   """HF folder -> model checkpoint (+ HF metadata and ``hf_files/``)."""
-  model, info = hf_io.load_pretrained(input_dir, param_dtype=param_dtype)
+  loaded = model_loading.load_model(input_dir, param_dtype=param_dtype)
+  if loaded.hf_info is None:
+    raise ValueError(f"{input_dir} is no HF folder (config.json + safetensors): --direction="
+                     "hf_to_orbax converts one")
+  model, info = loaded.model, loaded.hf_info
   out = checkpointing.save_model_checkpoint(output_dir, model, model.config,
                                             {HF_METADATA_KEY: info.to_json_dict()},
                                             overwrite=overwrite)
@@ -77,7 +82,11 @@ def orbax_to_hf(input_dir, output_dir, *, reference_hf=None, tokenizer_from=None
                 max_shard_size=None, overwrite: bool = False) -> pathlib.Path:
   """Model checkpoint -> HF folder."""
   input_dir = pathlib.Path(input_dir)
-  model = checkpointing.load_model_checkpoint(input_dir)
+  loaded = model_loading.load_model(input_dir)
+  if loaded.source != model_loading.CHECKPOINT:
+    raise ValueError(f"{input_dir} is no dmpo_jax model checkpoint (model_config.json + params/): "
+                     "--direction=orbax_to_hf converts one")
+  model = loaded.model
   if reference_hf is not None:
     info = hf_io.read_checkpoint_info(reference_hf)
     tokenizer_from = tokenizer_from or reference_hf

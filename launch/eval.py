@@ -4,15 +4,20 @@ Greedy (temperature 0), low-confidence remasking, block length 32, generation le
 steps = generation length (DMPO ``--full_steps``; ``--steps=half`` gives d1's gen_length/2).
 Evaluation prompts: ``system + "\\n\\n" + question`` in one user turn, chat template, then the
 ``<reasoning>`` prefill (tasks without a chat template, e.g. the demo, encode the text directly);
-completions are the ids up to the first EOS/EOT, decoded with special tokens skipped
-(`dmpo_jax.rl.rollout.decode_completions`, shared with the trainer's held-out evaluation).
-Batch-invariant: every batch is left-padded to the evaluation's longest prompt (rounded up to 32)
-and decoded with ``batch_invariant``, so a row's completion does not depend on ``--batch_size`` or
-on the other rows (`docs/tasks.md` §7.2).
+completions are the ids up to the first EOS/EOT, decoded with special tokens skipped.
+The evaluation is the trainer's (`dmpo_jax.inference.evaluation.evaluate`), sharded over every
+device: the weights resharded once to the sampling layout, each batch's rows split over the
+devices. Batch-invariant: every batch is left-padded to one length and decoded with
+``batch_invariant``, so a row's completion does not depend on ``--batch_size``, on the other rows
+or on the number of devices (`docs/tasks.md` §7.2). The length is the evaluation's longest prompt
+rounded up to 32, or ``--prompt_length=P`` (longer prompts keep their last P tokens): with the
+training config's ``task.prompt_length`` the completions and scores are those of the trainer's
+held-out evaluation.
 
   python launch/eval.py --checkpoint=PATH --task=gsm8k [--tokenizer=PATH|byte]
       [--gen_lengths=128,256,512] [--block_length=32] [--steps=full|half|N] [--batch_size=8]
-      [--output_dir=DIR] [--limit=N] [--eval_source=FILE] [--eval_style=fixed|d1]
+      [--prompt_length=P] [--output_dir=DIR] [--limit=N] [--eval_source=FILE]
+      [--eval_style=fixed|d1]
 
 ``--checkpoint``: an HF folder (``config.json`` + safetensors) or a model checkpoint written by
 `dmpo_jax.checkpointing.save_model_checkpoint` (``model_config.json`` + ``params/``).
@@ -23,7 +28,6 @@ plus ``DIR/{task}_summary.json`` for all lengths.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -33,123 +37,44 @@ from typing import Any, Dict, List, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402  pylint: disable=wrong-import-position
-from absl import flags  # noqa: E402  pylint: disable=wrong-import-position
-import numpy as np  # noqa: E402  pylint: disable=wrong-import-position
-from flax import nnx  # noqa: E402  pylint: disable=wrong-import-position
+# pylint: disable=wrong-import-position
+from absl import flags  # noqa: E402
+from flax import nnx  # noqa: E402
 
-from dmpo_jax import cli, extras, metrics as metrics_lib  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax import workdir as workdir_lib  # noqa: E402  pylint: disable=wrong-import-position
-from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402  pylint: disable=wrong-import-position
-
-PROMPT_LENGTH_MULTIPLE = 32  # left-pad prompts to a multiple of this to reuse compiled programs
+from dmpo_jax import cli, extras, sampling_layout  # noqa: E402
+from dmpo_jax import workdir as workdir_lib  # noqa: E402
+from dmpo_jax.inference import evaluation, model_loading  # noqa: E402
+# left_pad / prompt_bucket: where benchmarks and tests find the evaluation's padding.
+from dmpo_jax.inference.prompts import (  # noqa: E402,F401  pylint: disable=unused-import
+    PROMPT_LENGTH_MULTIPLE, left_pad, prompt_bucket)
+from dmpo_jax.inference.sampler_configs import greedy_eval, resolve_steps  # noqa: E402
+from dmpo_jax.tasks import base, get_task, task_names  # noqa: E402
+# pylint: enable=wrong-import-position
 
 
 def load_model(checkpoint: str, dtype: Optional[str] = None):
-  """(model, model_config) from an HF folder or a trained model checkpoint."""
-  path = pathlib.Path(checkpoint)
-  if (path / "model_config.json").is_file():
-    from dmpo_jax import checkpointing  # pylint: disable=import-outside-toplevel
-    model = checkpointing.load_model_checkpoint(path, dtype=dtype)
-    return model, model.config
-  if (path / "config.json").is_file():
-    from dmpo_jax.models import hf_io  # pylint: disable=import-outside-toplevel
-    model, _ = hf_io.load_pretrained(path, param_dtype=dtype)
-    return model, model.config
-  raise cli.UserError(f"model checkpoint {cli.model_folder_problem(checkpoint)}")
-
-
-def resolve_steps(steps: str, gen_length: int) -> int:
-  if steps == "full":
-    return gen_length
-  if steps == "half":
-    return gen_length // 2
-  value = int(steps)
-  if value <= 0:
-    raise ValueError(f"--steps must be full, half or a positive integer, got {steps!r}")
-  return value
-
-
-def make_sampler_config(sampler_module, gen_length: int, block_length: int, steps: int,
-                        mask_token_id: int):
-  """The sampler's config for greedy low-confidence decoding (unknown fields keep defaults),
-  batch-invariant: a row's tokens do not depend on the batch size or on its batch-mates."""
-  wanted = {"gen_length": gen_length, "block_length": block_length, "steps": steps,
-            "temperature": 0.0, "remasking": "low_confidence", "mask_token_id": mask_token_id,
-            "batch_invariant": True}
-  names = {f.name for f in dataclasses.fields(sampler_module.SamplerConfig)}
-  missing = {"gen_length", "block_length", "steps"} - names
-  if missing:
-    raise TypeError(f"dmpo_jax.diffusion.sampler.SamplerConfig lacks field(s) {sorted(missing)}")
-  return sampler_module.SamplerConfig(**{k: v for k, v in wanted.items() if k in names})
-
-
-def prompt_bucket(prompt_ids: Sequence[Sequence[int]], multiple: int = PROMPT_LENGTH_MULTIPLE) -> int:
-  """The padded prompt length of a whole evaluation: the longest prompt rounded up to
-  ``multiple``. Every batch is padded to it, so the padding a row gets never depends on the
-  other rows of its batch (`docs/tasks.md` §7.2)."""
-  length = max(len(ids) for ids in prompt_ids)
-  return -(-length // multiple) * multiple
-
-
-def left_pad(batch_ids: Sequence[Sequence[int]], pad_id: int, multiple: int = PROMPT_LENGTH_MULTIPLE,
-             length: Optional[int] = None):
-  """(ids, mask) left-padded to ``length`` (default: the batch's longest, rounded up)."""
-  length = prompt_bucket(batch_ids, multiple) if length is None else length
-  ids = np.full((len(batch_ids), length), pad_id, dtype=np.int32)
-  mask = np.zeros((len(batch_ids), length), dtype=bool)
-  for row, seq in enumerate(batch_ids):
-    ids[row, length - len(seq):] = seq
-    mask[row, length - len(seq):] = True
-  return ids, mask
+  """(model, model_config) from an HF folder or a trained model checkpoint; ``dtype``: the
+  parameter dtype (`model_loading.load_model`)."""
+  model = model_loading.load_model(checkpoint, param_dtype=dtype).model
+  return model, model.config
 
 
 def evaluate(model, tokenizer, task: base.Task, examples: Sequence[base.Example], gen_length: int,
              block_length: int = 32, steps: str = "full", batch_size: int = 8, seed: int = 0,
-             score_options: Optional[Dict[str, Any]] = None, progress: bool = True
-             ) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
-  """Generates for every example and scores; returns (rows, summary)."""
-  from dmpo_jax import sampling_layout  # pylint: disable=import-outside-toplevel
-  from dmpo_jax.diffusion import sampler  # pylint: disable=import-outside-toplevel
-  from dmpo_jax.rl import rollout  # pylint: disable=import-outside-toplevel
-  num_steps = resolve_steps(steps, gen_length)
-  config = make_sampler_config(sampler, gen_length, block_length, num_steps,
-                               tokenizer.mask_token_id)
+             score_options: Optional[Dict[str, Any]] = None, progress: bool = True,
+             prompt_length: Optional[int] = None) -> tuple[List[Dict[str, Any]], Dict[str, Any]]:
+  """Generates for every example on all devices and scores; returns (rows, summary)."""
+  options = dict(score_options or {})
+  style = options.pop("eval_style", base.DEFAULT_EVAL_STYLE)
+  spec = evaluation.EvalSpec(sampler=greedy_eval(gen_length, block_length, steps),
+                             batch_size=batch_size, prompt_length=prompt_length or None,
+                             eval_style=style, score_options=options, seed=seed)
   graphdef, params = nnx.split(model)
   # Every device samples its rows of a batch on its own copy of the weights (or a tensor group's).
   layout = sampling_layout.inference_layout(model.config, params)
-  params = sampling_layout.reshard(params, layout)
-  prompt_ids = [rollout.prompt_token_ids(tokenizer, task, e, evaluation=True) for e in examples]
-  prompt_texts = [tokenizer.decode(ids, skip_special_tokens=False) for ids in prompt_ids]
-  bucket = prompt_bucket(prompt_ids)
-  completions: List[str] = []
-  key = jax.random.key(seed)
-  bar = metrics_lib.ProgressBar(len(examples), desc=f"{task.name} L={gen_length}", unit="example",
-                                disable=None if progress else True,
-                                log_every_steps=max(1, len(examples) // 10))
-  for start in range(0, len(examples), batch_size):
-    chunk = prompt_ids[start:start + batch_size]
-    real = len(chunk)
-    chunk = list(chunk) + [chunk[-1]] * (batch_size - real)  # fixed batch shape
-    ids, mask = left_pad(chunk, tokenizer.pad_token_id, length=bucket)
-    key, subkey = jax.random.split(key)
-    output = sampling_layout.generate(layout, graphdef, params, ids, mask, subkey, config,
-                                      sampler.generate)
-    sequences = np.asarray(output.sequences)[:real]
-    completions.extend(rollout.decode_completions(tokenizer, sequences, ids.shape[1]))
-    bar.update(start + real)
-  bar.close()
-  scores = task.score_many(completions, examples, **(score_options or {}))
-  rows = []
-  for index, (example, text, completion, score) in enumerate(
-      zip(examples, prompt_texts, completions, scores)):
-    reference = {k: example[k] for k in task.reference_fields if k in example}
-    rows.append({"index": index, **reference, "prompt": text, "completion": completion, **score})
-  summary = task.summarize(scores)
-  summary.update({"gen_length": gen_length, "block_length": block_length, "steps": num_steps,
-                  "temperature": 0.0,
-                  "eval_style": (score_options or {}).get("eval_style", base.DEFAULT_EVAL_STYLE)})
-  return rows, summary
+  result = evaluation.evaluate(graphdef, params, tokenizer, task, examples, spec, layout=layout,
+                               progress=progress)
+  return result.rows, result.summary
 
 
 FLAGS = flags.FlagValues()
@@ -163,6 +88,9 @@ flags.DEFINE_integer("block_length", 32, "semi-autoregressive block length", low
                      flag_values=FLAGS)
 flags.DEFINE_string("steps", "full", "full (= length), half, or an integer", flag_values=FLAGS)
 flags.DEFINE_integer("batch_size", 8, "prompts per sampler call", lower_bound=1, flag_values=FLAGS)
+flags.DEFINE_integer("prompt_length", 0, "left-pad (and cut) every prompt to this many tokens, as "
+                     "the trainer does with task.prompt_length; 0: the longest prompt rounded up "
+                     f"to {PROMPT_LENGTH_MULTIPLE}", lower_bound=0, flag_values=FLAGS)
 flags.DEFINE_string("eval_source", None, "evaluation file (default: the task's file in the data "
                     "folder)", flag_values=FLAGS)
 flags.DEFINE_string("data_dir", None, "data folder (default $DMPO_JAX_DATA_DIR)", flag_values=FLAGS)
@@ -206,7 +134,6 @@ def _run() -> int:
   lengths = check_flags(args)
   if args.use_math_verify:
     extras.require("math_verify", "--use_math_verify")
-  from dmpo_jax.models.tokenizer import load_tokenizer  # pylint: disable=import-outside-toplevel
   task = get_task(args.task)
   with cli.user_input(f"--eval_style={args.eval_style}"):
     base.check_eval_style(args.eval_style, task.name)
@@ -219,7 +146,7 @@ def _run() -> int:
   cli.check(len(examples) > 0, f"no {args.task} evaluation examples to evaluate")
   with cli.user_input(f"--checkpoint={args.checkpoint}"):
     model, model_config = load_model(args.checkpoint, dtype=args.dtype)
-    tokenizer = load_tokenizer(args.tokenizer or args.checkpoint, family=model_config.family)
+    tokenizer = model_loading.load_tokenizer(args.tokenizer or args.checkpoint, model_config)
   output_dir = pathlib.Path(args.output_dir)
   with cli.file_operation("create the output folder", output_dir):
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -231,7 +158,7 @@ def _run() -> int:
     start = time.time()
     rows, summary = evaluate(model, tokenizer, task, examples, gen_length, args.block_length,
                              args.steps, args.batch_size, args.seed, score_options,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, prompt_length=args.prompt_length)
     summary.update({"checkpoint": str(args.checkpoint), "seconds": round(time.time() - start, 2)})
     # Each file is written whole or not at all (a temporary file, then a rename).
     workdir_lib.write_text_atomic(output_dir / f"{task.name}_L{gen_length}.jsonl",

@@ -12,7 +12,8 @@
 `dmpo_jax.checkpointing.save_model_checkpoint`; ``--preset=tiny`` instead samples from a randomly
 initialised preset (smoke tests). Text prompts are wrapped in the model's chat template (one user
 turn) unless ``--no_chat``; ``--prompt_ids`` (comma-separated, repeatable) bypasses the tokenizer
-and the template. Prompts are left-padded into one batch. Prints each completion (decoded with
+and the template. Prompts are left-padded into one batch, whose rows are split over every
+device (`dmpo_jax.inference.evaluation.generate_rows`). Prints each completion (decoded with
 special tokens skipped), or with ``--output_ids`` each row's full token ids (prompt + completion)
 as one JSON list per line.
 """
@@ -28,13 +29,16 @@ from typing import Optional, Sequence
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from dmpo_jax import cli, sampling_layout  # noqa: E402
-from dmpo_jax.diffusion.dream_sampler import DREAM_ALGS, DreamSamplerConfig, dream_generate  # noqa: E402
-from dmpo_jax.diffusion.sampler import CACHES, REMASKING, SamplerConfig, generate  # noqa: E402
+from dmpo_jax.diffusion.dream_sampler import DREAM_ALGS, dream_generate  # noqa: E402
+from dmpo_jax.diffusion.sampler import CACHES, REMASKING, generate  # noqa: E402
+from dmpo_jax.inference import evaluation, model_loading, sampler_configs  # noqa: E402
+from dmpo_jax.inference import prompts as prompts_lib  # noqa: E402
+
+SAMPLERS = {"llada": generate, "dream": dream_generate}
 
 FLAGS = flags.FlagValues()
 flags.DEFINE_string("checkpoint", None, "HF folder or dmpo_jax model checkpoint", flag_values=FLAGS)
@@ -96,19 +100,15 @@ def check_flags(args) -> None:
 
 def load(args):
   """(model, tokenizer or None)."""
-  from dmpo_jax.models import tokenizer as tok  # pylint: disable=import-outside-toplevel
-  if args.preset:
-    from dmpo_jax.models.config import get_preset  # pylint: disable=import-outside-toplevel
-    from dmpo_jax.models.transformer import create_model  # pylint: disable=import-outside-toplevel
-    overrides = {} if args.dtype is None else {"param_dtype": args.dtype, "dtype": args.dtype}
-    model = create_model(get_preset(args.preset, **overrides), seed=args.seed)
-  else:
-    from launch.eval import load_model  # pylint: disable=import-outside-toplevel
-    model, _ = load_model(args.checkpoint, dtype=args.dtype)
+  dtypes = {} if args.dtype is None else {"param_dtype": args.dtype}
+  if args.preset and args.dtype is not None:
+    dtypes["dtype"] = args.dtype  # a preset computes in its parameter dtype
+  model = model_loading.load_model(args.checkpoint or None, preset=args.preset, seed=args.seed,
+                                   **dtypes).model
   tokenizer = None
   if args.prompt or not args.output_ids:
     source = args.tokenizer or ("byte" if args.preset else args.checkpoint)
-    tokenizer = tok.load_tokenizer(source, family=model.config.family)
+    tokenizer = model_loading.load_tokenizer(source, model.config)
   return model, tokenizer
 
 
@@ -129,31 +129,6 @@ def build_prompts(args, tokenizer) -> list[list[int]]:
   return [p for p in prompts for _ in range(args.num_samples)]
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-  length = max(len(p) for p in prompts)
-  ids = np.full((len(prompts), length), pad_id, np.int32)
-  mask = np.zeros((len(prompts), length), np.int32)
-  for row, p in enumerate(prompts):
-    ids[row, length - len(p):] = p
-    mask[row, length - len(p):] = 1
-  return ids, mask
-
-
-def _sampler_config(args, sampler: str):
-  """(sampler config, sampling function) from the flags."""
-  if sampler == "llada":
-    return SamplerConfig(
-        gen_length=args.gen_length, steps=args.steps, block_length=args.block_length,
-        temperature=args.temperature, remasking=args.remasking, cfg_scale=args.cfg_scale,
-        logits_eos_inf=args.logits_eos_inf, confidence_eos_eot_inf=args.confidence_eos_eot_inf,
-        eos_eot_aliased=args.eos_eot_aliased, reference_quota=args.reference_quota,
-        threshold=args.threshold, factor=args.factor, max_tokens_per_step=args.max_tokens_per_step,
-        cache=args.cache, stop_at_eos=args.stop_at_eos), generate
-  return DreamSamplerConfig(gen_length=args.gen_length, steps=args.steps, eps=args.eps,
-                            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-                            alg=args.alg, alg_temp=args.alg_temp), dream_generate
-
-
 def _run() -> int:
   args = FLAGS
   check_flags(args)
@@ -165,16 +140,17 @@ def _run() -> int:
   for p in prompts:
     bad = [t for t in p if not 0 <= t < mc.vocab_size]
     cli.check(not bad, f"prompt token ids {bad[:5]} are outside the model vocabulary [0, {mc.vocab_size})")
-  ids, mask = left_pad(prompts, mc.pad_token_id)
+  # One batch, left-padded to its longest prompt.
+  ids, mask = prompts_lib.left_pad(prompts, mc.pad_token_id, length=max(len(p) for p in prompts))
   sampler = args.sampler or ("dream" if mc.family == "dream" else "llada")
   graphdef, params = nnx.split(model)
   with cli.user_input("sampler flags", ValueError):
-    config, fn = _sampler_config(args, sampler)
+    config = sampler_configs.from_flags(args, sampler)
   start = time.perf_counter()
   layout = sampling_layout.inference_layout(mc, params)  # rows split over the devices
-  out = sampling_layout.generate(layout, graphdef, sampling_layout.reshard(params, layout), ids,
-                                 mask, jax.random.key(args.seed), config, fn)
-  sequences = np.asarray(out.sequences)
+  sequences, forward_passes = evaluation.generate_rows(
+      layout, graphdef, sampling_layout.reshard(params, layout), ids, mask,
+      jax.random.key(args.seed), config, SAMPLERS[sampler])
   elapsed = time.perf_counter() - start
   for row in range(len(prompts)):
     if args.output_ids:
@@ -182,7 +158,7 @@ def _run() -> int:
       print(json.dumps([int(t) for t in real]))
     else:
       print(tokenizer.decode(sequences[row, ids.shape[1]:].tolist(), skip_special_tokens=True))
-  print(f"# {len(prompts)} rows, {int(out.num_forward_passes)} forward passes, {elapsed:.2f} s "
+  print(f"# {len(prompts)} rows, {forward_passes} forward passes, {elapsed:.2f} s "
         f"(incl. compile)", file=sys.stderr)
   return 0
 

@@ -26,11 +26,10 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from dmpo_jax import checkpointing, errors, metrics as metrics_lib, sampling_layout, sharding
+from dmpo_jax import errors, metrics as metrics_lib, sampling_layout, sharding
 from dmpo_jax.diffusion import sampler as sampler_lib
-from dmpo_jax.models import attention, config as model_config_lib, hf_io, lora
-from dmpo_jax.models import tokenizer as tokenizer_lib
-from dmpo_jax.models.transformer import create_model
+from dmpo_jax.inference import evaluation, model_loading, sampler_configs
+from dmpo_jax.models import attention, lora
 from dmpo_jax.rl import config_checks, data_checks, registry, rollout, run_start, sft
 from dmpo_jax.rl import step_io, train_state as ts, train_step
 from dmpo_jax.tasks import base as task_base, pipeline
@@ -49,8 +48,8 @@ def rl_optimizer(config):
 
 
 def rollout_sampler_config(config) -> sampler_lib.SamplerConfig:
-  """The rollout sampler settings of ``config.rollout`` (`rollout.sampler_config`)."""
-  return rollout.sampler_config(config.rollout)
+  """The rollout sampler settings of ``config.rollout`` (`inference.sampler_configs`)."""
+  return sampler_configs.sampler_config(config.rollout)
 
 
 def abstract_rollout_batch(config, mesh, minibatches: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
@@ -67,36 +66,9 @@ def abstract_rollout_batch(config, mesh, minibatches: int = 1) -> dict[str, jax.
           for k, (shape, dtype) in spec.items()}
 
 
-def load_model_and_tokenizer(config, mesh):
-  """The model (sharded on ``mesh``) and tokenizer named by ``config.model`` / ``config.tokenizer``."""
-  overrides = {"remat": bool(config.model.remat),
-               "use_key_padding_mask": bool(config.model.use_key_padding_mask),
-               "attention_impl": config.model.get("attention_impl", "auto")}
-  if config.model.dtype:
-    overrides["dtype"] = config.model.dtype
-  path = config.model.checkpoint
-  if path and (pathlib.Path(path) / "config.json").is_file():
-    model, _ = hf_io.load_pretrained(path, mesh=mesh, param_dtype=config.model.param_dtype or None,
-                                     **overrides)
-  elif path:
-    model = checkpointing.load_model_checkpoint(path, mesh=mesh)
-    model = _with_config(model, model.config.replace(**overrides))
-  else:
-    preset_overrides = dict(overrides)
-    if config.model.param_dtype:
-      preset_overrides["param_dtype"] = config.model.param_dtype
-    model = create_model(model_config_lib.get_preset(config.model.preset, **preset_overrides),
-                         seed=config.seed)
-  tokenizer = tokenizer_lib.load_tokenizer(config.tokenizer or path, family=model.config.family)
-  return model, tokenizer
+# The one loader of train, eval, generate and convert (`inference.model_loading`).
+load_model_and_tokenizer = model_loading.load_model_and_tokenizer
 
-
-def _with_config(model, new_config):
-  """The same parameters under a config that differs only in compute options."""
-  _, state = nnx.split(model)
-  fresh = nnx.eval_shape(lambda: create_model(new_config))
-  new_graphdef, _ = nnx.split(fresh)
-  return nnx.merge(new_graphdef, state)
 
 # ------------------------------------------------------------------------------------------------
 # Trainer
@@ -158,10 +130,9 @@ class Trainer:
         self.state.params,
         (self.state,) if config.model.lora_rank else (self.state, self.state.params))
     self.rollout_config = rollout_sampler_config(config)
-    self.eval_config = sampler_lib.SamplerConfig(
-        gen_length=config.eval.gen_length, steps=config.eval.steps,
-        block_length=config.eval.block_length, temperature=0.0, remasking="low_confidence",
-        batch_invariant=True)
+    # Held-out evaluation, shared with launch/eval.py (`inference.evaluation`).
+    self.eval_spec = evaluation.EvalSpec.from_config(config)
+    self.eval_config = self.eval_spec.sampler
     self.prompt_length = config.task.prompt_length
     self._train_step = None  # compiled ahead of time in `compile_steps`
     self._prepare = None
@@ -194,26 +165,11 @@ class Trainer:
     return jax.device_put(out.sequences, sharding.batch_sharding(self.mesh, 2)), put["mask"]
 
   def evaluate(self, params, examples) -> dict[str, float]:
-    """Greedy held-out accuracy (%) with the eval sampler; pads the last batch."""
-    params = sampling_layout.reshard(params, self.sampling)  # once for every eval batch
-    bs = self.config.eval.batch_size
-    completions = []
-    for start in range(0, len(examples), bs):
-      chunk = examples[start:start + bs]
-      padded = chunk + [chunk[-1]] * (bs - len(chunk))
-      ids, mask, _ = rollout.encode_prompts(self.tokenizer, self.task, padded,
-                                            prompt_length=self.prompt_length, evaluation=True)
-      share = bs // jax.process_count()  # each process feeds its rows of the batch
-      mine = slice(jax.process_index() * share, (jax.process_index() + 1) * share)
-      # The sampling layout's mesh is in scope inside `sample`: rows stay split over devices.
-      seqs = step_io.fetch_all_rows(self.sample(params, ids[mine], mask[mine], jax.random.key(0),
-                                                self.eval_config)[0])
-      completions += rollout.decode_completions(self.tokenizer, seqs, self.prompt_length)[:len(chunk)]
-    style = self.config.eval.get("style", task_base.DEFAULT_EVAL_STYLE)
-    scores = self.task.score_many(completions, examples,
-                                  **({"eval_style": style} if style != "fixed" else {}))
-    summary = self.task.summarize(scores)
-    return {"eval/accuracy": float(summary["accuracy"])}
+    """Greedy held-out accuracy (%): `inference.evaluation.evaluate`, as launch/eval.py runs it
+    (sharded on the sampling layout, last batch padded)."""
+    result = evaluation.evaluate(self.graphdef, params, self.tokenizer, self.task, examples,
+                                 self.eval_spec, layout=self.sampling)
+    return {"eval/accuracy": float(result.summary["accuracy"])}
 
   # -- warm-up ----------------------------------------------------------------------------------
   def warmup(self, examples, bar_enabled: bool):
