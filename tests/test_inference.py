@@ -9,6 +9,7 @@ on 1 device. This file run as a script is that subprocess.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -238,7 +239,8 @@ def test_the_trainers_evaluate_equals_one_plain_sampler_call(tmp_path, monkeypat
   config.task.max_truncated_fraction = 1.0  # 3 of the 10 held-out prompts are cut
   trainer = loop.Trainer(config, tmp_path / "run")
   held_out = trainer.data[2]
-  assert len(held_out) % config.eval.batch_size  # the last batch is padded
+  trainer.eval_spec = dataclasses.replace(trainer.eval_spec, batch_size=3)
+  assert len(held_out) % trainer.eval_spec.batch_size  # the last batch is padded
   scored = []
   score_many = trainer.task.score_many
   monkeypatch.setattr(trainer.task, "score_many",

@@ -110,6 +110,8 @@ def save_model_checkpoint(path: PathLike, model_or_state, config: ModelConfig,
     elif (path / MODEL_METADATA_FILE).exists():
       (path / MODEL_METADATA_FILE).unlink()  # overwrite: no stale metadata beside new weights
     integrity.write_bytes_atomic(path / MODEL_CONFIG_FILE, config_bytes)
+  if jax.process_count() > 1:  # every process returns once process 0's files exist
+    ocp.multihost.sync_global_processes(f"dmpo_jax.model_saved.{path.name}")
   return path
 
 
