@@ -277,6 +277,8 @@ def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
   look = (lambda name: None) if inspect is None else (
       lambda name: lambda compiled: inspect(name, compiled))
   from dmpo_jax.rl import loop, sft  # pylint: disable=import-outside-toplevel
+  if not config.model.checkpoint and not config.get("tokenizer"):
+    config.tokenizer = "byte"  # only compiled: nothing is tokenized (vocabulary: the preset's)
   loop.validate_config(config, len(devices))
   mesh = sharding.create_mesh(mesh_shape, devices=devices)
   overrides = {"remat": bool(config.model.remat),

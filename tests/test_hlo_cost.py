@@ -223,3 +223,53 @@ def test_tpu_batched_matmuls_count_their_matmul_flops():
   by_hand = (3 * 2 * (2 * b * n * t * t * h) + 2 * (2 * b * t * n * h * d)) / 4  # per device
   assert hlo_cost.module_cost(out["hlo"], num_devices=4)["flops"] == by_hand
   assert by_hand <= out["xla_flops"] <= 1.1 * by_hand
+
+
+# A Pallas kernel's custom call prints its backend config over several lines; the instructions
+# after it (a matmul and an all-gather inside a loop of 3) belong to the same computation.
+MULTILINE = """HloModule m, entry_computation_layout={()->f32[]}
+
+%body (p: (s32[], bf16[8,16])) -> (s32[], bf16[8,16]) {
+  %p = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[8,16]{1,0} get-tuple-element(%p), index=1
+  %k = bf16[8,16]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUgA=",
+"xprof_metadata":"{\\"block_q\\": 512}"
+}}, metadata={op_name="splash"}
+  %w = bf16[16,16]{1,0} constant({...})
+  %y = bf16[8,16]{1,0} dot(%k, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %g = bf16[32,16]{1,0} all-gather(%y), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}
+  %one = s32[] constant(1)
+  %i2 = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[8,16]{1,0}) tuple(%i2, %y)
+}
+
+%cond (q: (s32[], bf16[8,16])) -> pred[] {
+  %q = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[8,16]) -> f32[] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8,16]{1,0}) tuple(%zero, %a)
+  %loop = (s32[], bf16[8,16]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_instructions_after_a_multiline_custom_call_are_read():
+  from dmpo_jax import hlo_collectives  # pylint: disable=import-outside-toplevel
+  out = hlo_cost.module_cost(MULTILINE, num_devices=4)
+  assert out["kernel_calls"] == 3
+  assert out["flops"] == 3 * 2 * 8 * 16 * 16
+  gathered = 8 * 16 * 2  # one device's bf16 [8, 16]
+  assert out["collectives"]["all-gather"] == {"count": 3, "operand_bytes": 3 * gathered,
+                                              "ici_bytes": 3 * 3 * gathered}
+  # The collective reader of `benchmarks/memory.py` is the same parser: same count, same bytes.
+  (item,) = hlo_collectives.collectives(MULTILINE, num_devices=4)
+  assert (item.name, item.executions, item.payload_bytes) == ("g", 3, 4 * gathered)
+  assert item.ici_bytes * item.executions == out["ici_bytes"]
