@@ -43,7 +43,7 @@ import math
 import os
 import re
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -165,9 +165,9 @@ class ModuleCost:
     reads = 0.0
     for name, param in ((n, c) for n, c in body.items() if c.opcode == "parameter"):
       consumers = self._through_bitcasts(name, users)
-      if consumers and all(c.opcode in _SLICES and c.operands[0] in self._aliases(name, users)
-                           for c in consumers):
-        reads += sum(shape_bytes(c.shape) for c in consumers)
+      sliced = self._sliced_bytes(name, body, users)
+      if sliced is not None:
+        reads += sliced
       elif consumers and all(c.opcode == "dynamic-update-slice" and c.operands[0] in
                              self._aliases(name, users) for c in consumers):
         continue  # the buffer updated in place is not read
@@ -186,6 +186,34 @@ class ModuleCost:
     if root is None:
       writes = shape_bytes(inst.shape)
     return reads + writes
+
+  def _sliced_bytes(self, name: str, body, users) -> Optional[float]:
+    """Bytes read of fusion parameter ``name`` when every use slices it (directly, through
+    bitcasts, or inside a nested fusion that only slices it: XLA fuses a layer's
+    dynamic-slice of the stacked weights into the matmul fusion that way); else None."""
+    aliases = self._aliases(name, users)
+    consumers = [u for a in aliases for u in users.get(a, []) if u.opcode != "bitcast"]
+    total = 0.0
+    for c in consumers:
+      if c.opcode in _SLICES and c.operands[0] in aliases:
+        total += shape_bytes(c.shape)
+        continue
+      inner = self.computations.get(c.attr("calls") or "", {}) if c.opcode == "fusion" else {}
+      params = [p for p in inner.values() if p.opcode == "parameter"]
+      positions = [i for i, o in enumerate(c.operands) if o in aliases]
+      if not inner or not positions:
+        return None
+      inner_users: dict[str, list[Instruction]] = {}
+      for child in inner.values():
+        for operand in child.operands:
+          inner_users.setdefault(operand, []).append(child)
+      for i in positions:
+        param = next((p for p in params if p.args.strip() == str(i)), None)
+        part = None if param is None else self._sliced_bytes(param.name, inner, inner_users)
+        if part is None:
+          return None
+        total += part
+    return total if consumers else None
 
   def _aliases(self, name: str, users) -> set[str]:
     """``name`` and the bitcasts of it (transitively)."""

@@ -273,3 +273,40 @@ def test_instructions_after_a_multiline_custom_call_are_read():
   (item,) = hlo_collectives.collectives(MULTILINE, num_devices=4)
   assert (item.name, item.executions, item.payload_bytes) == ("g", 3, 4 * gathered)
   assert item.ici_bytes * item.executions == out["ici_bytes"]
+
+
+# The sampler's layer loop on a resident weight stack: XLA fuses the layer's dynamic-slice of
+# the stacked weights [6, 128, 512] into the matmul fusion as a nested fusion.
+NESTED_SLICE = """HloModule m, entry_computation_layout={()->bf16[16,512]}
+
+%slice_layer (w.1: bf16[6,128,512], i.1: s32[]) -> bf16[128,512] {
+  %w.1 = bf16[6,128,512]{2,1,0} parameter(0)
+  %i.1 = s32[] parameter(1)
+  %z.1 = s32[] constant(0)
+  %ds = bf16[1,128,512]{2,1,0} dynamic-slice(%w.1, %i.1, %z.1, %z.1), dynamic_slice_sizes={1,128,512}
+  ROOT %b = bf16[128,512]{1,0} bitcast(%ds)
+}
+
+%matmul (x.2: bf16[16,128], w.2: bf16[6,128,512], i.2: s32[]) -> bf16[16,512] {
+  %x.2 = bf16[16,128]{1,0} parameter(0)
+  %w.2 = bf16[6,128,512]{2,1,0} parameter(1)
+  %i.2 = s32[] parameter(2)
+  %layer = bf16[128,512]{1,0} fusion(%w.2, %i.2), kind=kLoop, calls=%slice_layer
+  ROOT %y = bf16[16,512]{1,0} dot(%x.2, %layer), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[16,128], w: bf16[6,128,512], i: s32[]) -> bf16[16,512] {
+  %x = bf16[16,128]{1,0} parameter(0)
+  %w = bf16[6,128,512]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %f = bf16[16,512]{1,0} fusion(%x, %w, %i), kind=kOutput, calls=%matmul
+}
+"""
+
+
+def test_a_slice_in_a_nested_fusion_reads_one_layer():
+  out = hlo_cost.module_cost(NESTED_SLICE, num_devices=1)
+  layer = 128 * 512 * 2
+  # x and one layer in (+ the index, read by the fusion's parameter), y out: not all 6 layers.
+  assert out["hbm_bytes"] == 16 * 128 * 2 + layer + 4 + 16 * 512 * 2
+  assert out["flops"] == 2 * 16 * 512 * 128
