@@ -254,6 +254,24 @@ def _compiled_memory(lowered, rows: int | None = None, tokens: int | None = None
   return out
 
 
+def _validate_for_plan(config, num_devices: int) -> None:
+  """`loop.validate_config`, except the context-length check: a plan may put a small preset at
+  a published config's shapes (``--override model.preset=tiny`` at 1024 tokens) and only
+  compiles, and ``max_seq_len`` is the context a model was trained for, not a limit of its
+  programs (RoPE takes any position). Nothing is tokenized either: a config without a
+  checkpoint or tokenizer gets the byte tokenizer (the vocabulary is the preset's)."""
+  from dmpo_jax.rl import loop  # pylint: disable=import-outside-toplevel
+  if not config.model.checkpoint and not config.get("tokenizer"):
+    config.tokenizer = "byte"
+  try:
+    loop.validate_config(config, num_devices)
+  except loop.ConfigError as e:
+    errors = [m for m in str(e).removeprefix("invalid config: ").split("; ")
+              if "exceeds the model's max_seq_len" not in m]
+    if errors:
+      raise loop.ConfigError("invalid config: " + "; ".join(errors)) from e
+
+
 def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
                 mesh_shape: dict[str, int], programs: tuple[str, ...] = ("update", "sampler"),
                 model_overrides: dict[str, Any] | None = None,
@@ -277,9 +295,7 @@ def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
   look = (lambda name: None) if inspect is None else (
       lambda name: lambda compiled: inspect(name, compiled))
   from dmpo_jax.rl import loop, sft  # pylint: disable=import-outside-toplevel
-  if not config.model.checkpoint and not config.get("tokenizer"):
-    config.tokenizer = "byte"  # only compiled: nothing is tokenized (vocabulary: the preset's)
-  loop.validate_config(config, len(devices))
+  _validate_for_plan(config, len(devices))
   mesh = sharding.create_mesh(mesh_shape, devices=devices)
   overrides = {"remat": bool(config.model.remat),
                "use_key_padding_mask": bool(config.model.use_key_padding_mask),
