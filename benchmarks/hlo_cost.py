@@ -5,11 +5,13 @@ XLA's ``cost_analysis()`` counts every while-loop body once, so a program whose 
 layer scan inside an MC-sample loop inside a denoising loop is undercounted by the product of the
 trip counts. This module reads the optimized HLO text (``compiled.as_text()``), walks the call
 graph from the entry computation and multiplies each computation's cost by the number of times
-it runs:
+it runs. Parsing, loop trip counts and collective bytes come from the one HLO reader,
+`dmpo_jax.hlo_collectives` (also behind `benchmarks/memory.py`); this module adds FLOPs and HBM
+bytes and the aggregation:
 
 * while loops: the trip count XLA recorded (``known_trip_count`` in the backend config), else the
-  induction-variable pattern (condition ``i < c`` with ``i`` starting at a constant), else the
-  caller's ``unknown_trip_counts`` (loops whose length is data-dependent or hidden on purpose:
+  induction-variable pattern (condition ``i < c`` with ``i`` starting at a constant;
+  `hlo_collectives.trip_count`), else the caller's ``unknown_trip_counts`` (loops whose length is data-dependent or hidden on purpose:
   the MC-sample loop behind its optimization barrier, the block loop with early stop), given by
   nesting level among such loops; a loop without one raises `UnknownTripCount`;
 * conditionals: the most expensive branch (an upper bound); calls and fusions: once per call.
@@ -27,9 +29,10 @@ What is counted, per device (HLO after SPMD partitioning is one device's program
   instructions are still counted, so this is an upper estimate of HBM traffic.
 * collectives (``all-gather``, ``all-reduce``, ``reduce-scatter``, ``all-to-all``,
   ``collective-permute``, sync or async): count, operand bytes and the bytes each device
-  sends over ICI with a ring / bidirectional algorithm in a group of n devices: all-gather and
-  reduce-scatter (n−1)/n of the full array, all-reduce 2(n−1)/n of it, all-to-all (n−1)/n of
-  the operand, collective-permute the operand.
+  sends over ICI with a ring / bidirectional algorithm in a group of n devices
+  (`hlo_collectives.Collective.ici_bytes`): all-gather and reduce-scatter (n−1)/n of the full
+  array, all-reduce 2(n−1)/n of it, all-to-all (n−1)/n of the operand, collective-permute the
+  operand.
 """
 
 from __future__ import annotations
@@ -37,18 +40,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
+import sys
 from typing import Optional, Sequence
 
 import numpy as np
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "s32": 4,
-               "u32": 4, "s64": 8, "u64": 8, "bf16": 2, "f16": 2, "f32": 4, "f64": 8, "c64": 8,
-               "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1,
-               "f8e4m3b11fnuz": 1, "token": 0}
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The HLO reader (instructions, loop trip counts, collectives) is the library's, shared with
+# `benchmarks/memory.py`; re-exported here under the names this module has always had.
+from dmpo_jax.hlo_collectives import (  # noqa: E402  pylint: disable=unused-import
+    DTYPE_BYTES, Instruction, group_size, parse_instruction, parse_module, shape_bytes)
+from dmpo_jax import hlo_collectives  # noqa: E402
+
 # custom_call_target prefixes of hand-written kernels, whose FLOPs the HLO does not show.
 KERNEL_TARGETS = ("tpu_custom_call", "mosaic_gpu", "__gpu$xla.gpu.triton", "__cudnn$fmha")
-COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+COLLECTIVES = hlo_collectives.COLLECTIVE_OPS
 # Instructions that move no data themselves (their operands / called computations are counted).
 _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while",
                "conditional", "call", "after-all", "partition-id", "replica-id", "opt-barrier",
@@ -56,9 +65,6 @@ _NO_TRAFFIC = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast",
                "all-gather-done", "all-reduce-done", "collective-permute-done", "send-done",
                "recv-done"}
 _SLICES = {"dynamic-slice", "slice", "gather"}
-
-_ARRAY = re.compile(r"(\w+)\[([\d,]*)\](\{[^}]*\})?")
-_HEADER = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{\s*$")
 _NAME = re.compile(r"%([\w.\-]+)")
 
 
@@ -66,108 +72,9 @@ class UnknownTripCount(ValueError):
   """A while loop whose trip count is neither in the HLO nor given by the caller."""
 
 
-def shape_bytes(shape: str, skip_memory_space: bool = True) -> float:
-  """Bytes of an HLO shape (array or tuple); arrays in a non-default memory space (``S(n)`` in
-  the layout, TPU VMEM) count 0 when ``skip_memory_space``."""
-  total = 0.0
-  for dtype, dims, layout in _ARRAY.findall(shape):
-    if dtype not in DTYPE_BYTES:
-      continue
-    if skip_memory_space and layout and re.search(r"S\(\d+\)", layout):
-      continue
-    total += DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
-  return total
-
-
 def _dims(shape: str) -> list[int]:
-  match = _ARRAY.search(shape)
-  return [int(d) for d in match.group(2).split(",") if d] if match else []
-
-
-def _balanced(text: str, start: int) -> int:
-  """Index just past the bracket group opening at text[start]."""
-  depth = 0
-  for i in range(start, len(text)):
-    depth += {"(": 1, "{": 1, "[": 1, ")": -1, "}": -1, "]": -1}.get(text[i], 0)
-    if depth == 0:
-      return i + 1
-  raise ValueError(f"unbalanced HLO text: {text[start:start + 80]!r}")
-
-
-@dataclasses.dataclass
-class Instruction:
-  name: str
-  shape: str
-  opcode: str
-  operands: list[str]
-  attrs: str
-  root: bool = False
-  args: str = ""       # the text inside the opcode's parentheses (a constant's literal)
-
-  def attr(self, key: str) -> Optional[str]:
-    match = re.search(rf"\b{key}=(%?[\w.\-]+)", self.attrs)
-    return match.group(1).lstrip("%") if match else None
-
-
-def parse_instruction(line: str) -> Optional[Instruction]:
-  line = line.strip()
-  root = line.startswith("ROOT ")
-  if root:
-    line = line[5:]
-  if not line.startswith("%") or " = " not in line:
-    return None
-  name, rest = line[1:].split(" = ", 1)
-  end = _balanced(rest, 0) if rest.startswith("(") else rest.index(" ")
-  shape, rest = rest[:end], rest[end:].lstrip()
-  paren = rest.index("(")
-  opcode = rest[:paren]
-  close = _balanced(rest, paren)
-  operands = _NAME.findall(rest[paren + 1:close - 1])
-  return Instruction(name, shape, opcode, operands, rest[close:], root, rest[paren + 1:close - 1])
-
-
-def parse_module(text: str) -> tuple[dict[str, dict[str, Instruction]], str]:
-  """({computation name: {instruction name: Instruction}}, entry computation name)."""
-  computations: dict[str, dict[str, Instruction]] = {}
-  entry, current = None, None
-  for line in text.splitlines():
-    header = _HEADER.match(line)
-    if header and not line.startswith(" "):
-      current = header.group(2)
-      computations[current] = {}
-      if header.group(1):
-        entry = current
-      continue
-    if line.startswith("}"):
-      current = None
-      continue
-    if current is not None:
-      inst = parse_instruction(line)
-      if inst is not None:
-        computations[current][inst.name] = inst
-  if entry is None:
-    raise ValueError("no ENTRY computation in the HLO text")
-  return computations, entry
-
-
-def group_size(inst: Instruction, num_devices: int) -> int:
-  """Devices per replica group of a collective (all devices when the groups are empty)."""
-  attrs = inst.attrs
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
-  if mesh:  # replica_groups=mesh['x'=4,'y'=2] {'x'}
-    sizes = dict(re.findall(r"'([^']+)'=(\d+)", mesh.group(1)))
-    named = re.findall(r"'([^']+)'", mesh.group(2))
-    return math.prod(int(sizes[n]) for n in named) if named else num_devices
-  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs)
-  if iota:  # replica_groups=[groups,size]<=[...]
-    return int(iota.group(2))
-  explicit = re.search(r"replica_groups=\{(\{[^}]*\})", attrs)
-  if explicit:
-    return len([x for x in explicit.group(1).strip("{}").split(",") if x.strip()])
-  pairs = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs)
-  if pairs:
-    return 2
-  return num_devices
+  arrays = hlo_collectives.arrays(shape)
+  return list(arrays[0][1]) if arrays else []
 
 
 @dataclasses.dataclass
@@ -227,22 +134,12 @@ class ModuleCost:
                               _dims(self._shape(comp, inst.operands[1])), _dims(inst.shape))
 
   def _collective(self, comp, inst: Instruction, cost: Cost) -> None:
-    kind = next(k for k in COLLECTIVES if inst.opcode.startswith(k))
-    operand = sum(shape_bytes(self._shape(comp, o), skip_memory_space=False) for o in inst.operands)
-    n = group_size(inst, self.num_devices)
-    if kind in ("all-gather", "reduce-scatter"):
-      full = operand * n if kind == "all-gather" else operand
-      ici = full * (n - 1) / n
-    elif kind == "all-reduce":
-      ici = 2.0 * operand * (n - 1) / n
-    elif kind == "all-to-all":
-      ici = operand * (n - 1) / n
-    else:
-      ici = operand
-    values = cost.collectives.setdefault(kind, {"count": 0.0, "operand_bytes": 0.0, "ici_bytes": 0.0})
+    c = hlo_collectives.collective(inst, comp, "", 1, self.num_devices)
+    values = cost.collectives.setdefault(c.opcode,
+                                         {"count": 0.0, "operand_bytes": 0.0, "ici_bytes": 0.0})
     values["count"] += 1
-    values["operand_bytes"] += operand
-    values["ici_bytes"] += ici
+    values["operand_bytes"] += c.operand_bytes
+    values["ici_bytes"] += c.ici_bytes
 
   def _traffic(self, comp, inst: Instruction) -> float:
     """HBM bytes of one top-level instruction (module docstring)."""
@@ -268,9 +165,9 @@ class ModuleCost:
     reads = 0.0
     for name, param in ((n, c) for n, c in body.items() if c.opcode == "parameter"):
       consumers = self._through_bitcasts(name, users)
-      if consumers and all(c.opcode in _SLICES and c.operands[0] in self._aliases(name, users)
-                           for c in consumers):
-        reads += sum(shape_bytes(c.shape) for c in consumers)
+      sliced = self._sliced_bytes(name, body, users)
+      if sliced is not None:
+        reads += sliced
       elif consumers and all(c.opcode == "dynamic-update-slice" and c.operands[0] in
                              self._aliases(name, users) for c in consumers):
         continue  # the buffer updated in place is not read
@@ -290,6 +187,34 @@ class ModuleCost:
       writes = shape_bytes(inst.shape)
     return reads + writes
 
+  def _sliced_bytes(self, name: str, body, users) -> Optional[float]:
+    """Bytes read of fusion parameter ``name`` when every use slices it (directly, through
+    bitcasts, or inside a nested fusion that only slices it: XLA fuses a layer's
+    dynamic-slice of the stacked weights into the matmul fusion that way); else None."""
+    aliases = self._aliases(name, users)
+    consumers = [u for a in aliases for u in users.get(a, []) if u.opcode != "bitcast"]
+    total = 0.0
+    for c in consumers:
+      if c.opcode in _SLICES and c.operands[0] in aliases:
+        total += shape_bytes(c.shape)
+        continue
+      inner = self.computations.get(c.attr("calls") or "", {}) if c.opcode == "fusion" else {}
+      params = [p for p in inner.values() if p.opcode == "parameter"]
+      positions = [i for i, o in enumerate(c.operands) if o in aliases]
+      if not inner or not positions:
+        return None
+      inner_users: dict[str, list[Instruction]] = {}
+      for child in inner.values():
+        for operand in child.operands:
+          inner_users.setdefault(operand, []).append(child)
+      for i in positions:
+        param = next((p for p in params if p.args.strip() == str(i)), None)
+        part = None if param is None else self._sliced_bytes(param.name, inner, inner_users)
+        if part is None:
+          return None
+        total += part
+    return total if consumers else None
+
   def _aliases(self, name: str, users) -> set[str]:
     """``name`` and the bitcasts of it (transitively)."""
     names, frontier = {name}, [name]
@@ -306,12 +231,9 @@ class ModuleCost:
 
   # -- per computation ---------------------------------------------------------------------------
   def _trip_count(self, comp, inst: Instruction, depth: int) -> tuple[float, str]:
-    known = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', inst.attrs)
-    if known:
-      return float(known.group(1)), "xla"
-    inferred = self._induction_trip_count(comp, inst)
-    if inferred is not None:
-      return float(inferred), "condition"
+    trips, source = hlo_collectives.trip_count(self.computations, comp, inst)
+    if trips is not None:
+      return float(trips), source
     if depth < len(self.unknown_trip_counts):
       return float(self.unknown_trip_counts[depth]), "given"
     where = re.search(r'op_name="([^"]*)"', inst.attrs)
@@ -320,35 +242,6 @@ class ModuleCost:
         f"depth {depth} has no trip count in the HLO; give unknown_trip_counts (got "
         f"{self.unknown_trip_counts})")
 
-  def _induction_trip_count(self, comp, inst: Instruction) -> Optional[int]:
-    """c − i0 for a condition ``ROOT compare(gte(param, k), constant(c)), direction=LT`` with
-    tuple element k of the loop's initial value a constant i0 (through copies)."""
-    cond = self.computations.get(inst.attr("condition") or "", {})
-    root = next((c for c in cond.values() if c.root), None)
-    operands = root.operands[:2] if root is not None else []
-    if root is not None and root.opcode == "fusion":  # a compare fused with nothing else
-      body = self.computations.get(root.attr("calls") or "", {})
-      inner = next((c for c in body.values() if c.root), None)
-      params = {c.name: int(c.args) for c in body.values() if c.opcode == "parameter"}
-      if inner is None or inner.opcode != "compare" or not all(o in params for o in inner.operands):
-        return None
-      root, operands = inner, [root.operands[params[o]] for o in inner.operands[:2]]
-    if root is None or root.opcode != "compare" or "direction=LT" not in root.attrs:
-      return None
-    lhs, rhs = (cond.get(o) for o in operands)
-    if lhs is None or rhs is None or lhs.opcode != "get-tuple-element" or rhs.opcode != "constant":
-      return None
-    bound = _constant(rhs)
-    index = int(lhs.attr("index") or -1)
-    init = comp.get(inst.operands[0]) if inst.operands else None
-    if bound is None or init is None or init.opcode != "tuple" or index >= len(init.operands):
-      return None
-    start = comp.get(init.operands[index])
-    while start is not None and start.opcode == "copy":
-      start = comp.get(start.operands[0])
-    value = _constant(start) if start is not None and start.opcode == "constant" else None
-    return None if value is None else max(0, bound - value)
-
   def cost_of(self, name: str, depth: int = 0, top_level: bool = True) -> Cost:
     comp = self.computations[name]
     cost = Cost()
@@ -356,7 +249,7 @@ class ModuleCost:
       op = inst.opcode
       if op in ("dot", "convolution"):
         cost.flops += self._matmul_flops(comp, inst)
-      if any(op == k or op == f"{k}-start" for k in COLLECTIVES):
+      if hlo_collectives.collective_kind(op):
         self._collective(comp, inst, cost)
       target = re.search(r'custom_call_target="([^"]*)"', inst.attrs) if op == "custom-call" else None
       if target and target.group(1).startswith(KERNEL_TARGETS):
@@ -426,11 +319,6 @@ def _convolution_flops(inst: Instruction, lhs: list[int], rhs: list[int], out: l
              & (position % window["lhs_dilate"] == 0))
     pairs *= int(valid.sum())
   return 2.0 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * pairs
-
-
-def _constant(inst: Instruction) -> Optional[int]:
-  """The integer literal of a scalar ``constant(7)`` (None otherwise)."""
-  return int(inst.args) if re.fullmatch(r"-?\d+", inst.args.strip()) else None
 
 
 def module_cost(text: str, num_devices: int, unknown_trip_counts: Sequence[int] = ()) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -63,6 +62,11 @@ from dmpo_jax.models import attention, lora  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.transformer import create_model  # noqa: E402
 from dmpo_jax.rl import registry, scoring, train_state as ts, train_step  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import plan_config  # noqa: E402  pylint: disable=wrong-import-position
+
+load_config = plan_config.load_config  # benchmarks/step_time.py and the tests use this name
 
 MC_FIELD = {"bgpo": "num_mc", "vrpo_ol": "num_mc", "vrpo_ol_two_pass": "num_mc", "spg": "num_mc",
             "dmpo": "loss_num_mc", "wddo": "weight_num_mc", "diffu_grpo": None, "wd1": None}
@@ -170,26 +174,6 @@ GIB = 1024 ** 3
 TPU_CHIP_GIB = {"v4": 32, "v5p": 95, "v5e": 16, "v5litepod": 16, "v6e": 32}
 
 
-def load_config(path: str, overrides: list[str]) -> "ml_collections.ConfigDict":
-  """``get_config()`` of a configs/*.py file with dotted ``key=value`` overrides (JSON values)."""
-  spec = importlib.util.spec_from_file_location("plan_config", path)
-  if spec is None or spec.loader is None:
-    raise ValueError(f"--config: cannot load {path!r}")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  for key, value in _parse_overrides(overrides).items():
-    *parents, leaf = key.split(".")
-    node = config
-    for name in parents:
-      node = node[name]
-    if leaf not in node:
-      raise KeyError(f"--override {key}: unknown key {leaf!r} in {'.'.join(parents) or 'config'}")
-    node[leaf] = type(node[leaf])(value) if isinstance(node[leaf], (int, float)) and not isinstance(
-        node[leaf], bool) else value
-  return config
-
-
 def plan_devices(topology: str | None) -> tuple[list[Any], str]:
   """The devices to compile for: a TPU topology (``v5p:2x2x1``, needs libtpu) or jax.devices()."""
   if not topology:
@@ -277,7 +261,7 @@ def memory_plan(config: "ml_collections.ConfigDict", devices: list[Any],
   look = (lambda name: None) if inspect is None else (
       lambda name: lambda compiled: inspect(name, compiled))
   from dmpo_jax.rl import loop, sft  # pylint: disable=import-outside-toplevel
-  loop.validate_config(config, len(devices))
+  plan_config.validate_for_plan(config, len(devices))
   mesh = sharding.create_mesh(mesh_shape, devices=devices)
   overrides = {"remat": bool(config.model.remat),
                "use_key_padding_mask": bool(config.model.use_key_padding_mask),
@@ -437,19 +421,6 @@ def _with_peak(info: dict[str, Any], resident: int) -> dict[str, Any]:
   return info
 
 
-def _parse_overrides(items: list[str]) -> dict[str, Any]:
-  out = {}
-  for item in items:
-    if "=" not in item:
-      raise ValueError(f"--set expects key=value, got {item!r}")
-    key, value = item.split("=", 1)
-    try:
-      out[key] = json.loads(value)
-    except json.JSONDecodeError:
-      out[key] = value  # a bare string such as mode=on_policy
-  return out
-
-
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--preset", default="tiny", help="model preset(s), comma separated")
@@ -478,7 +449,7 @@ def main(argv=None) -> int:
   plan.add_argument("--output", default=None, help="also append the JSON line to this file")
   args = parser.parse_args(argv)
   if args.config:
-    config = load_config(args.config, args.override)
+    config = plan_config.load_config(args.config, args.override)
     devices, _ = plan_devices(args.topology)
     mesh_shape = dict(zip(sharding.MESH_AXES, (int(x) for x in args.mesh.split(","))))
     generation = (args.topology or "").split(":")[0]
@@ -487,7 +458,7 @@ def main(argv=None) -> int:
       chips = len({tuple(d.coords) for d in devices})
       device_gib = TPU_CHIP_GIB[generation] * chips / len(devices)
     result = memory_plan(config, devices, mesh_shape, tuple(args.programs.split(",")),
-                         _parse_overrides(args.model),
+                         plan_config.parse_overrides(args.model),
                          device_bytes=int(device_gib * GIB) if device_gib else None)
     result.update(config=os.path.basename(args.config), overrides=args.override + args.model,
                   topology=args.topology)
@@ -501,8 +472,8 @@ def main(argv=None) -> int:
       with open(args.output, "a", encoding="utf-8") as f:
         f.write(line + "\n")
     return 0
-  args.objective_overrides = _parse_overrides(args.set)
-  model_overrides = _parse_overrides(args.model)
+  args.objective_overrides = plan_config.parse_overrides(args.set)
+  model_overrides = plan_config.parse_overrides(args.model)
   for preset in args.preset.split(","):
     for objective in args.objective.split(","):
       for n_mc in [int(x) for x in args.n_mc.split(",")]:

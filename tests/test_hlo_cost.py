@@ -223,3 +223,90 @@ def test_tpu_batched_matmuls_count_their_matmul_flops():
   by_hand = (3 * 2 * (2 * b * n * t * t * h) + 2 * (2 * b * t * n * h * d)) / 4  # per device
   assert hlo_cost.module_cost(out["hlo"], num_devices=4)["flops"] == by_hand
   assert by_hand <= out["xla_flops"] <= 1.1 * by_hand
+
+
+# A Pallas kernel's custom call prints its backend config over several lines; the instructions
+# after it (a matmul and an all-gather inside a loop of 3) belong to the same computation.
+MULTILINE = """HloModule m, entry_computation_layout={()->f32[]}
+
+%body (p: (s32[], bf16[8,16])) -> (s32[], bf16[8,16]) {
+  %p = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%p), index=0
+  %x = bf16[8,16]{1,0} get-tuple-element(%p), index=1
+  %k = bf16[8,16]{1,0} custom-call(%x), custom_call_target="tpu_custom_call", backend_config={"custom_call_config": {"body": "TUxJUgA=",
+"xprof_metadata":"{\\"block_q\\": 512}"
+}}, metadata={op_name="splash"}
+  %w = bf16[16,16]{1,0} constant({...})
+  %y = bf16[8,16]{1,0} dot(%k, %w), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %g = bf16[32,16]{1,0} all-gather(%y), channel_id=1, replica_groups=[1,4]<=[4], dimensions={0}
+  %one = s32[] constant(1)
+  %i2 = s32[] add(%i, %one)
+  ROOT %t = (s32[], bf16[8,16]{1,0}) tuple(%i2, %y)
+}
+
+%cond (q: (s32[], bf16[8,16])) -> pred[] {
+  %q = (s32[], bf16[8,16]{1,0}) parameter(0)
+  %j = s32[] get-tuple-element(%q), index=0
+  %n = s32[] constant(3)
+  ROOT %lt = pred[] compare(%j, %n), direction=LT
+}
+
+ENTRY %main (a: bf16[8,16]) -> f32[] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %zero = s32[] constant(0)
+  %init = (s32[], bf16[8,16]{1,0}) tuple(%zero, %a)
+  %loop = (s32[], bf16[8,16]{1,0}) while(%init), condition=%cond, body=%body
+  ROOT %r = f32[] constant(0)
+}
+"""
+
+
+def test_instructions_after_a_multiline_custom_call_are_read():
+  from dmpo_jax import hlo_collectives  # pylint: disable=import-outside-toplevel
+  out = hlo_cost.module_cost(MULTILINE, num_devices=4)
+  assert out["kernel_calls"] == 3
+  assert out["flops"] == 3 * 2 * 8 * 16 * 16
+  gathered = 8 * 16 * 2  # one device's bf16 [8, 16]
+  assert out["collectives"]["all-gather"] == {"count": 3, "operand_bytes": 3 * gathered,
+                                              "ici_bytes": 3 * 3 * gathered}
+  # The collective reader of `benchmarks/memory.py` is the same parser: same count, same bytes.
+  (item,) = hlo_collectives.collectives(MULTILINE, num_devices=4)
+  assert (item.name, item.executions, item.payload_bytes) == ("g", 3, 4 * gathered)
+  assert item.ici_bytes * item.executions == out["ici_bytes"]
+
+
+# The sampler's layer loop on a resident weight stack: XLA fuses the layer's dynamic-slice of
+# the stacked weights [6, 128, 512] into the matmul fusion as a nested fusion.
+NESTED_SLICE = """HloModule m, entry_computation_layout={()->bf16[16,512]}
+
+%slice_layer (w.1: bf16[6,128,512], i.1: s32[]) -> bf16[128,512] {
+  %w.1 = bf16[6,128,512]{2,1,0} parameter(0)
+  %i.1 = s32[] parameter(1)
+  %z.1 = s32[] constant(0)
+  %ds = bf16[1,128,512]{2,1,0} dynamic-slice(%w.1, %i.1, %z.1, %z.1), dynamic_slice_sizes={1,128,512}
+  ROOT %b = bf16[128,512]{1,0} bitcast(%ds)
+}
+
+%matmul (x.2: bf16[16,128], w.2: bf16[6,128,512], i.2: s32[]) -> bf16[16,512] {
+  %x.2 = bf16[16,128]{1,0} parameter(0)
+  %w.2 = bf16[6,128,512]{2,1,0} parameter(1)
+  %i.2 = s32[] parameter(2)
+  %layer = bf16[128,512]{1,0} fusion(%w.2, %i.2), kind=kLoop, calls=%slice_layer
+  ROOT %y = bf16[16,512]{1,0} dot(%x.2, %layer), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+ENTRY %main (x: bf16[16,128], w: bf16[6,128,512], i: s32[]) -> bf16[16,512] {
+  %x = bf16[16,128]{1,0} parameter(0)
+  %w = bf16[6,128,512]{2,1,0} parameter(1)
+  %i = s32[] parameter(2)
+  ROOT %f = bf16[16,512]{1,0} fusion(%x, %w, %i), kind=kOutput, calls=%matmul
+}
+"""
+
+
+def test_a_slice_in_a_nested_fusion_reads_one_layer():
+  out = hlo_cost.module_cost(NESTED_SLICE, num_devices=1)
+  layer = 128 * 512 * 2
+  # x and one layer in (+ the index, read by the fusion's parameter), y out: not all 6 layers.
+  assert out["hbm_bytes"] == 16 * 128 * 2 + layer + 4 + 16 * 512 * 2
+  assert out["flops"] == 2 * 16 * 512 * 128
