@@ -1,4 +1,4 @@
-"""Shared pytest fixtures.
+"""Shared pytest fixtures, and two guards on the whole suite.
 
 Two data folders:
 
@@ -7,15 +7,88 @@ Two data folders:
 * ``benchmark_data_dir``: the full benchmark files (``launch/prepare_data.py`` writes them), named
   by ``DMPO_JAX_DATA_DIR``; `.ci/run` sets it. Without it the checks on the full files are skipped,
   and the skip reason says so.
+
+Guards:
+
+* Nothing compiles at import: collecting a test module that compiles an XLA program (a module-level
+  ``jax.jit`` call, ``jax.random.key``, a dtype cast on the device) is a collection error naming
+  the module. Build such values in a fixture or on first use (`tests/helpers/objective_setup.py`).
+* No test writes into the repository: after each test module, ``git status`` (untracked and
+  ignored files included, ``__pycache__`` excluded) must equal its state before the module, or
+  the module's last test errors with the paths. Tests write under ``tmp_path``; hypothesis keeps
+  no example database (it would write ``.hypothesis/`` into the working folder).
+
+Shared helpers live in ``tests/helpers`` (``from tests.helpers import hf_fixtures``).
 """
 
 import os
 import pathlib
+import shutil
+import subprocess
 
+import hypothesis
+import jax
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE_DATA_DIR = REPO_ROOT / "tests" / "fixtures" / "data"
+
+hypothesis.settings.register_profile("no_database", database=None)
+hypothesis.settings.load_profile("no_database")
+
+# -- nothing compiles at import ------------------------------------------------------------------
+
+_COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+_compiles = [0]
+
+
+def _count_compiles(event: str, duration_secs: float, **_) -> None:
+  del duration_secs
+  if event == _COMPILE_EVENT:
+    _compiles[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+  """Fails the collection of a test module whose import compiled an XLA program."""
+  before = _compiles[0]
+  outcome = yield
+  compiled = _compiles[0] - before
+  report = outcome.get_result()
+  if isinstance(collector, pytest.Module) and compiled and report.outcome == "passed":
+    report.outcome = "failed"
+    report.longrepr = (f"{collector.nodeid}: importing it compiled {compiled} XLA program(s); "
+                       "build jitted values in a fixture or on first use, not at import")
+
+
+# -- no test writes into the repository -----------------------------------------------------------
+
+
+def _repository_state():
+  """``git status`` lines (tracked changes, untracked and ignored files) without byte code; None
+  outside a git checkout."""
+  if shutil.which("git") is None or not (REPO_ROOT / ".git").exists():
+    return None
+  result = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all", "--ignored"],
+                          cwd=REPO_ROOT, capture_output=True, text=True, check=False)
+  if result.returncode != 0:
+    return None
+  return {line for line in result.stdout.splitlines()
+          if "__pycache__/" not in line and not line.endswith(".pyc")}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_writes_into_the_repository():
+  before = _repository_state()
+  yield
+  after = _repository_state()
+  if before is not None and after is not None and after != before:
+    changed = sorted(after - before) + [f"(gone) {line}" for line in sorted(before - after)]
+    pytest.fail("the tests of this module changed the repository (write under tmp_path): "
+                + "; ".join(changed[:10]), pytrace=False)
 
 
 @pytest.fixture(scope="session")

@@ -16,11 +16,12 @@ from dmpo_jax.rl import grad as G
 from dmpo_jax.rl import registry, scoring
 
 RNG = np.random.default_rng(0)
-PARAMS = {"w": jnp.asarray(RNG.normal(size=(3, 2)), jnp.float32),
-          "b": jnp.asarray(RNG.normal(size=(2,)), jnp.float32)}
-BATCH = {"x": jnp.asarray(RNG.normal(size=(8, 3)), jnp.float32),
-         "y": jnp.asarray(RNG.normal(size=(8, 2)), jnp.float32),
-         "count": jnp.asarray(RNG.integers(1, 4, size=(8,)), jnp.float32)}
+# Host arrays (jax converts them on use), so that building them compiles nothing at import.
+PARAMS = {"w": RNG.normal(size=(3, 2)).astype(np.float32),
+          "b": RNG.normal(size=(2,)).astype(np.float32)}
+BATCH = {"x": RNG.normal(size=(8, 3)).astype(np.float32),
+         "y": RNG.normal(size=(8, 2)).astype(np.float32),
+         "count": RNG.integers(1, 4, size=(8,)).astype(np.float32)}
 NUM_SAMPLES = 3
 
 

@@ -28,7 +28,7 @@ def _run_checks(workdir: pathlib.Path) -> None:
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  import hf_fixtures
+  from tests.helpers import hf_fixtures
   from dmpo_jax import sharding as sharding_lib
   from dmpo_jax.models import hf_io
 

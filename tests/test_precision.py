@@ -16,7 +16,7 @@ from dmpo_jax.models import lora
 from dmpo_jax.models.config import get_preset
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import loop, registry, rollout, sft, train_state as ts, train_step
-from tests.test_trainer import _final_params, _metrics_without_times, small_config
+from tests.helpers.small_runs import final_params, metrics_without_times, small_config
 
 BF16 = {"dtype": "bfloat16", "param_dtype": "bfloat16"}
 
@@ -280,7 +280,7 @@ def test_bf16_loop_keeps_dtypes_and_resumes_bit_identically(tmp_path, monkeypatc
     assert skipped == (1.0 if where == (1, 0) else 0.0), where
     if where != (1, 0):
       assert np.isfinite(loss), where
-  a, b = _final_params(straight), _final_params(resumed)
+  a, b = final_params(straight), final_params(resumed)
   assert int(a["step"]) == 6
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert _metrics_without_times(straight) == _metrics_without_times(resumed)
+  assert metrics_without_times(straight) == metrics_without_times(resumed)

@@ -10,7 +10,7 @@ import re
 import subprocess
 import sys
 
-import hf_fixtures
+from tests.helpers import hf_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README_CHECKPOINT = '"/models/LLaDA-8B-Instruct"'

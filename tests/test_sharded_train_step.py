@@ -13,7 +13,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 
 
 def test_sharded_step_matches_single_device():
-  result = subprocess.run([sys.executable, str(HERE / "sharded_step_check.py"), "bgpo", "dmpo"],
+  script = HERE / "helpers" / "sharded_step_check.py"
+  result = subprocess.run([sys.executable, str(script), "bgpo", "dmpo"],
                           capture_output=True, text=True, timeout=600, cwd=HERE.parent,
                           env={**os.environ, "PYTHONPATH": str(HERE.parent)})
   assert result.returncode == 0, result.stderr[-3000:]

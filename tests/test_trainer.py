@@ -12,35 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
 from dmpo_jax import checkpointing
 from dmpo_jax.rl import loop, train_state as ts
+from tests.helpers.small_runs import (final_params, metrics_without_times, small_config,
+                                      small_config_flags)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-# The demo at test size: DMPO without a weight baseline (so updates are non-zero even when every
-# reward is 0), two updates per rollout, 4 RL steps, small eval, no warm-up.
-SMALL = {"objective": "dmpo", "dmpo.baseline": "none", "updates_per_rollout": 2,
-         "sft.num_steps": 0, "num_steps": 4, "prompts_per_step": 4, "group_size": 4,
-         "eval.every_steps": 4, "eval.num_examples": 16, "eval.batch_size": 16,
-         "checkpoint.every_steps": 2, "progress_bar": False}
-
-
-def small_config(**overrides):
-  config = demo.get_config()
-  for key, value in {**SMALL, **overrides}.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
-
-
-def small_config_flags(**overrides):
-  """The same config as command-line overrides of configs/demo.py."""
-  return [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
 
 
 def test_validate_config_names_each_problem(tmp_path):
@@ -77,19 +54,6 @@ def test_nonfinite_gradient_skips_update():
   assert float(metrics["train/skipped_nonfinite"]) == 1.0
 
 
-def _metrics_without_times(workdir):
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if not k.startswith(("time/", "rollout/tokens_per_second"))}
-          for r in rows]
-
-
-def _final_params(workdir):
-  ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints")
-  restored = ckpt.restore()
-  ckpt.close()
-  return restored.state
-
-
 def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
   base = [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/demo.py",
           f"--workdir={tmp_path}"]
@@ -123,7 +87,7 @@ def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
   config = small_config(**{"num_steps": 2, "eval.every_steps": 2, "model.lora_rank": 4,
                            "model.lora_targets": ("q_proj", "v_proj", "ff_out")})
   results = loop.train(config, str(tmp_path))
-  state = _final_params(tmp_path)["params"]
+  state = final_params(tmp_path)["params"]
   base = nnx.split(create_model(get_preset("tiny", remat=False), seed=config.seed))[1]
   # Base weights are frozen (bit-identical), adapters moved away from their zero B init.
   np.testing.assert_array_equal(state["blocks"]["q_proj"]["value"], base["blocks"]["q_proj"][...])
@@ -168,11 +132,11 @@ def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
   assert 2 <= stopped_at < 30
   loop.train(small_config(**overrides), str(killed))
 
-  a, b = _final_params(straight), _final_params(killed)
+  a, b = final_params(straight), final_params(killed)
   assert int(a["step"]) == int(b["step"]) == 30 * 2  # optimizer updates: 30 rollouts x F = 2
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  metrics = _metrics_without_times(straight)
-  assert metrics == _metrics_without_times(killed)
+  metrics = metrics_without_times(straight)
+  assert metrics == metrics_without_times(killed)
   assert [m["step"] for m in metrics] == list(range(31))  # no duplicated or missing step
   assert "eval/accuracy" in metrics[0]  # held-out accuracy right before RL
   assert all(m["train/grad_norm"] > 0 for m in metrics[1:])  # real updates, not no-ops
@@ -261,7 +225,7 @@ def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkey
   assert "final_model" in results
   assert _metric_steps(run) == list(range(9))  # each step once: the rows after the fallback
   assert (run / "checkpoints" / f"{checkpointing.CORRUPT_PREFIX}{latest}").is_dir()
-  restored = _final_params(run)
+  restored = final_params(run)
   assert int(restored["step"]) == 8 * 2
 
   # Metrics but no checkpoint (checkpoints/ emptied, or a kill before the first save): another

@@ -10,8 +10,6 @@ variants of one sequence (original / last token changed / left-padded / pad toke
 """
 
 import functools
-import sys
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import hf_fixtures  # noqa: E402
+from tests.helpers import hf_fixtures
 
 from dmpo_jax.models import layers as L  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
