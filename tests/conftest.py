@@ -18,13 +18,16 @@ Guards:
   the module's last test errors with the paths. Tests write under ``tmp_path``; hypothesis keeps
   no example database (it would write ``.hypothesis/`` into the working folder).
 
-Shared helpers live in ``tests/helpers`` (``from tests.helpers import hf_fixtures``).
+* One import style: every module under ``tests/`` is imported as ``tests.<name>`` (shared helpers
+  as ``from tests.helpers import hf_fixtures``), never a second time under a bare name after a
+  ``sys.path`` insert; collection stops otherwise.
 """
 
 import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import hypothesis
 import jax
@@ -62,6 +65,18 @@ def pytest_make_collect_report(collector):
     report.outcome = "failed"
     report.longrepr = (f"{collector.nodeid}: importing it compiled {compiled} XLA program(s); "
                        "build jitted values in a fixture or on first use, not at import")
+
+
+def pytest_collection_finish(session):
+  """Stops the run when a module under tests/ was imported under a second, bare name."""
+  del session
+  tests_dir = REPO_ROOT / "tests"
+  bare = sorted(name for name, module in list(sys.modules.items())
+                if getattr(module, "__file__", None) and not name.startswith("tests")
+                and pathlib.Path(module.__file__).resolve().is_relative_to(tests_dir))
+  if bare:
+    raise pytest.UsageError(f"modules under tests/ imported by a bare name: {bare}; import them "
+                            "as tests.<name> (helpers: from tests.helpers import <name>)")
 
 
 # -- no test writes into the repository -----------------------------------------------------------

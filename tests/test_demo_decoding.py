@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 from dmpo_jax import checkpointing
 from dmpo_jax.models.config import get_preset
 from dmpo_jax.models.transformer import create_model, split_model
@@ -13,6 +15,7 @@ from dmpo_jax.models.transformer import create_model, split_model
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_every_mode_reports_accuracy_and_counted_nfe(tmp_path):
   config = get_preset("tiny", initializer_range=0.1)
   model = create_model(config, 0)

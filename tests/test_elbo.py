@@ -122,6 +122,7 @@ def test_elbo_estimate_scan_equals_loop_and_shares_masks(toy):
     assert est.mean.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_estimator_expectations_equal_the_bound_below_log_px(toy):
   config, model = toy
   lp = _subset_table(model, config)

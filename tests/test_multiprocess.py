@@ -12,6 +12,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from dmpo_jax import checkpointing
@@ -66,6 +67,7 @@ def _run_pair(workdir, overrides):
         p.communicate()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(tmp_path):
   single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
   single = _start(single_dir, 2, {})

@@ -10,6 +10,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.helpers import hf_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -39,6 +41,7 @@ def python_api_block() -> str:
   return blocks[0]
 
 
+@pytest.mark.slow
 def test_readme_python_api_runs(tmp_path):
   checkpoint = tmp_path / "llada"
   hf_fixtures.make_llada_checkpoint(checkpoint, tokenizer="bpe")

@@ -58,6 +58,7 @@ def _chunk_average(name, aux, chunk_factor, **overrides):
   return total
 
 
+@pytest.mark.slow
 def test_diffu_grpo_per_micro_batch_token_mean():
   """d1: each micro-batch's loss is its own token mean; micro-batch losses are averaged."""
   _, _, aux = run("diffu_grpo", tiny.PARAMS_OLD, num_iterations=2)
@@ -73,6 +74,7 @@ def test_diffu_grpo_per_micro_batch_token_mean():
   assert np.isfinite(float(out_ref.loss))
 
 
+@pytest.mark.slow
 def test_spg_per_micro_batch_length_normalisation():
   _, _, aux = run("spg", tiny.PARAMS_OLD, num_mc=2, block_length=4)
   g_ref, _, _ = run("spg", tiny.PARAMS_NEW, aux=aux, num_mc=2, block_length=4,

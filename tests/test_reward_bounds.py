@@ -243,6 +243,7 @@ def test_reward_pool_matches_in_process():
     pool.close()
 
 
+@pytest.mark.slow
 def test_reward_pool_wall_limit_scores_zero_and_replaces_worker(monkeypatch, fixture_data_dir):
   """A call past the wall limit (a program that sleeps) scores 0 with a reason; its worker is
   killed and replaced, and the pool keeps working."""

@@ -8,10 +8,12 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
   script = HERE / "helpers" / "sharded_step_check.py"
   result = subprocess.run([sys.executable, str(script), "bgpo", "dmpo"],

@@ -79,6 +79,7 @@ def test_every_published_config_validates(name):
   loop.validate_config(config, num_devices=8 if name != "demo" else 1)
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from dmpo_jax.models import lora  # pylint: disable=import-outside-toplevel
@@ -106,6 +107,7 @@ def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
   assert lora.has_adapters(nnx.split(final)[1]) is False
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
   """A real SIGTERM (preemption) to `launch/train.py` mid-run, then a resume, gives the same
   parameters and metrics as an uninterrupted run."""
@@ -142,6 +144,7 @@ def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
   assert all(m["train/grad_norm"] > 0 for m in metrics[1:])  # real updates, not no-ops
 
 
+@pytest.mark.slow
 def test_minibatches_split_each_rollout_into_disjoint_whole_groups(tmp_path, monkeypatch):
   """BGPO off-policy as in the paper: 2 updates per rollout on 2 disjoint mini-batches."""
   seen = []
@@ -186,6 +189,7 @@ def _metric_steps(workdir):
           if line.strip()]
 
 
+@pytest.mark.slow
 def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkeypatch):
   """`launch/train.py` with a relative --workdir (DMPO with alpha > 0: reference model saved in
   the workdir) is killed (SIGKILL) after its second checkpoint; the latest checkpoint is then
