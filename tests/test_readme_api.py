@@ -1,4 +1,5 @@
-"""Runs the README's Python API example on a tiny synthetic LLaDA checkpoint (tests/hf_fixtures.py).
+"""Runs the README's Python API example on a tiny synthetic LLaDA checkpoint
+(tests/helpers/hf_fixtures.py).
 
 The block is taken verbatim from README.md ("### Python API"); only the checkpoint path is
 replaced. It runs in a subprocess with XLA's fast-compile CPU options (code generation only, no
