@@ -62,6 +62,7 @@ def files(tmp_path_factory):
 # --help and one-line errors
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_lists_every_flag_and_exits_0(tmp_path):
   results = run_scripts([(s, ["--help"]) for s in SCRIPTS], cwd=tmp_path)
   for script, result in zip(SCRIPTS, results):

@@ -158,6 +158,7 @@ def compiled_temp_bytes(objective_name: str, n_mc: int, micro_batch_size: int = 
 
 
 @pytest.mark.parametrize("objective_name", ["bgpo", "dmpo", "vrpo_ol_two_pass"])
+@pytest.mark.slow
 def test_temp_memory_independent_of_mc_samples(objective_name):
   # The accumulation loop's trip count is a runtime value, so n_t = 1 keeps the loop (and its
   # working set) and every n_t compiles to the same buffers: the bound is 5 %.
@@ -165,12 +166,14 @@ def test_temp_memory_independent_of_mc_samples(objective_name):
   assert many <= 1.05 * one, (objective_name, one, many)
 
 
+@pytest.mark.slow
 def test_temp_memory_independent_of_micro_batches():
   full, micro = compiled_temp_bytes("bgpo", 2), compiled_temp_bytes("bgpo", 2, micro_batch_size=1)
   # Micro-batches of 1 row of 4 need less activation memory; never more than the full batch.
   assert micro <= 1.05 * full, (full, micro)
 
 
+@pytest.mark.slow
 def test_direct_vrpo_ol_memory_grows_with_mc_samples():
   # The direct form keeps all n_t forward graphs alive for exp(mean_j d_j): the problem BGPO
   # and the two-pass form solve.

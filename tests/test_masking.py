@@ -67,6 +67,7 @@ ALL_FNS = {
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FNS))
+@pytest.mark.slow
 def test_only_eligible_positions_and_crn(name):
   fn = ALL_FNS[name]
   for j in range(3):

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from dmpo_jax.diffusion import elbo, masking
 from dmpo_jax.rl import scoring
@@ -31,6 +32,7 @@ def bgpo_aux():
   return Prepared(aux.per_example | {"advantages": ADVANTAGES}, aux.metrics)
 
 
+@pytest.mark.slow
 def test_bgpo_on_policy_value_is_mean_advantage_and_gradient_equals_vrpo_ol():
   g_on, out_on, _ = run("bgpo", tiny.PARAMS_OLD, aux=Prepared({"advantages": ADVANTAGES}, {}),
                         num_mc=3, mode="on_policy")
@@ -119,6 +121,7 @@ def np_group_softmax(x, gid):
   return out
 
 
+@pytest.mark.slow
 def test_dmpo_weights_and_loss_match_independent_computation():
   alpha = 0.5
   g, out, aux = run("dmpo", tiny.PARAMS_NEW, alpha=alpha, weight_num_mc=2, loss_num_mc=2,
@@ -142,6 +145,7 @@ def test_dmpo_weights_and_loss_match_independent_computation():
                              np.mean(np.var(terms, axis=0, ddof=1)), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_dmpo_model_baseline_invariant_to_group_placement():
   kw = dict(alpha=0.5, weight_num_mc=2, loss_num_mc=2, baseline="model", micro_batch_size=2)
   g, out, aux = run("dmpo", tiny.PARAMS_NEW, **kw)
@@ -165,6 +169,7 @@ def test_dmpo_model_baseline_invariant_to_group_placement():
 
 # -- two-pass WDDO and SPG EUBO vs direct autodiff -----------------------------------------------
 
+@pytest.mark.slow
 def test_wddo_two_pass_equals_direct_autodiff():
   cfg = dict(alpha=0.5, weight_num_mc=2, beta=0.7, fake_weight=0.5)
   g, out, aux = run("wddo", tiny.PARAMS_NEW, **cfg)
@@ -186,6 +191,7 @@ def test_wddo_two_pass_equals_direct_autodiff():
   np.testing.assert_allclose(np.asarray(pe["weights"]).reshape(2, 2).sum(0), [2.0, 2.0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_spg_eubo_two_pass_equals_direct_autodiff():
   cfg = dict(num_mc=2, block_length=4, eubo_beta=1.5, negative_estimator="mix", mix_weight=0.3)
   g, out, aux = run("spg", tiny.PARAMS_NEW, **cfg)
@@ -230,6 +236,7 @@ def one_step_logps(params, seed_index):
                                      tiny.BATCH["attention_mask"]), sample.scored
 
 
+@pytest.mark.slow
 def test_diffu_grpo_matches_independent_token_loss():
   g, out, aux = run("diffu_grpo", tiny.PARAMS_NEW, num_iterations=3, p_mask_prompt=0.3, beta=0.04,
                     clip_eps=0.2)

@@ -83,6 +83,7 @@ def test_spg_per_micro_batch_length_normalisation():
   assert_trees_close(g_ref, want, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_dmpo_reference_loss_scale():
   """DMPO reference: mean over micro-batches of each micro-batch's summed loss. The default
   divides by the number of prompts; here each micro-batch of 2 rows holds 1 prompt's worth of
@@ -104,6 +105,7 @@ def test_dmpo_reference_loss_scale():
   np.testing.assert_allclose(float(out_one.loss), 2.0 * float(out_default.loss), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dmpo_alpha_minus_one_raw_reward_weights():
   """alpha = -1: w = r, w⁻ = −r (no softmax). Individual baseline: A = r − (−r) = 2r; group
   baseline: A = r − mean_G(r). Rewards [1, 0, 2, 0.5], groups {0, 2} and {1, 3}."""
@@ -123,6 +125,7 @@ def test_dmpo_alpha_minus_one_raw_reward_weights():
     run("dmpo", tiny.PARAMS_OLD, alpha=-1.0, target_ess=0.5)
 
 
+@pytest.mark.slow
 def test_dmpo_separate_eos_switch_for_the_loss():
   """Weights on the full canvas, loss up to the first EOS: the loss (given fixed weights) equals
   the loss of a config that scores up to the first EOS everywhere, and differs from the

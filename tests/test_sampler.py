@@ -150,6 +150,7 @@ def test_greedy_matches_numpy_loop_with_cfg_and_padding():
   assert out.commit_log_prob.dtype == np.float32 and (out.commit_log_prob <= 0).all()
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_per_key_and_compiles_once():
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=4, block_length=K, temperature=0.8,

@@ -54,6 +54,7 @@ def test_nonfinite_gradient_skips_update():
   assert float(metrics["train/skipped_nonfinite"]) == 1.0
 
 
+@pytest.mark.slow
 def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
   base = [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/demo.py",
           f"--workdir={tmp_path}"]
