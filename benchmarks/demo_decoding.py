@@ -99,6 +99,8 @@ def main(argv=None) -> int:
   parser.add_argument("--num_examples", type=int, default=NUM_HELD_OUT,
                       help="the first N held-out rows (the demo's evaluation uses all 256)")
   args = parser.parse_args(argv)
+  if not 1 <= args.num_examples <= NUM_HELD_OUT:
+    parser.error(f"--num_examples={args.num_examples}: expected 1 to {NUM_HELD_OUT}")
   workdir = pathlib.Path(args.workdir)
   start = time.perf_counter()
   checkpoint = (pathlib.Path(args.checkpoint) if args.checkpoint
@@ -108,8 +110,6 @@ def main(argv=None) -> int:
   graphdef, params = nnx.split(model)
   tokenizer = load_tokenizer("byte", family=model.config.family)
   task = digit_sort.TASK
-  if not 1 <= args.num_examples <= NUM_HELD_OUT:
-    parser.error(f"--num_examples={args.num_examples}: expected 1 to {NUM_HELD_OUT}")
   examples = task.load_eval(None, num_examples=NUM_HELD_OUT, seed=args.seed)[:args.num_examples]
   ids, mask, _ = rollout.encode_prompts(tokenizer, task, examples, prompt_length=PROMPT_LENGTH,
                                         evaluation=True)
