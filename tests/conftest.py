@@ -23,21 +23,29 @@ Guards:
   ``sys.path`` insert; collection stops otherwise.
 """
 
+import atexit
 import os
 import pathlib
 import shutil
 import subprocess
 import sys
+import tempfile
 
 import hypothesis
+import hypothesis.configuration
 import jax
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 FIXTURE_DATA_DIR = REPO_ROOT / "tests" / "fixtures" / "data"
 
+# Hypothesis writes its example database and caches (charmaps, constants) under
+# ``<working folder>/.hypothesis``: keep none of it, and put the caches in a temporary folder.
 hypothesis.settings.register_profile("no_database", database=None)
 hypothesis.settings.load_profile("no_database")
+_HYPOTHESIS_HOME = tempfile.mkdtemp(prefix="hypothesis_")
+hypothesis.configuration.set_hypothesis_home_dir(_HYPOTHESIS_HOME)
+atexit.register(shutil.rmtree, _HYPOTHESIS_HOME, ignore_errors=True)
 
 # -- nothing compiles at import ------------------------------------------------------------------
 

@@ -187,6 +187,7 @@ def test_user_errors_are_one_line_with_exit_code_2(files):
       assert not (files / folder).exists(), (command, folder)
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_the_traceback(files):
   result, = run_scripts([("score", ["--task=gsm8k", "--input=bad.json", "--debug"])], cwd=files)
   assert result.returncode != 0

@@ -132,6 +132,7 @@ def test_k_stratified_offset_is_uniform_and_subsets_uniform():
   np.testing.assert_allclose(mask.mean(0), mask.mean(), atol=0.03)
 
 
+@pytest.mark.slow
 def test_antithetic_pairs_are_complements_with_lambda_range():
   for pair in range(2):
     even = J(M.antithetic_mask)(mask_keys(), ELIG, 2 * pair)

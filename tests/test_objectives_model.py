@@ -47,6 +47,7 @@ def test_bgpo_on_policy_value_is_mean_advantage_and_gradient_equals_vrpo_ol():
   assert_trees_close(g_on, g_vrpo, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_pass_vrpo_ol_equals_direct_off_policy():
   g_direct, out_direct, _ = run("vrpo_ol", tiny.PARAMS_NEW, aux=bgpo_aux(), num_mc=3)
   g_two, out_two, _ = run("vrpo_ol_two_pass", tiny.PARAMS_NEW, aux=bgpo_aux(), num_mc=3,
@@ -73,6 +74,7 @@ def bgpo_sample_grad(params, advantages, keys, j, n):
   return jax.value_and_grad(loss)(params)
 
 
+@pytest.mark.slow
 def test_bgpo_micro_batched_scan_equals_unrolled_full_batch():
   n = 3
   keys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], sequence_ratio._MASK_PURPOSE)
@@ -260,6 +262,7 @@ def test_diffu_grpo_matches_independent_token_loss():
   assert int(np.asarray(scored)[1].sum()) == 4  # scored up to and including the first EOS
 
 
+@pytest.mark.slow
 def test_wd1_matches_independent_loss():
   g, out, aux = run("wd1", tiny.PARAMS_NEW, num_iterations=3, p_mask_prompt=0.3)
   a = np.asarray(tiny.BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
@@ -276,6 +279,7 @@ def test_wd1_matches_independent_loss():
   assert_trees_close(g, grad)
 
 
+@pytest.mark.slow
 def test_bgpo_prepare_reports_mc_variance_of_independent_elbo_terms():
   aux = run("bgpo", tiny.PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
   # Per-sequence sample variance of the 3 old-policy MC terms, averaged over the batch (numpy).

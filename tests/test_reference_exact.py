@@ -117,6 +117,7 @@ def dmpo_case(overrides, group, prompts=2, gen=16, seed=0):
 
 
 @pytest.mark.parametrize("name", ["dmpo_gsm8k", "dmpo_math", "dmpo_sudoku", "dmpo_countdown"])
+@pytest.mark.slow
 def test_dmpo_published_configs(name):
   objective, block, group = published(name)
   assert objective == "dmpo"
@@ -126,6 +127,7 @@ def test_dmpo_published_configs(name):
 
 @pytest.mark.parametrize("group,micro", [(16, 4), (4, 8)])
 @pytest.mark.parametrize("baseline", ["group", "model"])
+@pytest.mark.slow
 def test_dmpo_micro_batch_scope_layouts(baseline, group, micro):
   """Micro-batches that split groups (c < G) and that span groups (c > G); the model baseline on
   the loss masks, as the reference computes it."""
@@ -218,6 +220,7 @@ def test_bgpo_off_policy_with_dare_clips():
   assert_matches(got, want)
 
 
+@pytest.mark.slow
 def test_vrpo_ol_published_config():
   objective, block, group = published("vrpo_ol_math")
   got, want = sequence_ratio_case(objective, block, group, off_policy=False,
@@ -254,6 +257,7 @@ def test_wd1_published_config():
   assert_matches((loss, grad), want)
 
 
+@pytest.mark.slow
 def test_spg_published_config():
   objective, block, group = published("spg_gsm8k")
   batch = ref.make_batch(2, group, PROMPT, 64, 2)

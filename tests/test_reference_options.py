@@ -142,6 +142,7 @@ def test_dmpo_separate_eos_switch_for_the_loss():
   assert diff > 1e-7
 
 
+@pytest.mark.slow
 def test_wd1_pos_only_by_hand():
   w_pos = jnp.asarray([0.7, 0.3])
   w_neg = jnp.asarray([0.2, 0.8])
@@ -167,6 +168,7 @@ def _spg_toy():
 
 
 @pytest.mark.parametrize("mc_index", [0, 1, 2, 3])
+@pytest.mark.slow
 def test_spg_reference_prompt_masking(mc_index):
   """With p_mask_prompt = 1 every candidate position is prompt-masked, so the two laws differ
   exactly in the documented places: SPG's own ``forward_process`` leaves the chosen block's
@@ -201,6 +203,7 @@ def test_spg_reference_prompt_masking(mc_index):
   np.testing.assert_allclose(ref.weight[0], 1.0 / want_scored.sum(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_d1_prompt_masking_of_left_padding():
   """Row 0 of the batch has one left-pad position; with p_mask_prompt = 1 the reference law
   (``mask_prompt_padding``) masks it, the default masks only real prompt tokens."""
@@ -243,6 +246,7 @@ def test_group_baseline_per_micro_batch_small_repro():
     reference_rules.micro_batch_ids(4, 3)
 
 
+@pytest.mark.slow
 def test_reference_ess_solver_stops_at_its_start_when_saturated():
   """A unique best reward 2 nats·α⁻¹ = 50 ahead: at c = 0.5 the weights are one-hot to double
   precision, the finite-difference gradient is 0 and L-BFGS-B returns its start point; the
@@ -311,6 +315,7 @@ def test_reference_option_validation():
       DMPOConfig(**values)
 
 
+@pytest.mark.slow
 def test_padding_visibility_matches_the_references_unpadded_forward():
   """The references pass no attention mask, but each device batch holds one prompt, so their rows
   carry no padding. Row 0 of the test batch (one left pad) with the key-padding mask gives the

@@ -168,6 +168,7 @@ def test_sampling_is_deterministic_per_key_and_compiles_once():
 
 
 @pytest.mark.parametrize("rule", [{"threshold": 0.02}, {"factor": 1.5}], ids=["threshold", "factor"])
+@pytest.mark.slow
 def test_parallel_decoding_matches_numpy_loop(rule):
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=2, block_length=K, return_trace=True, **rule)

@@ -248,6 +248,7 @@ def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkey
   assert _metric_steps(run) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_cli_refuses_fresh_start_over_old_metrics(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 1.0}\n{"step": 1, "x": 2.0}\n')
   result = subprocess.run(
