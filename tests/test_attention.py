@@ -94,6 +94,7 @@ def test_model_config_attention_impl_is_validated():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_splash_matches_xla_and_numpy_with_padding(dtype):
   q, k, v, key_mask = inputs(dtype)
   splash = jax.jit(A.splash_attention)(q, k, v, key_mask)
@@ -123,6 +124,7 @@ def test_splash_short_query_window_takes_the_xla_path():
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_cudnn_key_reordering_is_exact(dtype):
   # The cuDNN path's transformation (real keys first + per-row lengths), run through XLA.
   q, k, v, key_mask = inputs(dtype, t=24, s=40)
@@ -143,6 +145,7 @@ def test_cudnn_key_reordering_is_exact(dtype):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_transformer_splash_matches_xla(dtype):
   # One 128-row tile (the padding to tiles is tested above), left-padded second row.
   ids = jax.random.randint(jax.random.key(1), (2, 128), 0, 250)

@@ -62,6 +62,7 @@ def files(tmp_path_factory):
 # --help and one-line errors
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_help_lists_every_flag_and_exits_0(tmp_path):
   results = run_scripts([(s, ["--help"]) for s in SCRIPTS], cwd=tmp_path)
   for script, result in zip(SCRIPTS, results):
@@ -186,6 +187,7 @@ def test_user_errors_are_one_line_with_exit_code_2(files):
       assert not (files / folder).exists(), (command, folder)
 
 
+@pytest.mark.slow
 def test_debug_flag_shows_the_traceback(files):
   result, = run_scripts([("score", ["--task=gsm8k", "--input=bad.json", "--debug"])], cwd=files)
   assert result.returncode != 0
@@ -308,6 +310,7 @@ def test_plain_progress_lines_every_n_steps_or_seconds(caplog):
 # Relative and absolute paths through every script; resume, finish and progress of a real run
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_relative_and_absolute_model_paths_give_the_same_results(files, tmp_path):
   sample = ["--prompt_ids=5,6,7", "--output_ids", "--gen_length=4", "--steps=4", "--block_length=4"]
   evaluate = ["--task=digit_sort", "--tokenizer=byte", "--gen_lengths=5", "--block_length=5",
@@ -336,6 +339,7 @@ def test_relative_and_absolute_model_paths_give_the_same_results(files, tmp_path
   jax.tree.map(np.testing.assert_array_equal, nnx.state(original), nnx.state(restored))
 
 
+@pytest.mark.slow
 def test_relative_workdir_resume_progress_lines_and_finished_run(tmp_path):
   """DMPO (a reference model saved in the workdir) trains 1 step in a relative workdir, resumes
   to 2, then a third start finds the run finished. Output goes to pipes: plain progress lines."""

@@ -85,6 +85,7 @@ def _exact_quantities(lp):
   return log_px, bound, mean_s_given_k, float(np.mean(log_terms))
 
 
+@pytest.mark.slow
 def test_masked_log_likelihood_matches_full_logits(toy):
   config, model = toy
   rng = np.random.default_rng(0)
@@ -104,6 +105,7 @@ def test_masked_log_likelihood_matches_full_logits(toy):
                              rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_elbo_estimate_scan_equals_loop_and_shares_masks(toy):
   config, model = toy
   graphdef, state = nnx.split(model)
@@ -122,6 +124,7 @@ def test_elbo_estimate_scan_equals_loop_and_shares_masks(toy):
     assert est.mean.dtype == jnp.float32
 
 
+@pytest.mark.slow
 def test_estimator_expectations_equal_the_bound_below_log_px(toy):
   config, model = toy
   lp = _subset_table(model, config)

@@ -26,6 +26,7 @@ def tiny_checkpoint(tmp_path_factory):
   return path
 
 
+@pytest.mark.slow
 def test_eval_end_to_end_sudoku(tiny_checkpoint, tmp_path, fixture_data_dir):
   from dmpo_jax.models.tokenizer import load_tokenizer
   import eval as eval_script  # pylint: disable=import-outside-toplevel
@@ -88,6 +89,7 @@ def test_score_rows_mbpp_benchmark_file(benchmark_data_dir):
   assert results[0]["score"] == 1.0
 
 
+@pytest.mark.slow
 def test_eval_script_eval_style_d1(tiny_checkpoint, tmp_path, fixture_data_dir):
   """launch/eval.py --eval_style=d1: every row's score is d1's (`d1_eval.score_row`)."""
   from dmpo_jax.tasks import d1_eval  # pylint: disable=import-outside-toplevel

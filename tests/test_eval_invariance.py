@@ -69,6 +69,7 @@ def decode(prompts, batch_size, dtype, mesh=None):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_batch_size_invariance(dtype):
   prompts = mixed_prompts()
   tokens, log_probs = decode(prompts, 1, dtype)
@@ -78,6 +79,7 @@ def test_batch_size_invariance(dtype):
     np.testing.assert_array_equal(other_log_probs, log_probs)
 
 
+@pytest.mark.slow
 def test_launch_eval_completions_do_not_depend_on_batch_size():
   """launch/eval.py end to end (padding, batching, decoding, scoring) on the digit-sort task with
   prompts of 2 to 44 digits: identical completions and scores for --batch_size 1, 8 and 32. In

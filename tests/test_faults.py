@@ -86,6 +86,7 @@ def tiny_checkpoint(tmp_path_factory):
 # File-system faults
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_train_in_a_read_only_folder(read_only_dir, tmp_path):
   reason = "Permission denied" if os.geteuid() else "Read-only file system"
   new = _script("train", f"--config={DEMO}", f"--workdir={read_only_dir / 'run'}", *SMALL,
@@ -119,6 +120,7 @@ def test_train_on_a_full_disk_keeps_the_last_checkpoint(tmp_path):
     assert ckpt.restore().metadata["checkpoint_step"] == 1  # verified against its checksums
 
 
+@pytest.mark.slow
 def test_convert_on_a_full_disk_leaves_nothing_behind(tiny_checkpoint, tmp_path, read_only_dir):
   """The HF shard does not fit: one line, no output folder and no 0-byte .safetensors; the
   same command then works (nothing to --overwrite)."""
@@ -140,6 +142,7 @@ def test_convert_on_a_full_disk_leaves_nothing_behind(tiny_checkpoint, tmp_path,
   assert _one_error_line(refused).startswith(f"error: cannot write {read_only_dir / 'hf'} (")
 
 
+@pytest.mark.slow
 def test_eval_and_plot_into_a_read_only_folder(tiny_checkpoint, tmp_path, read_only_dir):
   reason = "Permission denied" if os.geteuid() else "Read-only file system"
   evaluate = _script("eval", f"--checkpoint={tiny_checkpoint}", "--task=digit_sort",
@@ -163,6 +166,7 @@ def test_eval_and_plot_into_a_read_only_folder(tiny_checkpoint, tmp_path, read_o
 # Non-finite weights
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_non_finite_weights_are_refused_on_load(tmp_path):
   config = get_preset("tiny")
   model = create_model(config, seed=0)

@@ -179,7 +179,7 @@ def test_published_programs_split_activations_over_the_batch():
 
 @pytest.mark.slow
 def test_sampling_layout_and_gradient_reduction_on_8_devices():
-  out = _run([str(REPO / "tests" / "fsdp_check.py"), "sampler", "reduce"])
+  out = _run([str(REPO / "tests" / "helpers" / "fsdp_check.py"), "sampler", "reduce"])
   one, two = out["sampler"]["tensor1"], out["sampler"]["tensor2"]
   # The sampling copy gives the single-device tokens: replicated (8 data-parallel groups) ...
   assert one["equal"] and one["mesh"] == {"data": 8, "fsdp": 1, "tensor": 1}

@@ -7,7 +7,6 @@ back with the reference reader, so reader and writer are each checked against th
 import importlib.util
 import json
 import pathlib
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -17,8 +16,7 @@ import pytest
 import safetensors.numpy
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import hf_fixtures  # noqa: E402
+from tests.helpers import hf_fixtures
 
 from dmpo_jax.models import hf_io  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402

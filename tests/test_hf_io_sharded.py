@@ -10,9 +10,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_sharded_load_matches_unsharded_load(tmp_path):
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
   env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), str(HERE), env.get("PYTHONPATH", "")])
@@ -28,7 +31,7 @@ def _run_checks(workdir: pathlib.Path) -> None:
   from flax import nnx
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  import hf_fixtures
+  from tests.helpers import hf_fixtures
   from dmpo_jax import sharding as sharding_lib
   from dmpo_jax.models import hf_io
 

@@ -208,6 +208,7 @@ print(json.dumps({"hlo": compiled.as_text(), "xla_flops": compiled.cost_analysis
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason='libtpu is not installed (pip install "jax[tpu]==<jax version>")')
+@pytest.mark.slow
 def test_tpu_batched_matmuls_count_their_matmul_flops():
   """Attention's batched matmuls, which the TPU compiler writes as convolutions with windows
   over the batch and head dims, count exactly the matmul FLOPs (by hand), within XLA's own

@@ -276,6 +276,7 @@ def test_optimizer_state_covers_only_adapters_and_update_keeps_base(adapted, ada
 # Sharding and checkpoints
 # ------------------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_adapters_get_shardings_and_round_trip_through_checkpoints(adapted, tmp_path):
   model, graphdef, _, random_params, lora_logits = adapted
   mesh = sharding.create_mesh((1, 1, 1))

@@ -30,21 +30,26 @@ def _eligible(batch=B):
   elig = np.zeros((batch, T), bool)
   for b, n in enumerate(lengths):
     elig[b, P:P + n] = True
-  return jnp.asarray(elig)
+  return elig  # a host array: building it at import compiles nothing
 
 
-KEYS = M.mask_keys(jax.random.key(7), 3, jnp.arange(B), "test")
+@functools.cache
+def mask_keys():
+  """The per-example mask keys of the tests (computed on first use: nothing compiles at import)."""
+  return M.mask_keys(jax.random.key(7), 3, jnp.arange(B), "test")
+
+
 ELIG = _eligible()
 
 
 def test_mask_keys_are_deterministic_and_distinct():
   a = M.mask_keys(jax.random.key(7), 3, jnp.arange(B), "test")
-  np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(KEYS))
+  np.testing.assert_array_equal(jax.random.key_data(a), jax.random.key_data(mask_keys()))
   # Different step, purpose or example id -> different masks.
   variants = [M.mask_keys(jax.random.key(7), 4, jnp.arange(B), "test"),
               M.mask_keys(jax.random.key(7), 3, jnp.arange(B), "other"),
               M.mask_keys(jax.random.key(7), 3, jnp.arange(B) + 1, "test")]
-  base = np.asarray(J(M.t_iid_mask)(KEYS, ELIG, 0).mask)
+  base = np.asarray(J(M.t_iid_mask)(mask_keys(), ELIG, 0).mask)
   for keys in variants:
     assert not np.array_equal(np.asarray(J(M.t_iid_mask)(keys, ELIG, 0).mask), base)
   # Raw uint32 keys work too.
@@ -62,10 +67,11 @@ ALL_FNS = {
 
 
 @pytest.mark.parametrize("name", sorted(ALL_FNS))
+@pytest.mark.slow
 def test_only_eligible_positions_and_crn(name):
   fn = ALL_FNS[name]
   for j in range(3):
-    s = J(fn)(KEYS, ELIG, j)
+    s = J(fn)(mask_keys(), ELIG, j)
     mask, elig = np.asarray(s.mask), np.asarray(ELIG)
     assert not np.any(mask & ~elig), "prompt or padding masked"
     np.testing.assert_array_equal(np.asarray(s.scored), mask)
@@ -75,7 +81,7 @@ def test_only_eligible_positions_and_crn(name):
     if j != 1:
       continue
     # Same keys -> identical masks, jitted (traced mc index) or not (CRN across policies).
-    again = fn(KEYS, ELIG, j)
+    again = fn(mask_keys(), ELIG, j)
     np.testing.assert_array_equal(np.asarray(again.mask), mask)
     np.testing.assert_allclose(np.asarray(again.weight), np.asarray(s.weight), rtol=1e-6)
 
@@ -97,7 +103,7 @@ def test_k_stratified_counts_and_weights_match_formula():
   n = 5
   counts = []
   for j in range(n):
-    s = J(M.k_stratified_mask, num_samples=n)(KEYS, ELIG, j)
+    s = J(M.k_stratified_mask, num_samples=n)(mask_keys(), ELIG, j)
     counts.append(np.asarray(s.mask).sum(-1))
     lengths = np.asarray(ELIG).sum(-1)
     k = counts[-1]
@@ -126,18 +132,19 @@ def test_k_stratified_offset_is_uniform_and_subsets_uniform():
   np.testing.assert_allclose(mask.mean(0), mask.mean(), atol=0.03)
 
 
+@pytest.mark.slow
 def test_antithetic_pairs_are_complements_with_lambda_range():
   for pair in range(2):
-    even = J(M.antithetic_mask)(KEYS, ELIG, 2 * pair)
-    odd = J(M.antithetic_mask)(KEYS, ELIG, 2 * pair + 1)
+    even = J(M.antithetic_mask)(mask_keys(), ELIG, 2 * pair)
+    odd = J(M.antithetic_mask)(mask_keys(), ELIG, 2 * pair + 1)
     np.testing.assert_array_equal(np.asarray(odd.mask), np.asarray(ELIG) & ~np.asarray(even.mask))
     for s in (even, odd):
       m = np.asarray(s.mask).sum(-1)
       lengths = np.asarray(ELIG).sum(-1)
       np.testing.assert_allclose(np.asarray(s.weight), np.where(lengths > 0, lengths / np.maximum(m, 1), 0), rtol=1e-6)
   # Pairs differ.
-  assert not np.array_equal(np.asarray(J(M.antithetic_mask)(KEYS, ELIG, 0).mask),
-                            np.asarray(J(M.antithetic_mask)(KEYS, ELIG, 2).mask))
+  assert not np.array_equal(np.asarray(J(M.antithetic_mask)(mask_keys(), ELIG, 0).mask),
+                            np.asarray(J(M.antithetic_mask)(mask_keys(), ELIG, 2).mask))
   # lambda in [0.1, 1): fraction masked on long rows concentrates in that range; (0.5, 0.5) -> 1/2.
   keys = M.mask_keys(jax.random.key(5), 0, jnp.arange(2000), "a")
   elig = jnp.ones((2000, 400), bool)
@@ -229,4 +236,4 @@ def test_completion_eligibility():
   with pytest.raises(ValueError, match="eos_token_id"):
     M.completion_eligibility(seq, 3, include_eos_padding=False)
   with pytest.raises(TypeError, match="bool"):
-    M.t_iid_mask(KEYS[:2], jnp.zeros((2, 4), jnp.int32), 0)
+    M.t_iid_mask(mask_keys()[:2], jnp.zeros((2, 4), jnp.int32), 0)

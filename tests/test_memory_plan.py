@@ -54,6 +54,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_adam_moments_are_split_like_the_parameters():
   out = _run(MOMENT_SPECS, devices=4)
   assert out["mu"] == out["params"] and out["nu"] == out["params"]
@@ -101,6 +102,7 @@ print(json.dumps({"params": named(jax.tree.map(lambda v: v.sharding, params)),
 """
 
 
+@pytest.mark.slow
 def test_gradient_accumulator_is_split_like_the_parameters():
   """Under the update's mesh the fp32 accumulator of the MC / micro-batch loop comes out with
   the parameters' shardings (XLA is otherwise free to replicate a buffer built from zeros)."""
@@ -109,6 +111,7 @@ def test_gradient_accumulator_is_split_like_the_parameters():
   assert out["params"]["['blocks']['q_proj'].value"] == "[None, 'fsdp']"
 
 
+@pytest.mark.slow
 def test_plan_bytes_match_the_sharded_state_on_cpu_devices():
   """The compiler's argument bytes of the update = params + AdamW state + batch, each counted
   per device independently here (CPU XLA adds no layout padding)."""
@@ -135,6 +138,7 @@ def test_plan_bytes_match_the_sharded_state_on_cpu_devices():
 
 @pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                     reason='libtpu is not installed (pip install "jax[tpu]==<jax version>")')
+@pytest.mark.slow
 def test_tiny_train_step_and_sampler_compile_for_a_tpu_topology():
   out = _run([str(REPO / "benchmarks" / "memory.py"), "--config=configs/demo.py",
               "--topology=v5e:2x2", "--programs=update,sampler", "--override=bgpo.num_mc=1"])

@@ -12,10 +12,11 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from dmpo_jax import checkpointing
-from tests.test_trainer import _metrics_without_times, small_config_flags
+from tests.helpers.small_runs import metrics_without_times, small_config_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # SFT warm-up, initial held-out eval, 2 RL steps (global batch 4 prompts x 4), checkpoint each step.
@@ -66,6 +67,7 @@ def _run_pair(workdir, overrides):
         p.communicate()
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_and_resume(tmp_path):
   single_dir, multi_dir = tmp_path / "single", tmp_path / "multi"
   single = _start(single_dir, 2, {})
@@ -80,7 +82,7 @@ def test_two_processes_match_one_process_and_resume(tmp_path):
     single_results = _results(single)
 
   # Only process 0 writes metrics: one row per step, none duplicated.
-  multi_rows, single_rows = _metrics_without_times(multi_dir), _metrics_without_times(single_dir)
+  multi_rows, single_rows = metrics_without_times(multi_dir), metrics_without_times(single_dir)
   assert [r["step"] for r in multi_rows] == [0, 1, 2, 3]
   assert len(list(multi_dir.glob("metrics*.jsonl"))) == 1
   # The same numbers as one process on two devices with the same global batch.

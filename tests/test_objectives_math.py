@@ -318,6 +318,7 @@ def test_no_nan_for_extreme_rewards_and_log_ratios():
   assert np.all(np.isfinite(np.asarray(out["weights"])))
 
 
+@pytest.mark.slow
 def test_no_nan_for_extreme_advantages_and_log_ratios_in_loss_terms():
   d = jnp.asarray(np.concatenate([EXTREME, [np.inf, -np.inf]]).astype(np.float32))
   a = jnp.asarray(np.resize(np.array([1e3, -1e3, 2.0, -2.0, 0.0], np.float32), d.shape))

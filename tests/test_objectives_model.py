@@ -8,123 +8,49 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
+import pytest
 
 from dmpo_jax.diffusion import elbo, masking
-from dmpo_jax.models.config import get_preset
-from dmpo_jax.models.transformer import create_model, split_model
-from dmpo_jax.rl import registry, scoring
+from dmpo_jax.rl import scoring
 from dmpo_jax.rl.objectives import sequence_ratio
 from dmpo_jax.rl.objectives.base import Prepared
-
-CONFIG = get_preset("tiny", n_layers=1, d_model=32, n_heads=2, n_kv_heads=1, head_dim=16,
-                    mlp_hidden_size=64, logprob_chunk_size=16)
-# Test programs compile ~4x faster at LLVM level 0 without the CPU fusion emitters; both only
-# change code generation, not the numerics (no fast-math).
-FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-
-
-def fast_jit(fn, static_argnums=()):
-  """jit with the fast compile options, compiled once per input signature."""
-  cache = {}
-
-  def call(*args):
-    dynamic = [a for i, a in enumerate(args) if i not in static_argnums]
-    key = (tuple(args[i] for i in static_argnums), jax.tree.structure(dynamic),
-           tuple((np.shape(x), str(getattr(x, 'dtype', type(x)))) for x in jax.tree.leaves(dynamic)))
-    if key not in cache:
-      cache[key] = jax.jit(fn, static_argnums=static_argnums).lower(*args).compile(FAST)
-    return cache[key](*dynamic)
-
-  return call
-
-
-GRAPHDEF = nnx.graphdef(nnx.eval_shape(lambda: create_model(CONFIG, 0)))
-_init = fast_jit(lambda seed: split_model(create_model(CONFIG, seed))[1], static_argnums=(0,))
-PARAMS_OLD, PARAMS_REF = _init(0), _init(1)
-PARAMS_NEW = fast_jit(lambda ps: jax.tree.map(
-    lambda p: p + 0.05 * jax.random.normal(jax.random.key(7), p.shape, p.dtype), ps))(PARAMS_OLD)
-B, P, L = 4, 4, 8
-T = P + L
-KEYS = scoring.make_keys(jax.random.key(3), rollout_step=5, update_step=11, iteration=2)
-
-
-def make_batch():
-  rng = np.random.default_rng(0)
-  seq = rng.integers(0, 256, (B, T)).astype(np.int32)
-  seq[:, P + 6:] = CONFIG.eos_token_id            # trailing EOS padding
-  seq[1, P + 3] = CONFIG.eos_token_id              # an early EOS
-  seq[0, 0] = CONFIG.pad_token_id                  # left padding
-  attn = np.ones((B, T), bool)
-  attn[0, 0] = False
-  prompt = np.zeros((B, T), bool)
-  prompt[:, :P] = True
-  return {"sequences": jnp.asarray(seq), "attention_mask": jnp.asarray(attn),
-          "prompt_mask": jnp.asarray(prompt), "completion_mask": jnp.asarray(~prompt),
-          "rewards": jnp.asarray([1.0, 0.0, 2.0, 0.5]), "group_ids": jnp.asarray([4, 9, 4, 9]),
-          "example_ids": jnp.asarray([10, 11, 12, 13])}
-
-
-BATCH = make_batch()
-
-
-@functools.lru_cache(maxsize=None)
-def jitted(name: str, which: str):
-  obj = registry.get_objective(name)
-  return fast_jit(getattr(obj, which), static_argnums=(0, 5))
-
-
-def run(name: str, params, batch=BATCH, aux=None, prepare_params=PARAMS_OLD, **overrides):
-  obj = registry.get_objective(name)
-  cfg = obj.make_config(overrides)
-  if aux is None:
-    aux = jitted(name, "prepare")(GRAPHDEF, prepare_params, PARAMS_REF, batch, KEYS, cfg)
-  grads, out = jitted(name, "grads")(GRAPHDEF, params, batch, aux, KEYS, cfg)
-  return grads, out, aux
-
-
-def assert_trees_close(a, b, rtol=2e-4, atol=1e-6):
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
-
-
-def model(params):
-  return nnx.merge(GRAPHDEF, params)
-
-
-def full_canvas(batch=BATCH):
-  return batch["completion_mask"]
+from tests.helpers import objective_setup as tiny
+from tests.helpers.objective_setup import (CONFIG, B, assert_trees_close, fast_jit, full_canvas, model,
+                                           run)
 
 
 # -- BGPO / VRPO-OL ------------------------------------------------------------------------------
 
-ADVANTAGES = jnp.asarray([1.0, 0.5, -0.3, 2.0])  # not group-normalised: a non-trivial mean
+# Not group-normalised: a non-trivial mean. A host array: nothing compiles at import.
+ADVANTAGES = np.asarray([1.0, 0.5, -0.3, 2.0], np.float32)
 
 
 @functools.lru_cache(maxsize=None)
 def bgpo_aux():
   """BGPO's prepare (old terms on shared masks) with the advantages replaced."""
-  aux = run("bgpo", PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
+  aux = run("bgpo", tiny.PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
   return Prepared(aux.per_example | {"advantages": ADVANTAGES}, aux.metrics)
 
 
+@pytest.mark.slow
 def test_bgpo_on_policy_value_is_mean_advantage_and_gradient_equals_vrpo_ol():
-  g_on, out_on, _ = run("bgpo", PARAMS_OLD, aux=Prepared({"advantages": ADVANTAGES}, {}),
+  g_on, out_on, _ = run("bgpo", tiny.PARAMS_OLD, aux=Prepared({"advantages": ADVANTAGES}, {}),
                         num_mc=3, mode="on_policy")
   np.testing.assert_allclose(out_on.loss, -float(jnp.mean(ADVANTAGES)), rtol=1e-6)
   # off-policy at θ = θ_old (old terms from prepare): same value and gradient
-  g_off, out_off, _ = run("bgpo", PARAMS_OLD, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
+  g_off, out_off, _ = run("bgpo", tiny.PARAMS_OLD, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
   np.testing.assert_allclose(out_off.loss, -float(jnp.mean(ADVANTAGES)), atol=1e-5)
   assert_trees_close(g_on, g_off, rtol=1e-3, atol=1e-5)
   # VRPO-OL (direct) on the same masks at θ = θ_old: the same gradient (`docs/algorithms.md` §5.1)
-  g_vrpo, out_vrpo, _ = run("vrpo_ol", PARAMS_OLD, aux=bgpo_aux(), num_mc=3)
+  g_vrpo, out_vrpo, _ = run("vrpo_ol", tiny.PARAMS_OLD, aux=bgpo_aux(), num_mc=3)
   np.testing.assert_allclose(out_vrpo.loss, -float(jnp.mean(ADVANTAGES)), atol=1e-5)
   assert_trees_close(g_on, g_vrpo, rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_two_pass_vrpo_ol_equals_direct_off_policy():
-  g_direct, out_direct, _ = run("vrpo_ol", PARAMS_NEW, aux=bgpo_aux(), num_mc=3)
-  g_two, out_two, _ = run("vrpo_ol_two_pass", PARAMS_NEW, aux=bgpo_aux(), num_mc=3,
+  g_direct, out_direct, _ = run("vrpo_ol", tiny.PARAMS_NEW, aux=bgpo_aux(), num_mc=3)
+  g_two, out_two, _ = run("vrpo_ol_two_pass", tiny.PARAMS_NEW, aux=bgpo_aux(), num_mc=3,
                           micro_batch_size=2)
   np.testing.assert_allclose(out_two.loss, out_direct.loss, rtol=1e-5, atol=1e-6)
   assert_trees_close(g_direct, g_two)
@@ -135,10 +61,11 @@ def test_two_pass_vrpo_ol_equals_direct_off_policy():
 def bgpo_sample_grad(params, advantages, keys, j, n):
   """One MC sample's BGPO loss and gradient, written from the formulas with `masking`/`elbo`."""
   sample = masking.k_stratified_mask(keys, full_canvas(), j, num_samples=n)
-  old = elbo.elbo_term(model(PARAMS_OLD), BATCH["sequences"], sample, BATCH["attention_mask"])
+  old = elbo.elbo_term(model(tiny.PARAMS_OLD), tiny.BATCH["sequences"], sample,
+                       tiny.BATCH["attention_mask"])
 
   def loss(p):
-    new = elbo.elbo_term(model(p), BATCH["sequences"], sample, BATCH["attention_mask"])
+    new = elbo.elbo_term(model(p), tiny.BATCH["sequences"], sample, tiny.BATCH["attention_mask"])
     d = new - old
     a = advantages
     g = jnp.where(a >= 0, (1 + d) * a, jnp.exp(jnp.minimum(d, 20.0)) * a) / n
@@ -147,22 +74,23 @@ def bgpo_sample_grad(params, advantages, keys, j, n):
   return jax.value_and_grad(loss)(params)
 
 
+@pytest.mark.slow
 def test_bgpo_micro_batched_scan_equals_unrolled_full_batch():
   n = 3
-  keys = scoring.example_keys(KEYS, BATCH["example_ids"], sequence_ratio._MASK_PURPOSE)
+  keys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], sequence_ratio._MASK_PURPOSE)
   ref_loss, ref_grad = 0.0, None
   for j in range(n):  # Python loop over MC samples, full batch, gradients summed
-    value, grad = bgpo_sample_grad(PARAMS_NEW, ADVANTAGES, keys, j, n)
+    value, grad = bgpo_sample_grad(tiny.PARAMS_NEW, ADVANTAGES, keys, j, n)
     ref_loss += float(value)
     ref_grad = grad if ref_grad is None else jax.tree.map(jnp.add, ref_grad, grad)
-  g, out, _ = run("bgpo", PARAMS_NEW, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
+  g, out, _ = run("bgpo", tiny.PARAMS_NEW, aux=bgpo_aux(), num_mc=3, micro_batch_size=2)
   np.testing.assert_allclose(out.loss, ref_loss, rtol=1e-4, atol=1e-6)
   assert_trees_close(g, ref_grad, rtol=1e-3, atol=1e-6)
   # group z-score advantages from prepare (numpy reference)
-  r, gid = np.asarray(BATCH["rewards"]), np.asarray(BATCH["group_ids"])
+  r, gid = np.asarray(tiny.BATCH["rewards"]), np.asarray(tiny.BATCH["group_ids"])
   expected = np.array([(r[i] - r[gid == gid[i]].mean()) / (r[gid == gid[i]].std(ddof=1) + 1e-6)
                        for i in range(B)])
-  aux = run("bgpo", PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
+  aux = run("bgpo", tiny.PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
   np.testing.assert_allclose(aux.per_example["advantages"], expected, rtol=1e-5)
 
 
@@ -173,17 +101,17 @@ def dmpo_model_terms(params_theta, weight_num_mc, loss_num_mc):
   """ELBO_v, ELBO_ref on the shared weight masks; S and m on each fresh loss mask."""
   eligible = full_canvas()
   mask_fn = functools.partial(masking.antithetic_mask, lambda_range=(0.1, 1.0))
-  wkeys = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/weights")
-  est = lambda p: elbo.elbo_estimate(model(p), BATCH["sequences"], wkeys, eligible, mask_fn,
-                                     weight_num_mc, attention_mask=BATCH["attention_mask"]).mean
-  lkeys = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/loss", fresh=True)
+  wkeys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "dmpo/weights")
+  est = lambda p: elbo.elbo_estimate(model(p), tiny.BATCH["sequences"], wkeys, eligible, mask_fn,
+                                     weight_num_mc, attention_mask=tiny.BATCH["attention_mask"]).mean
+  lkeys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "dmpo/loss", fresh=True)
   s, m = [], []
   for j in range(loss_num_mc):
     sample = mask_fn(lkeys, eligible, j)
-    s.append(elbo.masked_log_likelihood(model(params_theta), BATCH["sequences"], sample,
-                                        BATCH["attention_mask"]))
+    s.append(elbo.masked_log_likelihood(model(params_theta), tiny.BATCH["sequences"], sample,
+                                        tiny.BATCH["attention_mask"]))
     m.append(jnp.maximum(jnp.sum(sample.scored, -1), 1))
-  return est(PARAMS_OLD), est(PARAMS_REF), jnp.stack(s), jnp.stack(m)
+  return est(tiny.PARAMS_OLD), est(tiny.PARAMS_REF), jnp.stack(s), jnp.stack(m)
 
 
 def np_group_softmax(x, gid):
@@ -195,12 +123,13 @@ def np_group_softmax(x, gid):
   return out
 
 
+@pytest.mark.slow
 def test_dmpo_weights_and_loss_match_independent_computation():
   alpha = 0.5
-  g, out, aux = run("dmpo", PARAMS_NEW, alpha=alpha, weight_num_mc=2, loss_num_mc=2,
+  g, out, aux = run("dmpo", tiny.PARAMS_NEW, alpha=alpha, weight_num_mc=2, loss_num_mc=2,
                     micro_batch_size=1)
-  e_v, e_ref, s, m = [np.asarray(x, np.float64) for x in dmpo_model_terms(PARAMS_NEW, 2, 2)]
-  r, gid = np.asarray(BATCH["rewards"], np.float64), np.asarray(BATCH["group_ids"])
+  e_v, e_ref, s, m = [np.asarray(x, np.float64) for x in dmpo_model_terms(tiny.PARAMS_NEW, 2, 2)]
+  r, gid = np.asarray(tiny.BATCH["rewards"], np.float64), np.asarray(tiny.BATCH["group_ids"])
   w = np_group_softmax(r / alpha + e_ref - e_v, gid)
   a = w - np_group_softmax(-r / alpha + e_ref - e_v, gid)    # individual baseline
   loss = np.sum(a * np.mean(-s / m, axis=0)) / 2             # 2 prompts
@@ -209,31 +138,32 @@ def test_dmpo_weights_and_loss_match_independent_computation():
   np.testing.assert_allclose(out.loss, loss, rtol=1e-4)
   np.testing.assert_allclose(out.denominator, 2.0)
   # ELBO noise diagnostic: per-sequence sample variance of the K = 2 behaviour-policy terms.
-  wkeys = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/weights")
+  wkeys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "dmpo/weights")
   terms = np.asarray(elbo.elbo_estimate(
-      model(PARAMS_OLD), BATCH["sequences"], wkeys, full_canvas(),
+      model(tiny.PARAMS_OLD), tiny.BATCH["sequences"], wkeys, full_canvas(),
       functools.partial(masking.antithetic_mask, lambda_range=(0.1, 1.0)), 2,
-      attention_mask=BATCH["attention_mask"]).terms, np.float64)
+      attention_mask=tiny.BATCH["attention_mask"]).terms, np.float64)
   np.testing.assert_allclose(float(aux.metrics["elbo/mc_variance"]),
                              np.mean(np.var(terms, axis=0, ddof=1)), rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_dmpo_model_baseline_invariant_to_group_placement():
   kw = dict(alpha=0.5, weight_num_mc=2, loss_num_mc=2, baseline="model", micro_batch_size=2)
-  g, out, aux = run("dmpo", PARAMS_NEW, **kw)
+  g, out, aux = run("dmpo", tiny.PARAMS_NEW, **kw)
   # members of each group placed elsewhere in the batch (rows and their example ids move), so
   # each micro-batch now holds a different mix of the two groups
   perm = np.array([3, 0, 1, 2])
-  moved = jax.tree.map(lambda x: x[perm], BATCH)
-  g_moved, out_moved, aux_moved = run("dmpo", PARAMS_NEW, batch=moved, **kw)
+  moved = jax.tree.map(lambda x: x[perm], tiny.BATCH)
+  g_moved, out_moved, aux_moved = run("dmpo", tiny.PARAMS_NEW, batch=moved, **kw)
   for key in ("weights", "advantages", "elbo_old"):
     np.testing.assert_allclose(aux_moved.per_example[key], np.asarray(aux.per_example[key])[perm],
                                rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(out_moved.loss, out.loss, rtol=1e-5)
   assert_trees_close(g, g_moved)
   # the model baseline at θ = θ_old equals the group baseline (CRN: ELBO_θ = ELBO_v)
-  e_v, e_ref, s, m = [np.asarray(x, np.float64) for x in dmpo_model_terms(PARAMS_OLD, 2, 2)]
-  _, out_old, _ = run("dmpo", PARAMS_OLD, aux=aux, **kw)
+  e_v, e_ref, s, m = [np.asarray(x, np.float64) for x in dmpo_model_terms(tiny.PARAMS_OLD, 2, 2)]
+  _, out_old, _ = run("dmpo", tiny.PARAMS_OLD, aux=aux, **kw)
   w = np.asarray(aux.per_example["weights"], np.float64)
   np.testing.assert_allclose(out_old.loss, np.sum((w - 0.5) * np.mean(-s / m, axis=0)) / 2,
                              rtol=1e-4)
@@ -241,42 +171,44 @@ def test_dmpo_model_baseline_invariant_to_group_placement():
 
 # -- two-pass WDDO and SPG EUBO vs direct autodiff -----------------------------------------------
 
+@pytest.mark.slow
 def test_wddo_two_pass_equals_direct_autodiff():
   cfg = dict(alpha=0.5, weight_num_mc=2, beta=0.7, fake_weight=0.5)
-  g, out, aux = run("wddo", PARAMS_NEW, **cfg)
+  g, out, aux = run("wddo", tiny.PARAMS_NEW, **cfg)
   pe = aux.per_example
   mask_fn = functools.partial(masking.antithetic_mask, lambda_range=(0.1, 1.0))
-  real = scoring.example_keys(KEYS, BATCH["example_ids"], "dmpo/weights")
-  fake = scoring.example_keys(KEYS, BATCH["example_ids"], "wddo/fake")
+  real = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "dmpo/weights")
+  fake = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "wddo/fake")
 
   def direct(p):
-    est = lambda keys: elbo.elbo_estimate(model(p), BATCH["sequences"], keys, full_canvas(),
-                                          mask_fn, 2, attention_mask=BATCH["attention_mask"]).mean
+    est = lambda keys: elbo.elbo_estimate(model(p), tiny.BATCH["sequences"], keys, full_canvas(),
+                                          mask_fn, 2, attention_mask=tiny.BATCH["attention_mask"]).mean
     x = 0.7 * (est(real) - pe["elbo_old"])
     y = 0.7 * (est(fake) - pe["elbo_old_fake"])
     return jnp.mean(-pe["weights"] * jax.nn.log_sigmoid(x) - 0.5 * jax.nn.log_sigmoid(-y))
 
-  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(tiny.PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
   np.testing.assert_allclose(np.asarray(pe["weights"]).reshape(2, 2).sum(0), [2.0, 2.0], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_spg_eubo_two_pass_equals_direct_autodiff():
   cfg = dict(num_mc=2, block_length=4, eubo_beta=1.5, negative_estimator="mix", mix_weight=0.3)
-  g, out, aux = run("spg", PARAMS_NEW, **cfg)
-  keys = scoring.example_keys(KEYS, BATCH["example_ids"], "spg/block", per_iteration=True)
-  eligible = scoring.eligible_positions(BATCH, CONFIG.eos_token_id, include_eos_padding=False)
-  a = np.asarray(BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
+  g, out, aux = run("spg", tiny.PARAMS_NEW, **cfg)
+  keys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "spg/block", per_iteration=True)
+  eligible = scoring.eligible_positions(tiny.BATCH, CONFIG.eos_token_id, include_eos_padding=False)
+  a = np.asarray(tiny.BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
   length = np.asarray(eligible).sum(-1)
   np.testing.assert_allclose(aux.per_example["completion_length"], length)
   samples = fast_jit(lambda: [masking.spg_block_mask(
-      keys, eligible, j, completion_positions=BATCH["completion_mask"], block_length=4,
-      prompt_positions=BATCH["prompt_mask"] & BATCH["attention_mask"]) for j in range(2)])()
+      keys, eligible, j, completion_positions=tiny.BATCH["completion_mask"], block_length=4,
+      prompt_positions=tiny.BATCH["prompt_mask"] & tiny.BATCH["attention_mask"]) for j in range(2)])()
 
   def direct(p):
-    lps = [elbo.masked_token_log_probs(model(p), BATCH["sequences"], s, BATCH["attention_mask"])
-           for s in samples]
+    lps = [elbo.masked_token_log_probs(model(p), tiny.BATCH["sequences"], s,
+                                       tiny.BATCH["attention_mask"]) for s in samples]
     pos = sum(s.weight * jnp.sum(lp, -1) for s, lp in zip(samples, lps)) / 2
     pbar = sum(jnp.where(s.scored, jnp.exp(1.5 * lp) / s.ratio[:, None], 0.0)
                for s, lp in zip(samples, lps)) / 2
@@ -287,7 +219,7 @@ def test_spg_eubo_two_pass_equals_direct_autodiff():
     score = jnp.where(a > 0, pos, neg)
     return jnp.sum(-a * score * length) / np.sum(length)
 
-  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(tiny.PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
 
@@ -295,23 +227,26 @@ def test_spg_eubo_two_pass_equals_direct_autodiff():
 # -- diffu-GRPO and wd1 --------------------------------------------------------------------------
 
 def one_step_logps(params, seed_index):
-  keys = scoring.example_keys(KEYS, BATCH["example_ids"], "one_step/seed")
-  eligible = scoring.eligible_positions(BATCH, CONFIG.eos_token_id, include_eos_padding=False)
+  keys = scoring.example_keys(tiny.KEYS, tiny.BATCH["example_ids"], "one_step/seed")
+  eligible = scoring.eligible_positions(tiny.BATCH, CONFIG.eos_token_id, include_eos_padding=False)
   sample = masking.one_step_mask(keys, eligible, seed_index,
-                                 prompt_positions=BATCH["prompt_mask"] & BATCH["attention_mask"],
-                                 completion_positions=BATCH["completion_mask"], p_mask_prompt=0.3)
-  return elbo.masked_token_log_probs(model(params), BATCH["sequences"], sample,
-                                     BATCH["attention_mask"]), sample.scored
+                                 prompt_positions=(tiny.BATCH["prompt_mask"]
+                                                   & tiny.BATCH["attention_mask"]),
+                                 completion_positions=tiny.BATCH["completion_mask"],
+                                 p_mask_prompt=0.3)
+  return elbo.masked_token_log_probs(model(params), tiny.BATCH["sequences"], sample,
+                                     tiny.BATCH["attention_mask"]), sample.scored
 
 
+@pytest.mark.slow
 def test_diffu_grpo_matches_independent_token_loss():
-  g, out, aux = run("diffu_grpo", PARAMS_NEW, num_iterations=3, p_mask_prompt=0.3, beta=0.04,
+  g, out, aux = run("diffu_grpo", tiny.PARAMS_NEW, num_iterations=3, p_mask_prompt=0.3, beta=0.04,
                     clip_eps=0.2)
-  k = 2  # KEYS.iteration mod 3
-  a = np.asarray(BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
+  k = 2  # tiny.KEYS.iteration mod 3
+  a = np.asarray(tiny.BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
   scores = fast_jit(one_step_logps, static_argnums=(1,))
-  old, scored = scores(PARAMS_OLD, k)
-  ref, _ = scores(PARAMS_REF, k)
+  old, scored = scores(tiny.PARAMS_OLD, k)
+  ref, _ = scores(tiny.PARAMS_REF, k)
   np.testing.assert_allclose(aux.per_example["old_logps"][:, k], old, rtol=1e-5, atol=1e-5)
 
   def direct(p):
@@ -321,15 +256,16 @@ def test_diffu_grpo_matches_independent_token_loss():
     kl = jnp.exp(ref - lp) - (ref - lp) - 1
     return -jnp.sum(jnp.where(scored, surrogate - 0.04 * kl, 0.0)) / jnp.sum(scored)
 
-  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(tiny.PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
   assert int(np.asarray(scored)[1].sum()) == 4  # scored up to and including the first EOS
 
 
+@pytest.mark.slow
 def test_wd1_matches_independent_loss():
-  g, out, aux = run("wd1", PARAMS_NEW, num_iterations=3, p_mask_prompt=0.3)
-  a = np.asarray(BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
+  g, out, aux = run("wd1", tiny.PARAMS_NEW, num_iterations=3, p_mask_prompt=0.3)
+  a = np.asarray(tiny.BATCH["rewards"]) - np.array([1.5, 0.25, 1.5, 0.25])
   w_pos = np.array([np.exp(a[0]), np.exp(a[1]), np.exp(a[2]), np.exp(a[3])])
   w_pos /= np.array([w_pos[0] + w_pos[2], w_pos[1] + w_pos[3]] * 2)
   w_neg = np.exp(-a) / np.array([np.exp(-a[0]) + np.exp(-a[2]), np.exp(-a[1]) + np.exp(-a[3])] * 2)
@@ -338,13 +274,14 @@ def test_wd1_matches_independent_loss():
     lp, _ = one_step_logps(p, 2)
     return jnp.sum((w_neg - w_pos) * jnp.sum(lp, -1)) / 2
 
-  value, grad = fast_jit(jax.value_and_grad(direct))(PARAMS_NEW)
+  value, grad = fast_jit(jax.value_and_grad(direct))(tiny.PARAMS_NEW)
   np.testing.assert_allclose(out.loss, value, rtol=1e-5)
   assert_trees_close(g, grad)
 
 
+@pytest.mark.slow
 def test_bgpo_prepare_reports_mc_variance_of_independent_elbo_terms():
-  aux = run("bgpo", PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
+  aux = run("bgpo", tiny.PARAMS_OLD, num_mc=3, micro_batch_size=2)[2]
   # Per-sequence sample variance of the 3 old-policy MC terms, averaged over the batch (numpy).
   terms = np.asarray(aux.per_example["old_terms"], np.float64)  # [B, 3]
   assert terms.shape == (B, 3)

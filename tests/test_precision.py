@@ -17,7 +17,7 @@ from dmpo_jax.models import lora
 from dmpo_jax.models.config import get_preset
 from dmpo_jax.models.transformer import create_model
 from dmpo_jax.rl import loop, registry, rollout, sft, train_state as ts, train_step
-from tests.test_trainer import _final_params, _metrics_without_times, small_config
+from tests.helpers.small_runs import final_params, metrics_without_times, small_config
 
 BF16 = {"dtype": "bfloat16", "param_dtype": "bfloat16"}
 
@@ -171,6 +171,7 @@ def synthetic_batch(vocab, batch=4, prompt=6, gen=10, seed=0):
 
 
 @pytest.mark.parametrize("lora_rank,master_weights", [(0, False), (4, True)])
+@pytest.mark.slow
 def test_bf16_train_step_three_updates_and_a_skipped_one_keep_dtypes(lora_rank, master_weights):
   graphdef, params = bf16_model(lora_rank)
   objective = registry.get_objective("bgpo")
@@ -215,6 +216,7 @@ def test_bf16_train_step_three_updates_and_a_skipped_one_keep_dtypes(lora_rank, 
 
 
 @pytest.mark.parametrize("lora_rank", [0, 4])
+@pytest.mark.slow
 def test_bf16_sft_warmup_updates_keep_dtypes(lora_rank):
   graphdef, params = bf16_model(lora_rank)
   optimizer = ts.make_optimizer(1e-3)
@@ -254,6 +256,7 @@ LOOP = {**{f"model.{k}": v for k, v in BF16.items()}, "num_steps": 3, "updates_p
     {"model.lora_rank": 4, "model.lora_targets": ("q_proj", "ff_out"),
      "optimizer.state_dtype": "bfloat16"},
 ], ids=["full_master_weights", "lora_bf16_moments"])
+@pytest.mark.slow
 def test_bf16_loop_keeps_dtypes_and_resumes_bit_identically(tmp_path, monkeypatch, overrides):
   """3 RL steps x 2 updates in bf16 (update (1, 0) gets NaN per-example inputs: a forced skip),
   then a resume from the step-2 checkpoint of a copy of the run: every update keeps every state
@@ -306,7 +309,7 @@ def test_bf16_loop_keeps_dtypes_and_resumes_bit_identically(tmp_path, monkeypatc
     assert skipped == (1.0 if where == (1, 0) else 0.0), where
     if where != (1, 0):
       assert np.isfinite(loss), where
-  a, b = _final_params(straight), _final_params(resumed)
+  a, b = final_params(straight), final_params(resumed)
   assert int(a["step"]) == 6
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  assert _metrics_without_times(straight) == _metrics_without_times(resumed)
+  assert metrics_without_times(straight) == metrics_without_times(resumed)

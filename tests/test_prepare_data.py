@@ -92,6 +92,7 @@ def _run(args, tmp_path):
                         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
 
 
+@pytest.mark.slow
 def test_prepare_data_from_a_hub_mirror(fixture_data_dir, tmp_path):
   mirror, out = tmp_path / "mirror", tmp_path / "out"
   build_mirror(fixture_data_dir, mirror)
@@ -122,6 +123,7 @@ def test_prepare_data_from_a_hub_mirror(fixture_data_dir, tmp_path):
   assert again.returncode == 0 and again.stdout.count("exists") == 2
 
 
+@pytest.mark.slow
 def test_prepare_data_errors(fixture_data_dir, tmp_path):
   result = _run([f"--out={tmp_path / 'out'}"], tmp_path)
   assert result.returncode == 2 and result.stderr.startswith("error: --task is required")

@@ -1,4 +1,5 @@
-"""Runs the README's Python API example on a tiny synthetic LLaDA checkpoint (tests/hf_fixtures.py).
+"""Runs the README's Python API example on a tiny synthetic LLaDA checkpoint
+(tests/helpers/hf_fixtures.py).
 
 The block is taken verbatim from README.md ("### Python API"); only the checkpoint path is
 replaced. It runs in a subprocess with XLA's fast-compile CPU options (code generation only, no
@@ -10,7 +11,9 @@ import re
 import subprocess
 import sys
 
-import hf_fixtures
+import pytest
+
+from tests.helpers import hf_fixtures
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 README_CHECKPOINT = '"/models/LLaDA-8B-Instruct"'
@@ -39,6 +42,7 @@ def python_api_block() -> str:
   return blocks[0]
 
 
+@pytest.mark.slow
 def test_readme_python_api_runs(tmp_path):
   checkpoint = tmp_path / "llada"
   hf_fixtures.make_llada_checkpoint(checkpoint, tokenizer="bpe")

@@ -4,12 +4,13 @@
 For each `configs/*.py` (and the reference options the published configs do not switch on), the
 registry's prepare + grads run on the mock `reference_impl.TableModel` (per-token log-probs are its
 parameters) and a prompt-major batch with the config's group size, and must give the loss and the
-gradient of `tests/reference_impl.py`'s independent numpy re-implementation of the reference
+gradient of `tests/helpers/reference_impl.py`'s independent numpy re-implementation of the reference
 trainer: |Δloss| <= 1e-6 · Σ|terms| (the same reduction of the terms' absolute values: group
 baselines make the loss a difference of nearly equal sums) and |Δgrad| <= 1e-6 · max|grad|
 elementwise (float64 numpy against the project's fp32). Micro-batch layouts cover c < G (a micro-
 batch is part of a group, the published DMPO layout) and c > G (a micro-batch holds several groups)."""
 
+import functools
 import importlib
 
 import jax
@@ -21,10 +22,13 @@ from dmpo_jax.diffusion import masking
 from dmpo_jax.rl import registry, scoring
 from dmpo_jax.rl.objectives import dmpo, sequence_ratio, spg
 
-from tests import reference_impl as ref
+from tests.helpers import reference_impl as ref
 
 PROMPT = 4
-KEYS = scoring.make_keys(jax.random.key(3), rollout_step=5, update_step=11, iteration=2)
+@functools.cache
+def step_keys():
+  """The step's keys (computed on first use: nothing compiles at import)."""
+  return scoring.make_keys(jax.random.key(3), rollout_step=5, update_step=11, iteration=2)
 FAST = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
 RTOL = 1e-6
 
@@ -57,8 +61,8 @@ def run_project(name, overrides, batch, old, ref_t, new):
   p_ref = nnx.split(ref.TableModel(ref_t))[1]
   p_new = nnx.split(ref.TableModel(new))[1]
   jb = jax.tree.map(jax.numpy.asarray, batch)
-  aux = _jit(name, "prepare", cfg, graphdef, p_old, p_ref, jb, KEYS, cfg)
-  grads, out = _jit(name, "grads", cfg, graphdef, p_new, jb, aux, KEYS, cfg)
+  aux = _jit(name, "prepare", cfg, graphdef, p_old, p_ref, jb, step_keys(), cfg)
+  grads, out = _jit(name, "grads", cfg, graphdef, p_new, jb, aux, step_keys(), cfg)
   grad = np.asarray(jax.tree.leaves(grads)[0], np.float64)[:, PROMPT:]
   return float(out.loss), grad, aux, cfg
 
@@ -84,7 +88,8 @@ def eligible(batch, include_eos_padding):
 
 def elbo_masks(batch, cfg, purpose, num, include_eos_padding, fresh=False, scheme=None):
   """The masks [n, B, L] the objective drew (same keys, purpose and law)."""
-  keys = scoring.example_keys(KEYS, jax.numpy.asarray(batch["example_ids"]), purpose, fresh=fresh)
+  keys = scoring.example_keys(step_keys(), jax.numpy.asarray(batch["example_ids"]), purpose,
+                              fresh=fresh)
   fn = scoring.elbo_mask_fn(scheme or cfg.mask_scheme, num_samples=num,
                             lambda_range=getattr(cfg, "lambda_range", (0.1, 1.0)))
   elig = eligible(batch, include_eos_padding)
@@ -112,6 +117,7 @@ def dmpo_case(overrides, group, prompts=2, gen=16, seed=0):
 
 
 @pytest.mark.parametrize("name", ["dmpo_gsm8k", "dmpo_math", "dmpo_sudoku", "dmpo_countdown"])
+@pytest.mark.slow
 def test_dmpo_published_configs(name):
   objective, block, group = published(name)
   assert objective == "dmpo"
@@ -121,6 +127,7 @@ def test_dmpo_published_configs(name):
 
 @pytest.mark.parametrize("group,micro", [(16, 4), (4, 8)])
 @pytest.mark.parametrize("baseline", ["group", "model"])
+@pytest.mark.slow
 def test_dmpo_micro_batch_scope_layouts(baseline, group, micro):
   """Micro-batches that split groups (c < G) and that span groups (c > G); the model baseline on
   the loss masks, as the reference computes it."""
@@ -213,6 +220,7 @@ def test_bgpo_off_policy_with_dare_clips():
   assert_matches(got, want)
 
 
+@pytest.mark.slow
 def test_vrpo_ol_published_config():
   objective, block, group = published("vrpo_ol_math")
   got, want = sequence_ratio_case(objective, block, group, off_policy=False,
@@ -249,13 +257,14 @@ def test_wd1_published_config():
   assert_matches((loss, grad), want)
 
 
+@pytest.mark.slow
 def test_spg_published_config():
   objective, block, group = published("spg_gsm8k")
   batch = ref.make_batch(2, group, PROMPT, 64, 2)
   old, ref_t, new = tables(batch, 2)
   loss, grad, _, cfg = run_project(objective, block, batch, old, ref_t, new)
   jb = jax.tree.map(jax.numpy.asarray, batch)
-  keys = scoring.example_keys(KEYS, jb["example_ids"], spg._MASK_PURPOSE, per_iteration=True)
+  keys = scoring.example_keys(step_keys(), jb["example_ids"], spg._MASK_PURPOSE, per_iteration=True)
   elig = eligible(batch, cfg.include_eos_padding)
   scored = np.stack([canvas(masking.spg_block_mask(
       keys, elig, j, completion_positions=jb["completion_mask"], block_length=cfg.block_length,

@@ -18,8 +18,8 @@ from dmpo_jax.rl import grad as G
 from dmpo_jax.rl.objectives import one_step
 from dmpo_jax.rl.objectives.base import Prepared
 
-from tests.test_objectives_model import (BATCH, PARAMS_NEW, PARAMS_OLD, assert_trees_close, model,
-                                         run)
+from tests.helpers import objective_setup as tiny
+from tests.helpers.objective_setup import assert_trees_close, model, run
 
 
 def test_loss_normalization_by_hand():
@@ -52,20 +52,21 @@ def _chunk_average(name, aux, chunk_factor, **overrides):
   total = None
   for rows in ([0, 1], [2, 3]):
     sub_aux = Prepared(_rows(aux.per_example, rows), aux.metrics)
-    g, _, _ = run(name, PARAMS_NEW, batch=_rows(BATCH, rows), aux=sub_aux, **overrides)
+    g, _, _ = run(name, tiny.PARAMS_NEW, batch=_rows(tiny.BATCH, rows), aux=sub_aux, **overrides)
     g = jax.tree.map(lambda x: x * chunk_factor / 2, g)
     total = g if total is None else jax.tree.map(jnp.add, total, g)
   return total
 
 
+@pytest.mark.slow
 def test_diffu_grpo_per_micro_batch_token_mean():
   """d1: each micro-batch's loss is its own token mean; micro-batch losses are averaged."""
-  _, _, aux = run("diffu_grpo", PARAMS_OLD, num_iterations=2)
-  g_ref, out_ref, _ = run("diffu_grpo", PARAMS_NEW, aux=aux, num_iterations=2,
+  _, _, aux = run("diffu_grpo", tiny.PARAMS_OLD, num_iterations=2)
+  g_ref, out_ref, _ = run("diffu_grpo", tiny.PARAMS_NEW, aux=aux, num_iterations=2,
                           reference_micro_batch_size=2)
   want = _chunk_average("diffu_grpo", aux, 1.0, num_iterations=2)
   assert_trees_close(g_ref, want, rtol=2e-4, atol=1e-7)
-  g_global, _, _ = run("diffu_grpo", PARAMS_NEW, aux=aux, num_iterations=2)
+  g_global, _, _ = run("diffu_grpo", tiny.PARAMS_NEW, aux=aux, num_iterations=2)
   # The two normalisations differ here (the micro-batches hold different token counts).
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
              zip(jax.tree.leaves(g_ref), jax.tree.leaves(g_global)))
@@ -73,70 +74,75 @@ def test_diffu_grpo_per_micro_batch_token_mean():
   assert np.isfinite(float(out_ref.loss))
 
 
+@pytest.mark.slow
 def test_spg_per_micro_batch_length_normalisation():
-  _, _, aux = run("spg", PARAMS_OLD, num_mc=2, block_length=4)
-  g_ref, _, _ = run("spg", PARAMS_NEW, aux=aux, num_mc=2, block_length=4,
+  _, _, aux = run("spg", tiny.PARAMS_OLD, num_mc=2, block_length=4)
+  g_ref, _, _ = run("spg", tiny.PARAMS_NEW, aux=aux, num_mc=2, block_length=4,
                     reference_micro_batch_size=2)
   want = _chunk_average("spg", aux, 1.0, num_mc=2, block_length=4)
   assert_trees_close(g_ref, want, rtol=2e-4, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_dmpo_reference_loss_scale():
   """DMPO reference: mean over micro-batches of each micro-batch's summed loss. The default
   divides by the number of prompts; here each micro-batch of 2 rows holds 1 prompt's worth of
   weight (groups of 2), so a micro-batch normalised on its own divides by 1: factor 1."""
-  _, _, aux = run("dmpo", PARAMS_OLD, baseline="group", loss_num_mc=2, weight_num_mc=2)
-  g_ref, out_ref, _ = run("dmpo", PARAMS_NEW, aux=aux, baseline="group", loss_num_mc=2,
+  _, _, aux = run("dmpo", tiny.PARAMS_OLD, baseline="group", loss_num_mc=2, weight_num_mc=2)
+  g_ref, out_ref, _ = run("dmpo", tiny.PARAMS_NEW, aux=aux, baseline="group", loss_num_mc=2,
                           weight_num_mc=2, reference_micro_batch_size=2)
   want = _chunk_average("dmpo", aux, 1.0, baseline="group", loss_num_mc=2, weight_num_mc=2)
   assert_trees_close(g_ref, want, rtol=2e-4, atol=1e-8)
   # Against the default scale: the reference's gradient is the default × c/G... here B/c = 2
   # micro-batches against P = 2 prompts, so both scales agree; a micro-batch of the whole batch
   # (c = 4) halves it (one micro-batch sum vs a mean over 2 prompts).
-  g_default, out_default, _ = run("dmpo", PARAMS_NEW, aux=aux, baseline="group", loss_num_mc=2,
+  g_default, out_default, _ = run("dmpo", tiny.PARAMS_NEW, aux=aux, baseline="group", loss_num_mc=2,
                                   weight_num_mc=2)
   assert_trees_close(g_ref, g_default, rtol=2e-4, atol=1e-8)
-  g_one, out_one, _ = run("dmpo", PARAMS_NEW, aux=aux, baseline="group", loss_num_mc=2,
+  g_one, out_one, _ = run("dmpo", tiny.PARAMS_NEW, aux=aux, baseline="group", loss_num_mc=2,
                           weight_num_mc=2, reference_micro_batch_size=4)
   assert_trees_close(g_one, jax.tree.map(lambda x: 2.0 * x, g_default), rtol=2e-4, atol=1e-8)
   np.testing.assert_allclose(float(out_one.loss), 2.0 * float(out_default.loss), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_dmpo_alpha_minus_one_raw_reward_weights():
   """alpha = -1: w = r, w⁻ = −r (no softmax). Individual baseline: A = r − (−r) = 2r; group
   baseline: A = r − mean_G(r). Rewards [1, 0, 2, 0.5], groups {0, 2} and {1, 3}."""
-  r = BATCH["rewards"]
-  w = adv.dmpo_weights(r, jnp.zeros_like(r), BATCH["group_ids"], alpha=-1.0)
+  r = tiny.BATCH["rewards"]
+  w = adv.dmpo_weights(r, jnp.zeros_like(r), tiny.BATCH["group_ids"], alpha=-1.0)
   np.testing.assert_array_equal(w["weights"], [1.0, 0.0, 2.0, 0.5])
   np.testing.assert_array_equal(w["negative_weights"], [-1.0, 0.0, -2.0, -0.5])
-  _, _, aux = run("dmpo", PARAMS_OLD, alpha=-1.0, baseline="individual", loss_num_mc=2,
+  _, _, aux = run("dmpo", tiny.PARAMS_OLD, alpha=-1.0, baseline="individual", loss_num_mc=2,
                   weight_num_mc=2)
   np.testing.assert_allclose(aux.per_example["advantages"], [2.0, 0.0, 4.0, 1.0], rtol=1e-6)
-  _, _, aux = run("dmpo", PARAMS_OLD, alpha=-1.0, baseline="group", loss_num_mc=2,
+  _, _, aux = run("dmpo", tiny.PARAMS_OLD, alpha=-1.0, baseline="group", loss_num_mc=2,
                   weight_num_mc=2)
   np.testing.assert_allclose(aux.per_example["advantages"], [-0.5, -0.25, 0.5, 0.25], rtol=1e-6)
   with pytest.raises(ValueError, match="alpha"):
-    run("dmpo", PARAMS_OLD, alpha=-2.0)
+    run("dmpo", tiny.PARAMS_OLD, alpha=-2.0)
   with pytest.raises(ValueError, match="target_ess"):
-    run("dmpo", PARAMS_OLD, alpha=-1.0, target_ess=0.5)
+    run("dmpo", tiny.PARAMS_OLD, alpha=-1.0, target_ess=0.5)
 
 
+@pytest.mark.slow
 def test_dmpo_separate_eos_switch_for_the_loss():
   """Weights on the full canvas, loss up to the first EOS: the loss (given fixed weights) equals
   the loss of a config that scores up to the first EOS everywhere, and differs from the
   full-canvas loss."""
-  _, _, aux = run("dmpo", PARAMS_OLD, loss_num_mc=2, weight_num_mc=2)
-  g_split, _, _ = run("dmpo", PARAMS_NEW, aux=aux, loss_num_mc=2, weight_num_mc=2,
+  _, _, aux = run("dmpo", tiny.PARAMS_OLD, loss_num_mc=2, weight_num_mc=2)
+  g_split, _, _ = run("dmpo", tiny.PARAMS_NEW, aux=aux, loss_num_mc=2, weight_num_mc=2,
                       include_eos_padding=True, loss_include_eos_padding=False)
-  g_first_eos, _, _ = run("dmpo", PARAMS_NEW, aux=aux, loss_num_mc=2, weight_num_mc=2,
+  g_first_eos, _, _ = run("dmpo", tiny.PARAMS_NEW, aux=aux, loss_num_mc=2, weight_num_mc=2,
                           include_eos_padding=False)
-  g_canvas, _, _ = run("dmpo", PARAMS_NEW, aux=aux, loss_num_mc=2, weight_num_mc=2)
+  g_canvas, _, _ = run("dmpo", tiny.PARAMS_NEW, aux=aux, loss_num_mc=2, weight_num_mc=2)
   assert_trees_close(g_split, g_first_eos, rtol=1e-6, atol=1e-9)
   diff = max(float(jnp.max(jnp.abs(a - b))) for a, b in
              zip(jax.tree.leaves(g_split), jax.tree.leaves(g_canvas)))
   assert diff > 1e-7
 
 
+@pytest.mark.slow
 def test_wd1_pos_only_by_hand():
   w_pos = jnp.asarray([0.7, 0.3])
   w_neg = jnp.asarray([0.2, 0.8])
@@ -146,8 +152,8 @@ def test_wd1_pos_only_by_hand():
   np.testing.assert_allclose(one_step.wd1_sequence_loss(w_pos, w_neg, ll, pos_only=True),
                              [-0.7 * -2.0, -0.3 * -5.0], rtol=1e-6)
   # Through the objective: pos_only drops the w⁻ term, so the loss is −Σ w⁺ℓ / P.
-  g_both, out_both, aux = run("wd1", PARAMS_NEW, num_iterations=2)
-  g_pos, out_pos, _ = run("wd1", PARAMS_NEW, aux=aux, num_iterations=2, pos_only=True)
+  g_both, out_both, aux = run("wd1", tiny.PARAMS_NEW, num_iterations=2)
+  g_pos, out_pos, _ = run("wd1", tiny.PARAMS_NEW, aux=aux, num_iterations=2, pos_only=True)
   assert float(out_pos.loss) != pytest.approx(float(out_both.loss))
   assert float(out_pos.loss) > 0  # −w⁺·ℓ with ℓ < 0
 
@@ -162,6 +168,7 @@ def _spg_toy():
 
 
 @pytest.mark.parametrize("mc_index", [0, 1, 2, 3])
+@pytest.mark.slow
 def test_spg_reference_prompt_masking(mc_index):
   """With p_mask_prompt = 1 every candidate position is prompt-masked, so the two laws differ
   exactly in the documented places: SPG's own ``forward_process`` leaves the chosen block's
@@ -196,6 +203,7 @@ def test_spg_reference_prompt_masking(mc_index):
   np.testing.assert_allclose(ref.weight[0], 1.0 / want_scored.sum(), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_d1_prompt_masking_of_left_padding():
   """Row 0 of the batch has one left-pad position; with p_mask_prompt = 1 the reference law
   (``mask_prompt_padding``) masks it, the default masks only real prompt tokens."""
@@ -208,12 +216,12 @@ def test_d1_prompt_masking_of_left_padding():
     captured.setdefault("masks", []).append(np.asarray(sample.mask))
     return sample
 
-  keys = jax.random.split(jax.random.key(0), BATCH["sequences"].shape[0])
+  keys = jax.random.split(jax.random.key(0), tiny.BATCH["sequences"].shape[0])
   try:
     masking.one_step_mask = spy
     for pad in (False, True):
       cfg = DiffuGRPOConfig(p_mask_prompt=1.0, mask_prompt_padding=pad)
-      one_step_token_log_probs(model(PARAMS_OLD), BATCH, keys, jnp.int32(0), cfg)
+      one_step_token_log_probs(model(tiny.PARAMS_OLD), tiny.BATCH, keys, jnp.int32(0), cfg)
   finally:
     masking.one_step_mask = real
   default, reference = captured["masks"]
@@ -238,6 +246,7 @@ def test_group_baseline_per_micro_batch_small_repro():
     reference_rules.micro_batch_ids(4, 3)
 
 
+@pytest.mark.slow
 def test_reference_ess_solver_stops_at_its_start_when_saturated():
   """A unique best reward 2 nats·α⁻¹ = 50 ahead: at c = 0.5 the weights are one-hot to double
   precision, the finite-difference gradient is 0 and L-BFGS-B returns its start point; the
@@ -306,18 +315,19 @@ def test_reference_option_validation():
       DMPOConfig(**values)
 
 
+@pytest.mark.slow
 def test_padding_visibility_matches_the_references_unpadded_forward():
   """The references pass no attention mask, but each device batch holds one prompt, so their rows
   carry no padding. Row 0 of the test batch (one left pad) with the key-padding mask gives the
   unpadded row's log-probs (LLaDA's RoPE scores depend on position differences only); attending
   to the pad (``use_key_padding_mask=False``) does not."""
   from tests.test_objectives_model import CONFIG
-  seq = BATCH["sequences"]
-  comp = np.asarray(BATCH["completion_mask"][0, 1:])
+  seq = tiny.BATCH["sequences"]
+  comp = np.asarray(tiny.BATCH["completion_mask"][0, 1:])
   for mask_on, close in ((True, True), (False, False)):
-    m = model(PARAMS_OLD)
+    m = model(tiny.PARAMS_OLD)
     m.config = CONFIG.replace(use_key_padding_mask=mask_on)
     alone = np.asarray(m.token_log_probs(seq[:1, 1:], seq[:1, 1:], None))[0]
-    padded = np.asarray(m.token_log_probs(seq, seq, BATCH["attention_mask"]))[0, 1:]
+    padded = np.asarray(m.token_log_probs(seq, seq, tiny.BATCH["attention_mask"]))[0, 1:]
     diff = np.abs(alone - padded)[comp].max()
     assert (diff < 1e-5) if close else (diff > 1e-3), (mask_on, diff)

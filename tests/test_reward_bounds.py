@@ -120,6 +120,7 @@ def test_lone_surrogates_do_not_raise():
   assert text_scan.bounded_text("a\ud83d\ude00b") == "a\ufffd\ufffdb"
 
 
+@pytest.mark.slow
 def test_math_verify_hard_timeout():
   """math-verify never returns on \\boxed{9^{9^{9}}} and takes 11 s on 1000000!: the worker is
   killed at its call limit, the answer is False, and the next call works (fresh worker)."""
@@ -176,6 +177,7 @@ FUZZ_TEXT = st.one_of(
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(FUZZ_TEXT, st.sampled_from(["18", "43500", "17", "0"]))
+@pytest.mark.slow
 def test_property_every_reward_stays_in_its_documented_range(text, gold):
   """Every reward of every text task and style, on fuzzed completions: in its documented range
   (`reward_ranges`, docs/tasks.md §9.3), within the time bound, never raising."""
@@ -243,6 +245,7 @@ def test_reward_pool_matches_in_process():
     pool.close()
 
 
+@pytest.mark.slow
 def test_reward_pool_wall_limit_scores_zero_and_replaces_worker(monkeypatch, fixture_data_dir):
   """A call past the wall limit (a program that sleeps) scores 0 with a reason; its worker is
   killed and replaced, and the pool keeps working."""

@@ -14,8 +14,7 @@ import time
 import numpy as np
 import pytest
 
-import sandbox_attacks
-import sandbox_users
+from tests.helpers import sandbox_attacks, sandbox_users
 from dmpo_jax import sandbox
 from dmpo_jax.tasks import get_task, reward_pool
 
@@ -168,7 +167,7 @@ def test_non_root_trainer_survives_attacks_through_the_pool():
   installed project and outlive its call so that the replaced worker loads it — in each mode
   (user namespaces, Landlock, unisolated with its write ban)."""
   completed = sandbox_users.run_repo_as_user(
-      REPO / "tests" / "untrusted_trainer.py", [REPO, FIXTURES],
+      REPO / "tests" / "helpers" / "untrusted_trainer.py", [REPO, FIXTURES],
       env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "JAX_PLATFORMS": "cpu"}, timeout=600)
   assert completed.returncode == 0, completed.stderr[-3000:]
   out = json.loads(completed.stdout.splitlines()[-1])

@@ -135,6 +135,7 @@ def _check_trace(out, config, prompt=PROMPT):
       assert np.all(committed // config.block_length == block), "committed outside current block"
 
 
+@pytest.mark.slow
 def test_greedy_matches_numpy_loop_with_cfg_and_padding():
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=4, block_length=K, cfg_scale=0.5, return_trace=True)
@@ -149,6 +150,7 @@ def test_greedy_matches_numpy_loop_with_cfg_and_padding():
   assert out.commit_log_prob.dtype == np.float32 and (out.commit_log_prob <= 0).all()
 
 
+@pytest.mark.slow
 def test_sampling_is_deterministic_per_key_and_compiles_once():
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=4, block_length=K, temperature=0.8,
@@ -166,6 +168,7 @@ def test_sampling_is_deterministic_per_key_and_compiles_once():
 
 
 @pytest.mark.parametrize("rule", [{"threshold": 0.02}, {"factor": 1.5}], ids=["threshold", "factor"])
+@pytest.mark.slow
 def test_parallel_decoding_matches_numpy_loop(rule):
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=2, block_length=K, return_trace=True, **rule)
@@ -202,6 +205,7 @@ def test_forward_passes_per_row_equal_decoding_each_row_alone(rule):
     sampler_lib.forward_passes_per_row(batch.commit_step, config.replace(stop_at_eos=True))
 
 
+@pytest.mark.slow
 def test_prefix_cache_exact_with_one_layer_and_close_with_two():
   graphdef1, params1 = _model(n_layers=1)
   base = SamplerConfig(gen_length=L, steps=4, block_length=K)
@@ -253,6 +257,7 @@ def test_top_k_top_p_filter_matches_numpy():
     assert set(np.flatnonzero(np.isfinite(got))) == set(np.argsort(-row)[:3])
 
 
+@pytest.mark.slow
 def test_dream_entropy_greedy_matches_numpy_loop_and_topp_sampling_runs():
   graphdef, params = _model(family="dream", logit_alignment="shifted", positions_from_padding=True,
                             qkv_bias=True)
@@ -297,6 +302,7 @@ BF16 = {"param_dtype": "bfloat16", "dtype": "bfloat16"}
 
 @pytest.mark.parametrize("family", ["llada", "dream"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.slow
 def test_dual_cache_window_forward_equals_uncached_at_every_block_start(family, dtype):
   """The cached forward of a block's queries against the canvas K/V cached at the block start is
   the uncached forward of the same canvas, at every block start (Dream: window one earlier)."""
@@ -334,6 +340,7 @@ def test_dual_cache_window_forward_equals_uncached_at_every_block_start(family, 
 
 
 @pytest.mark.parametrize("overrides", [{}, BF16], ids=["fp32", "bf16"])
+@pytest.mark.slow
 def test_dual_cache_exact_with_one_layer(overrides):
   """One layer: the cached K/V of the positions outside the block depend on their own tokens
   only, which do not change within a block, so the whole output equals the uncached sampler's
@@ -350,6 +357,7 @@ def test_dual_cache_exact_with_one_layer(overrides):
     assert int(cached.num_forward_passes) == int(exact.num_forward_passes)
 
 
+@pytest.mark.slow
 def test_dual_cache_quota_and_threshold_invariants_two_layers():
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=4, block_length=K, temperature=0.5, cfg_scale=0.5,
@@ -391,6 +399,7 @@ def test_factor_rule_and_cap_match_reference_loop():
   assert capped[0, :2].all() and capped[1, :2].all()  # the most confident ones are kept
 
 
+@pytest.mark.slow
 def test_factor_decoding_capped_at_one_token_per_step():
   graphdef, params = _model()
   config = SamplerConfig(gen_length=L, steps=2, block_length=K, factor=1.5, return_trace=True,
@@ -411,6 +420,7 @@ def _eos_biased_params(params, beta=1.0, direction_seed=28):
   return params
 
 
+@pytest.mark.slow
 def test_stop_at_eos_equals_full_length_run():
   graphdef, params = _model()
   params = _eos_biased_params(params)
@@ -441,6 +451,7 @@ def test_stop_at_eos_equals_full_length_run():
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
+@pytest.mark.slow
 def test_stop_at_eos_skips_blocks_with_caches(cache):
   """One layer without attention output or MLP: every masked position's hidden state is the
   normed MASK embedding, and the head maps it to EOS, so every row is EOS from the first block
@@ -496,6 +507,7 @@ def numpy_reference_generate(graphdef, params, x, prompt_len, gen, block, steps)
   return x
 
 
+@pytest.mark.slow
 def test_eos_eot_aliased_and_reference_quota_match_reference_loop():
   graphdef, params = _model()
   params = jax.tree.map(lambda x: x, params)

@@ -17,8 +17,7 @@ import time
 
 import pytest
 
-import sandbox_attacks
-import sandbox_users
+from tests.helpers import sandbox_attacks, sandbox_users
 from dmpo_jax import sandbox
 from dmpo_jax.sandbox import codec
 from dmpo_jax.tasks import code_tasks, get_task
@@ -257,6 +256,7 @@ def ready():
 
 
 @pytest.mark.parametrize("namespaces", [True, False], ids=["namespaces", "host_folder"])
+@pytest.mark.slow
 def test_fifo_deep_tree_and_locked_folders_neither_hang_nor_stay(namespaces, temp_root):
   config = dataclasses.replace(NO_HOOK, use_namespaces=namespaces, temp_root=str(temp_root),
                                max_inodes=20000, max_open_files=64, cpu_time_s=5,

@@ -17,8 +17,7 @@ import time
 
 import pytest
 
-import sandbox_attacks
-import sandbox_users
+from tests.helpers import sandbox_attacks, sandbox_users
 from dmpo_jax import sandbox
 from dmpo_jax.sandbox import codec, workdir
 from dmpo_jax.tasks import code_tasks, get_task

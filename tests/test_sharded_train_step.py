@@ -8,12 +8,15 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 HERE = pathlib.Path(__file__).resolve().parent
 
 
+@pytest.mark.slow
 def test_sharded_step_matches_single_device():
-  result = subprocess.run([sys.executable, str(HERE / "sharded_step_check.py"), "bgpo", "dmpo"],
+  script = HERE / "helpers" / "sharded_step_check.py"
+  result = subprocess.run([sys.executable, str(script), "bgpo", "dmpo"],
                           capture_output=True, text=True, timeout=600, cwd=HERE.parent,
                           env={**os.environ, "PYTHONPATH": str(HERE.parent)})
   assert result.returncode == 0, result.stderr[-3000:]

@@ -21,7 +21,7 @@ from jax._src import array as array_lib
 
 from dmpo_jax import metrics as metrics_lib, profiling
 from dmpo_jax.rl import loop, rollout, step_io, train_step
-from tests.test_trainer import small_config
+from tests.helpers.small_runs import small_config
 
 HERE = pathlib.Path(__file__).resolve().parent
 

@@ -5,13 +5,10 @@ HF tokenizers are tiny BPEs trained in the test with LLaDA's / Dream's real spec
 """
 
 import json
-import pathlib
-import sys
 
 import pytest
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import hf_fixtures  # noqa: E402
+from tests.helpers import hf_fixtures
 
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.models.tokenizer import (ByteTokenizer, HFTokenizer, load_tokenizer,  # noqa: E402

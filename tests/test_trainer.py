@@ -12,35 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import demo
 from dmpo_jax import checkpointing
 from dmpo_jax.rl import loop, train_state as ts
+from tests.helpers.small_runs import (final_params, metrics_without_times, small_config,
+                                      small_config_flags)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-# The demo at test size: DMPO without a weight baseline (so updates are non-zero even when every
-# reward is 0), two updates per rollout, 4 RL steps, small eval, no warm-up.
-SMALL = {"objective": "dmpo", "dmpo.baseline": "none", "updates_per_rollout": 2,
-         "sft.num_steps": 0, "num_steps": 4, "prompts_per_step": 4, "group_size": 4,
-         "eval.every_steps": 4, "eval.num_examples": 16, "eval.batch_size": 16,
-         "checkpoint.every_steps": 2, "progress_bar": False}
-
-
-def small_config(**overrides):
-  config = demo.get_config()
-  for key, value in {**SMALL, **overrides}.items():
-    node = config
-    *path, last = key.split(".")
-    for p in path:
-      node = node[p]
-    node[last] = value
-  return config
-
-
-def small_config_flags(**overrides):
-  """The same config as command-line overrides of configs/demo.py."""
-  return [f"--config.{k}={v}" for k, v in {**SMALL, **overrides}.items()]
 
 
 def test_validate_config_names_each_problem(tmp_path):
@@ -77,19 +54,7 @@ def test_nonfinite_gradient_skips_update():
   assert float(metrics["train/skipped_nonfinite"]) == 1.0
 
 
-def _metrics_without_times(workdir):
-  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [{k: v for k, v in r.items() if not k.startswith(("time/", "rollout/tokens_per_second"))}
-          for r in rows]
-
-
-def _final_params(workdir):
-  ckpt = checkpointing.TrainCheckpointer(workdir / "checkpoints")
-  restored = ckpt.restore()
-  ckpt.close()
-  return restored.state
-
-
+@pytest.mark.slow
 def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
   base = [sys.executable, str(REPO / "launch" / "train.py"), "--config=configs/demo.py",
           f"--workdir={tmp_path}"]
@@ -115,6 +80,7 @@ def test_every_published_config_validates(name):
   loop.validate_config(config, num_devices=8 if name != "demo" else 1)
 
 
+@pytest.mark.slow
 def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
   from flax import nnx  # pylint: disable=import-outside-toplevel
   from dmpo_jax.models import lora  # pylint: disable=import-outside-toplevel
@@ -123,7 +89,7 @@ def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
   config = small_config(**{"num_steps": 2, "eval.every_steps": 2, "model.lora_rank": 4,
                            "model.lora_targets": ("q_proj", "v_proj", "ff_out")})
   results = loop.train(config, str(tmp_path))
-  state = _final_params(tmp_path)["params"]
+  state = final_params(tmp_path)["params"]
   base = nnx.split(create_model(get_preset("tiny", remat=False), seed=config.seed))[1]
   # Base weights are frozen (bit-identical), adapters moved away from their zero B init.
   np.testing.assert_array_equal(state["blocks"]["q_proj"]["value"], base["blocks"]["q_proj"][...])
@@ -142,6 +108,7 @@ def test_lora_run_trains_only_adapters_and_exports_merged_model(tmp_path):
   assert lora.has_adapters(nnx.split(final)[1]) is False
 
 
+@pytest.mark.slow
 def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
   """A real SIGTERM (preemption) to `launch/train.py` mid-run, then a resume, gives the same
   parameters and metrics as an uninterrupted run."""
@@ -168,16 +135,17 @@ def test_sigterm_to_a_running_trainer_then_resume_is_bit_identical(tmp_path):
   assert 2 <= stopped_at < 30
   loop.train(small_config(**overrides), str(killed))
 
-  a, b = _final_params(straight), _final_params(killed)
+  a, b = final_params(straight), final_params(killed)
   assert int(a["step"]) == int(b["step"]) == 30 * 2  # optimizer updates: 30 rollouts x F = 2
   jax.tree.map(np.testing.assert_array_equal, a, b)
-  metrics = _metrics_without_times(straight)
-  assert metrics == _metrics_without_times(killed)
+  metrics = metrics_without_times(straight)
+  assert metrics == metrics_without_times(killed)
   assert [m["step"] for m in metrics] == list(range(31))  # no duplicated or missing step
   assert "eval/accuracy" in metrics[0]  # held-out accuracy right before RL
   assert all(m["train/grad_norm"] > 0 for m in metrics[1:])  # real updates, not no-ops
 
 
+@pytest.mark.slow
 def test_minibatches_split_each_rollout_into_disjoint_whole_groups(tmp_path, monkeypatch):
   """BGPO off-policy as in the paper: 2 updates per rollout on 2 disjoint mini-batches."""
   seen = []
@@ -222,6 +190,7 @@ def _metric_steps(workdir):
           if line.strip()]
 
 
+@pytest.mark.slow
 def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkeypatch):
   """`launch/train.py` with a relative --workdir (DMPO with alpha > 0: reference model saved in
   the workdir) is killed (SIGKILL) after its second checkpoint; the latest checkpoint is then
@@ -261,7 +230,7 @@ def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkey
   assert "final_model" in results
   assert _metric_steps(run) == list(range(9))  # each step once: the rows after the fallback
   assert (run / "checkpoints" / f"{checkpointing.CORRUPT_PREFIX}{latest}").is_dir()
-  restored = _final_params(run)
+  restored = final_params(run)
   assert int(restored["step"]) == 8 * 2
 
   # Metrics but no checkpoint (checkpoints/ emptied, or a kill before the first save): another
@@ -279,6 +248,7 @@ def test_kill_then_relative_workdir_resume_with_reference_model(tmp_path, monkey
   assert _metric_steps(run) == [0, 1, 2]
 
 
+@pytest.mark.slow
 def test_cli_refuses_fresh_start_over_old_metrics(tmp_path):
   (tmp_path / "metrics.jsonl").write_text('{"step": 0, "eval/accuracy": 1.0}\n{"step": 1, "x": 2.0}\n')
   result = subprocess.run(

@@ -10,8 +10,6 @@ variants of one sequence (original / last token changed / left-padded / pad toke
 """
 
 import functools
-import sys
-import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -20,8 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-sys.path.insert(0, str(pathlib.Path(__file__).parent))
-import hf_fixtures  # noqa: E402
+from tests.helpers import hf_fixtures
 
 from dmpo_jax.models import layers as L  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
@@ -335,6 +332,7 @@ def test_chunked_target_log_probs_any_chunk_size(chunk):
 
 
 @pytest.mark.parametrize("chunk", [3, 7])
+@pytest.mark.slow
 def test_chunked_target_log_probs_gradient_matches_numpy(chunk):
   # Hand-written VJP vs the float64 formula: for L = Σ w·log p(y), d logits = w·(onehot(y) − p),
   # d hidden = d logits · headᵀ, d head = Σ hiddenᵀ · d logits.
@@ -365,6 +363,7 @@ def test_chunked_target_log_probs_gradient_matches_numpy(chunk):
 
 
 @pytest.mark.parametrize("vocab,max_tile,chunk", [(12, 4, 3), (11, 4, 7), (12, 12, 5)])
+@pytest.mark.slow
 def test_vocab_tiled_log_probs_match_numpy(vocab, max_tile, chunk):
   # The head in K strided tiles (12 columns, tiles of <= 4: K = 3; 11 columns: K = 11 tiles of 1):
   # online logsumexp forward and per-tile backward equal the float64 formula.

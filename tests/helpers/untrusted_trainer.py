@@ -1,6 +1,6 @@
 """A non-root trainer attacked through `RewardPool` (run by tests/test_reward_pool.py as uid 65534).
 
-Usage: ``python tests/untrusted_trainer.py REPO DATA_DIR`` prints one JSON object, per sandbox
+Usage: ``python tests/helpers/untrusted_trainer.py REPO DATA_DIR`` prints one JSON object, per sandbox
 mode: the rewards of the attacks, whether the trainer's memory canary and its (editable)
 installed project code changed, and the pool's failures. The trainer copies the project into a
 folder of its own, owned by its uid (an editable install), and imports it from there.
@@ -20,9 +20,9 @@ def main():
   home = tempfile.mkdtemp(prefix="untrusted_trainer_")
   shutil.copytree(os.path.join(repo, "dmpo_jax"), os.path.join(home, "dmpo_jax"),
                   ignore=shutil.ignore_patterns("__pycache__"))
-  sys.path[:0] = [home, os.path.join(repo, "tests")]
+  sys.path[:0] = [home, repo]  # this copy of dmpo_jax first, then tests.helpers
   os.environ["DMPO_JAX_DATA_DIR"] = data_dir
-  import sandbox_attacks  # pylint: disable=import-outside-toplevel
+  from tests.helpers import sandbox_attacks  # pylint: disable=import-outside-toplevel
   from dmpo_jax import sandbox  # pylint: disable=import-outside-toplevel
   from dmpo_jax.tasks import get_task, reward_pool  # pylint: disable=import-outside-toplevel
   assert sandbox.__file__.startswith(home), sandbox.__file__

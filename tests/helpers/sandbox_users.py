@@ -24,7 +24,7 @@ import tempfile
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 USER = 65534
 ROOT = os.geteuid() == 0
 
