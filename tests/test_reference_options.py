@@ -321,7 +321,7 @@ def test_padding_visibility_matches_the_references_unpadded_forward():
   carry no padding. Row 0 of the test batch (one left pad) with the key-padding mask gives the
   unpadded row's log-probs (LLaDA's RoPE scores depend on position differences only); attending
   to the pad (``use_key_padding_mask=False``) does not."""
-  from tests.test_objectives_model import CONFIG
+  from tests.helpers.objective_setup import CONFIG
   seq = tiny.BATCH["sequences"]
   comp = np.asarray(tiny.BATCH["completion_mask"][0, 1:])
   for mask_on, close in ((True, True), (False, False)):
