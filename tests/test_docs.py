@@ -11,7 +11,7 @@ CODE = [p for folder in ("dmpo_jax", "launch", "benchmarks", "configs", "tests")
         for p in (REPO / folder).rglob("*") if p.suffix in (".py", ".sh", ".md")]
 PROCESS_WORDS = re.compile(
     r"\bissue \d+|\b(?:this|that|the|previous|next) session\b|\bwas (not )?lent\b|\bround \d\b|the issue's|\bTODO\b|"
-    r"\bhelper agents?\b|no GPU was", re.IGNORECASE)
+    r"\bhelper agents?\b|no GPU was|\.\./shared|jax_patterns\.md", re.IGNORECASE)
 CITATION = re.compile(r"(?:docs/)?([a-z_]+\.md) §(\d+(?:\.\d+)*)")
 PATH = re.compile(r"`((?:dmpo_jax|launch|benchmarks|configs|tests)/[\w/.-]+\.(?:py|sh|md))`")
 

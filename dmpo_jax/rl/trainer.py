@@ -1,5 +1,5 @@
 """The trainer: everything one RL run sets up and the pieces the loop (`rl/loop.py`) calls
-(`docs/jax_patterns.md` §2, §8).
+(`docs/architecture.md` §2, §3).
 
 `Trainer` validates the config, loads the task's data (`Task.run_data`) and the model on the
 mesh, initialises the train state (parameters donated into it, optimizer moments sharded like

@@ -1,7 +1,8 @@
 """Runs one program and its tests in the sandbox and collects the judge's verdict (`docs/sandbox.md`).
 
 Trainer side; standard library only. Each run starts two fresh ``python -I -S -c BOOT``
-processes, each in its own session, with a socket as stdin: the first frame on it is the setup
+processes, each in its own process group (``start_new_session``), with a socket as stdin:
+the first frame on it is the setup
 (role, limits, descriptors, and the *source* of the in-sandbox modules ``codec``, ``seccomp``,
 ``isolation``, ``judge``, read once when this module is imported, so a sandbox process never
 reads the project's files); the second frame, the job (nonce, program or tests), is read by the
