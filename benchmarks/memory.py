@@ -466,11 +466,7 @@ def main(argv=None) -> int:
       result.update(chips=chips, chip_gib=TPU_CHIP_GIB[generation], device_gib=device_gib)
       result["fits"] = (result["peak_bytes"] is not None
                         and result["peak_bytes"] <= result["device_gib"] * GIB)
-    line = json.dumps(result)
-    print(line, flush=True)
-    if args.output:
-      with open(args.output, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
+    plan_config.emit(result, args.output)
     return 0
   args.objective_overrides = plan_config.parse_overrides(args.set)
   model_overrides = plan_config.parse_overrides(args.model)

@@ -58,3 +58,13 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     except json.JSONDecodeError:
       out[key] = value  # a bare string such as mode=on_policy
   return out
+
+
+def emit(result: dict[str, Any], output: str | None) -> None:
+  """Prints ``result`` as one JSON line and appends it to ``output`` (a JSON-lines file) if
+  given."""
+  line = json.dumps(result)
+  print(line, flush=True)
+  if output:
+    with open(output, "a", encoding="utf-8") as f:
+      f.write(line + "\n")

@@ -48,6 +48,7 @@ if __name__ == "__main__":
 import jax  # noqa: E402
 
 import hlo_cost  # noqa: E402
+import plan_config  # noqa: E402
 from dmpo_jax import sharding  # noqa: E402
 from dmpo_jax.models.config import get_preset  # noqa: E402
 from dmpo_jax.rl import registry  # noqa: E402
@@ -350,11 +351,7 @@ def main(argv=None) -> int:
   result.update(config=os.path.basename(args.config), topology=args.topology,
                 overrides=args.override, steps_per_block=args.steps_per_block, command="python benchmarks/step_time.py " + " ".join(
                     argv if argv is not None else sys.argv[1:]))
-  line = json.dumps(result)
-  print(line, flush=True)
-  if args.output:
-    with open(args.output, "a", encoding="utf-8") as f:
-      f.write(line + "\n")
+  plan_config.emit(result, args.output)
   return 0
 
 

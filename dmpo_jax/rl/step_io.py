@@ -48,15 +48,6 @@ def fetch_local_rows(array: jax.Array, mesh: jax.sharding.Mesh) -> np.ndarray:
   return np.asarray(jax.device_get(local))
 
 
-def fetch_all_rows(array: jax.Array) -> np.ndarray:
-  """Every row of a global array on every process's host (evaluation: each process scores all
-  completions)."""
-  HOST_FETCHES["all_rows"] += 1
-  if jax.process_count() == 1:
-    return np.asarray(jax.device_get(array))
-  return np.asarray(multihost_utils.process_allgather(array, tiled=True))
-
-
 def reward_stats(rewards: jax.Array, group_ids: jax.Array, solved_reward: float = 1.0
                  ) -> dict[str, jax.Array]:
   """Reward mean / std (ddof 0) over the global batch, the fraction of rewards >=
